@@ -1,0 +1,1 @@
+"""Built-in rank-selection methods, one per file (installed as ``rankbench.methods``)."""

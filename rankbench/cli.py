@@ -1,0 +1,129 @@
+"""The ``rankbench`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from rankbench.errors import RankbenchError
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give integers separated by commas, e.g. 0,1,2") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rankbench", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--plugin-dir", action="append", type=Path, default=[],
+                        help="folder of extra method/task plugin files (repeatable)")
+
+    run = sub.add_parser("run", parents=[common], help="train and measure one method on one task")
+    run.add_argument("--method", required=True)
+    run.add_argument("--task", required=True)
+    run.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a method or task hyperparameter (repeatable)")
+    run.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
+    run.add_argument("--seeds", type=_seeds, default=(0,), help="comma-separated seeds, one run each")
+    run.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    run.add_argument("--data-dir", type=Path, default=None, help="folder holding the dataset files")
+    run.add_argument("--download", action="store_true", help="fetch missing dataset files")
+    run.add_argument("--tracking-uri", default=None, help="MLflow tracking URI")
+    run.add_argument("--experiment", default=None, help="MLflow experiment (default: the task name)")
+    run.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    run.add_argument("--format", default="simple", help="tabulate format of the final table")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    sub.add_parser("list", parents=[common], help="list methods and tasks with their hyperparameters")
+    return parser
+
+
+def cmd_list(registry) -> None:
+    for title, table in (("methods", registry.methods), ("tasks", registry.tasks)):
+        print(f"{title}:")
+        for name in sorted(table):
+            plugin = table[name]
+            print(f"  {name:14s} {plugin.description}")
+            for key, hyper in plugin.hyperparameters.items():
+                print(f"      {key} = {hyper.describe():22s} {hyper.help}")
+            for method, values in getattr(plugin, "method_defaults", {}).items():
+                text = ", ".join(f"{k}={v}" for k, v in values.items())
+                print(f"      (defaults for {method}: {text})")
+        print()
+
+
+def cmd_run(args, registry) -> None:
+    from tqdm import tqdm
+
+    from rankbench.api import make_config, run
+    from rankbench.report import results_table
+
+    if args.epochs is not None and args.epochs < 1:
+        raise RankbenchError("--epochs must be >= 1")
+    if args.threads is not None and args.threads < 1:
+        raise RankbenchError("--threads must be >= 1")
+    config = make_config(
+        registry, args.task, args.method, args.assignments, epochs=args.epochs, seeds=args.seeds,
+        device=args.device, data_dir=args.data_dir, download=args.download, tracking_uri=args.tracking_uri,
+        experiment=args.experiment, threads=args.threads, progress=not args.no_progress,
+    )
+    task_cls = registry.task(config.task)
+    recipe = task_cls(config.task_params).recipe()
+    print(f"task {config.task}: " + ", ".join(f"{k}={v}" for k, v in config.task_params.items()))
+    print(f"method {config.method}: " + (", ".join(f"{k}={v}" for k, v in config.method_params.items()) or "-"))
+    print("recipe: " + ", ".join(f"{k}={v}" for k, v in recipe.items()))
+    bars: dict[int, tqdm] = {}
+
+    def on_start(run_id: str, seed: int, params: dict) -> None:
+        if not bars:
+            print(f"data: {params['dataset']} ({params['dataset_source']}): train {params['train_size']}"
+                  f" / val {params['val_size_used']} / test {params['test_size']}")
+            print(f"device: {params['device']}, threads: {params['threads']}", flush=True)
+        print(f"run {run_id} (seed {seed})", file=sys.stderr)
+        bars[seed] = tqdm(total=config.task_params["epochs"], desc=f"seed {seed}", unit="epoch",
+                          disable=not config.progress, file=sys.stderr, dynamic_ncols=True)
+
+    def on_epoch(seed: int, epoch: int, m: dict) -> None:
+        bar = bars[seed]
+        bar.set_postfix(loss=f"{m['train_loss']:.3f}", val_acc=f"{m['val_accuracy']:.2f}",
+                        cr=f"{m['compression']:.2f}x", rank=int(m["total_rank"]), refresh=False)
+        bar.update(1)
+        if epoch == config.task_params["epochs"]:
+            bar.close()
+
+    from rankbench.tracking import Tracker
+
+    tracker = Tracker(config.tracking_uri)
+    results = run(config, registry, tracker=tracker, on_start=on_start, on_epoch=on_epoch)
+    print(results_table(results, tablefmt=args.format))
+    print(f"tracking: {tracker.uri} (experiment {config.experiment or config.task}); "
+          f"open it with: mlflow ui --backend-store-uri {tracker.uri}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from rankbench.registry import Registry
+
+        registry = Registry.discover(plugin_dirs=args.plugin_dir)
+        if args.command == "list":
+            cmd_list(registry)
+        elif args.command == "run":
+            cmd_run(args, registry)
+        return 0
+    except RankbenchError as exc:
+        print(f"rankbench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rankbench: interrupted; the unfinished run is marked KILLED, finished runs are kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

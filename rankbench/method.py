@@ -1,0 +1,83 @@
+"""The method plugin interface: how a rank-selection method plugs into training."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from rankbench.config import Hyper
+from rankbench.tensorized import Bond, RankSelector, bonds
+
+
+@dataclass(frozen=True)
+class MethodContext:
+    """Facts about the run a method may need (e.g. MARS scales its prior by N)."""
+
+    num_train: int
+    device: torch.device
+
+
+@dataclass
+class StepLoss:
+    """What one training step minimises, and its parts for logging."""
+
+    total: Tensor
+    task: Tensor
+    penalty: Tensor
+    outputs: Tensor | None = None
+
+
+TaskLoss = Callable[[Tensor, Tensor], Tensor]
+
+
+class Method:
+    """Base class of rank-selection methods; one subclass per file in ``methods/``.
+
+    A subclass sets ``name``, ``description`` and ``hyperparameters`` and
+    overrides what it needs: ``selector`` (one per bond), ``penalty`` (already
+    weighted, added to the task loss), ``loss`` (to own the whole training-step
+    surrogate) and ``on_epoch_end``. The trainer never asks which method it runs.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    hyperparameters: ClassVar[dict[str, Hyper]] = {}
+    tensorized: ClassVar[bool] = True
+
+    def __init__(self, params: Mapping[str, Any]) -> None:
+        self.params = dict(params)
+        self.context: MethodContext | None = None
+
+    def initial_rank(self, task_rank: int) -> int:
+        """Rank of every bond in the tensorized model this method starts from."""
+        return task_rank
+
+    def selector(self, bond: Bond) -> RankSelector | None:
+        """The selector for ``bond``, or None to leave it unselected."""
+        return None
+
+    def attach(self, model: nn.Module, context: MethodContext) -> None:
+        """Put a selector on every bond that ``selector`` returns one for."""
+        self.context = context
+        for bond in bonds(model):
+            selector = self.selector(bond)
+            if selector is not None:
+                bond.layer.set_selector(bond.index, selector)
+
+    def penalty(self, model: nn.Module) -> Tensor:
+        """The regularisation term added to the task loss (λ already applied)."""
+        return torch.zeros((), device=next(model.parameters()).device)
+
+    def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor], task_loss: TaskLoss) -> StepLoss:
+        """Task loss + penalty for one batch; override to own the surrogate."""
+        x, y = batch
+        outputs = model(x)
+        task = task_loss(outputs, y)
+        penalty = self.penalty(model)
+        return StepLoss(total=task + penalty, task=task.detach(), penalty=penalty.detach(), outputs=outputs)
+
+    def on_epoch_end(self, model: nn.Module, epoch: int, metrics: Mapping[str, float]) -> None:
+        """Per-epoch action (fix gates, anneal a temperature); default none."""

@@ -1,0 +1,69 @@
+"""What a run measures: accuracy, compression, learned ranks, latency."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rankbench.data import Split, iterate_batches
+from rankbench.tensorized import count_parameters, learned_ranks
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    loss: float
+    accuracy: float
+    top5: float
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, batch_size: int, loss_fn, device: torch.device) -> Evaluation:
+    """Mean loss, top-1 and top-5 accuracy (in %) of the eval-mode model on a split."""
+    was_training = model.training
+    model.eval()
+    total_loss, correct, correct5, n = 0.0, 0, 0, 0
+    for x, y in iterate_batches(split, batch_size, shuffle=False):
+        x, y = x.to(device), y.to(device)
+        out = model(x)
+        total_loss += float(loss_fn(out, y)) * len(y)
+        correct += int((out.argmax(1) == y).sum())
+        k = min(5, out.shape[1])
+        correct5 += int((out.topk(k, dim=1).indices == y[:, None]).any(1).sum())
+        n += len(y)
+    model.train(was_training)
+    return Evaluation(total_loss / n, 100.0 * correct / n, 100.0 * correct5 / n)
+
+
+@torch.no_grad()
+def inference_seconds(model: nn.Module, split: Split, batch_size: int, device: torch.device) -> float:
+    """Wall time of one eval-mode pass over the split, after one warm-up pass
+    (which also fills the layers' eval weight caches, as a deployed model would)."""
+    was_training = model.training
+    model.eval()
+    for _ in range(2):
+        synchronize(device)
+        start = time.perf_counter()
+        for x, _ in iterate_batches(split, batch_size, shuffle=False):
+            model(x.to(device))
+        synchronize(device)
+        elapsed = time.perf_counter() - start
+    model.train(was_training)
+    return elapsed
+
+
+def compression_ratio(dense_parameters: int, model: nn.Module) -> float:
+    """Dense reference parameters / parameters of the pruned model (one definition for all methods)."""
+    return dense_parameters / count_parameters(model)
+
+
+def total_rank(model: nn.Module) -> int:
+    """Sum of all eval-mode bond sizes (TT boundary bonds of size 1 included)."""
+    return sum(sum(r) for r in learned_ranks(model).values())

@@ -1,0 +1,40 @@
+"""Tables a researcher can paste: per-seed rows and mean±std over seeds."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Sequence
+
+from tabulate import tabulate
+
+from rankbench.api import RunResult
+
+
+def mean_std(values: Sequence[float], digits: int = 2) -> str:
+    """``mean±std`` with the sample standard deviation; one value shows no std."""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f}±{statistics.stdev(values):.{digits}f}"
+
+
+def format_ranks(ranks: dict[str, list[int]]) -> str:
+    return "  ".join(f"{layer}:{'-'.join(map(str, r))}" for layer, r in ranks.items()) or "dense"
+
+
+def results_table(results: Sequence[RunResult], tablefmt: str = "simple") -> str:
+    """One row per seed, plus a mean±std row when there are several seeds."""
+    headers = ["method", "seed", "test acc %", "compression", "params", "learned ranks per layer",
+               "train s/batch", "infer s (test)", "run id"]
+    rows = [[r.method, r.seed, f"{r.test_accuracy:.2f}", f"{r.compression:.2f}x", r.parameters,
+             format_ranks(r.ranks), f"{r.train_seconds_per_batch:.4f}", f"{r.inference_seconds:.3f}", r.run_id]
+            for r in results]
+    if len(results) > 1:
+        rows.append([
+            results[0].method, f"mean±std (n={len(results)})",
+            mean_std([r.test_accuracy for r in results]),
+            mean_std([r.compression for r in results]) + "x",
+            mean_std([r.parameters for r in results], 0), "",
+            mean_std([r.train_seconds_per_batch for r in results], 4),
+            mean_std([r.inference_seconds for r in results], 3), "",
+        ])
+    return tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=True)

@@ -1,0 +1,53 @@
+"""The task plugin interface: data, the dense reference model, its tensorized twin and the recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rankbench.config import Hyper
+from rankbench.data import DataSplits
+
+
+class Task:
+    """Base class of tasks; one subclass per file in ``tasks/``.
+
+    ``hyperparameters`` declares the training recipe (``epochs``,
+    ``batch_size``, ``lr``, ``initial_rank`` at least) and data options; ``method_defaults``
+    gives per-method defaults the paper states for this task (e.g. λ).
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    hyperparameters: ClassVar[dict[str, Hyper]] = {}
+    method_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    def __init__(self, params: Mapping[str, Any]) -> None:
+        self.params = dict(params)
+
+    def load_data(self, data_dir: Path | None, download: bool) -> DataSplits:
+        raise NotImplementedError
+
+    def dense_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def tensorized_model(self, rank: int) -> nn.Module:
+        raise NotImplementedError
+
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return F.cross_entropy(outputs, targets)
+
+    def optimizer(self, param_groups: Iterable[dict]) -> torch.optim.Optimizer:
+        return torch.optim.Adam(param_groups, lr=self.params["lr"])
+
+    def scheduler(self, optimizer: torch.optim.Optimizer, epochs: int) -> torch.optim.lr_scheduler.LRScheduler | None:
+        """Stepped once per epoch."""
+        return None
+
+    def recipe(self) -> dict[str, Any]:
+        """The training recipe as printed and recorded."""
+        return {k: self.params[k] for k in ("epochs", "batch_size", "lr") if k in self.params}

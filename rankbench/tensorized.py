@@ -1,0 +1,497 @@
+"""Tensor-Ring and Tensor-Train layers whose rank indices ("bonds") can be gated.
+
+A layer's weight is a ring of cores ``G_k`` of shape ``(r_k, n_k, r_{k+1 mod d})``.
+A tensor train is the same ring with ``r_0 = 1``: its wrap-around bond has size 1
+and is never gated. Bond ``k`` is the index ``r_k`` shared by cores ``k-1`` and
+``k``; a rank selector on it multiplies the slices of core ``k`` along dim 0, so
+each bond is gated exactly once.
+
+Contractions never chain the cores left to right while carrying the open ring
+bond: they use opt_einsum expressions planned once per shape, and linear layers
+choose between reconstructing the weight and contracting the input through the
+cores by the planned FLOP count.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator, Literal, Sequence
+
+import opt_einsum as oe
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rankbench.errors import RankbenchError
+
+Decomposition = Literal["tr", "tt"]
+Strategy = Literal["auto", "weight", "input"]
+
+
+class RankSelector(nn.Module):
+    """Owned by one bond; returns the multiplier vector (length = bond size) for it.
+
+    It lives inside the model, so optimizers, state_dict and ``.to(device)`` see
+    it like any other submodule. ``forward`` samples in ``train()`` mode and is
+    deterministic in ``eval()`` mode.
+    """
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def sample(self) -> Tensor:
+        """Multipliers used during training (may be stochastic)."""
+        return self.deterministic()
+
+    def deterministic(self) -> Tensor:
+        """Eval-mode multipliers: what pruning folds into the core."""
+        raise NotImplementedError
+
+    def forward(self) -> Tensor:
+        return self.sample() if self.training else self.deterministic()
+
+    @torch.no_grad()
+    def rank(self) -> int:
+        """Number of slices whose eval-mode multiplier is non-zero."""
+        return int((self.deterministic() != 0).sum())
+
+
+@dataclass(frozen=True)
+class Bond:
+    """One rank index of one tensorized layer."""
+
+    layer_name: str
+    layer: "TensorizedLayer"
+    index: int
+    size: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.layer_name}.bond{self.index}"
+
+
+def _ring_equation(num_cores: int, lead: str = "", tail: str = "") -> tuple[list[str], str]:
+    """Einsum terms for the cores of a ring: core k is ``b_k m_k b_{k+1}``."""
+    letters = iter(oe.get_symbol(i) for i in range(200) if oe.get_symbol(i) not in lead + tail)
+    bonds = [next(letters) for _ in range(num_cores)]
+    modes = [next(letters) for _ in range(num_cores)]
+    terms = [bonds[k] + modes[k] + bonds[(k + 1) % num_cores] for k in range(num_cores)]
+    return terms, "".join(modes)
+
+
+class TensorizedLayer(nn.Module):
+    """Shared machinery of TR/TT layers: cores, bonds, selectors, contraction plans."""
+
+    def __init__(
+        self,
+        modes: Sequence[int],
+        ranks: int | Sequence[int],
+        decomposition: Decomposition,
+        fan_in: int,
+    ) -> None:
+        super().__init__()
+        if decomposition not in ("tr", "tt"):
+            raise RankbenchError(f"unknown decomposition {decomposition!r}: use 'tr' or 'tt'")
+        self.decomposition: Decomposition = decomposition
+        self.modes = tuple(int(m) for m in modes)
+        d = len(self.modes)
+        self.ranks = self._normalise_ranks(ranks, d, decomposition)
+        self.fan_in = fan_in
+        self.cores = nn.ParameterList(
+            nn.Parameter(torch.empty(self.ranks[k], self.modes[k], self.ranks[(k + 1) % d]))
+            for k in range(d)
+        )
+        self.selectors = nn.ModuleDict()
+        self._weight_cache: tuple[tuple, Tensor] | None = None
+        self._expr_cache: dict = {}
+        self.reset_cores()
+
+    @staticmethod
+    def _normalise_ranks(ranks: int | Sequence[int], d: int, decomposition: Decomposition) -> tuple[int, ...]:
+        if isinstance(ranks, int):
+            out = [ranks] * d
+        else:
+            out = [int(r) for r in ranks]
+            if len(out) != d:
+                raise RankbenchError(f"{len(out)} ranks given for {d} cores: give one rank per bond")
+        if decomposition == "tt":
+            out[0] = 1
+        if any(r < 1 for r in out):
+            raise RankbenchError(f"ranks must be >= 1, got {out}")
+        return tuple(out)
+
+    @torch.no_grad()
+    def reset_cores(self) -> None:
+        """Draw cores N(0, s²) with s chosen so the reconstructed weight has the
+        variance of a default-initialised dense layer, 1/(3·fan_in).
+
+        Each weight entry is a sum of prod(r_k) products of d independent core
+        entries, so Var(W) = prod(r_k)·s^(2d). Without this rescaling a rank-25
+        ring starts with several times the dense variance and trains slowly.
+        """
+        target = 1.0 / (3.0 * self.fan_in)
+        log_paths = sum(math.log(r) for r in self.ranks)
+        std = math.exp(0.5 * (math.log(target) - log_paths) / len(self.modes))
+        for core in self.cores:
+            core.normal_(0.0, std)
+        self._weight_cache = None
+
+    # ---- bonds and selectors -------------------------------------------------
+    def gateable_bonds(self) -> list[int]:
+        """Bond indices a selector may gate (a TT's boundary bond 0 never is)."""
+        return [k for k in range(len(self.modes)) if not (self.decomposition == "tt" and k == 0)]
+
+    def set_selector(self, bond: int, selector: RankSelector) -> None:
+        if bond not in self.gateable_bonds():
+            raise ValueError(f"bond {bond} cannot be gated")
+        if selector.size != self.ranks[bond]:
+            raise ValueError(f"selector of size {selector.size} on bond of size {self.ranks[bond]}")
+        self.selectors[str(bond)] = selector
+        self._weight_cache = None
+
+    def selector(self, bond: int) -> RankSelector | None:
+        return self.selectors[str(bond)] if str(bond) in self.selectors else None
+
+    def gated_cores(self) -> list[Tensor]:
+        """Cores with each selector's multipliers applied along dim 0 of its core."""
+        cores = list(self.cores)
+        for key, selector in self.selectors.items():
+            k = int(key)
+            cores[k] = cores[k] * selector().view(-1, 1, 1)
+        return cores
+
+    @torch.no_grad()
+    def eval_ranks(self) -> tuple[int, ...]:
+        """Bond sizes after pruning: selectors' eval ranks, never below 1."""
+        out = list(self.ranks)
+        for key, selector in self.selectors.items():
+            out[int(key)] = max(1, selector.rank())
+        return tuple(out)
+
+    def parameter_count(self, ranks: Sequence[int] | None = None) -> int:
+        """Trainable parameters at the given bond sizes (default: eval ranks), bias included."""
+        r = list(self.eval_ranks() if ranks is None else ranks)
+        d = len(self.modes)
+        cores = sum(r[k] * self.modes[k] * r[(k + 1) % d] for k in range(d))
+        bias = getattr(self, "bias", None)
+        return cores + (bias.numel() if bias is not None else 0)
+
+    # ---- contraction ---------------------------------------------------------
+    def _expression(self, key: str, equation: str, *shapes: tuple[int, ...]):
+        cache_key = (key, shapes)
+        expr = self._expr_cache.get(cache_key)
+        if expr is None:
+            expr = oe.contract_expression(equation, *shapes, optimize="auto")
+            self._expr_cache[cache_key] = expr
+        return expr
+
+    def full_tensor(self) -> Tensor:
+        """The weight as a tensor of shape ``modes`` (gated when selectors exist)."""
+        terms, out = _ring_equation(len(self.modes))
+        cores = self.gated_cores()
+        expr = self._expression("full", ",".join(terms) + "->" + out, *(tuple(c.shape) for c in cores))
+        return expr(*cores, backend="torch")
+
+    def _cache_key(self) -> tuple:
+        tensors = list(self.cores) + [t for s in self.selectors.values() for t in (*s.parameters(), *s.buffers())]
+        return tuple((t.data_ptr(), t._version) for t in tensors)
+
+    def dense_weight(self) -> Tensor:
+        """The layer's weight in its ordinary dense layout (subclasses define it)."""
+        raise NotImplementedError
+
+    def weight(self) -> Tensor:
+        """``dense_weight``, reused across eval-mode no-grad calls until a parameter changes."""
+        if self.training or torch.is_grad_enabled():
+            self._weight_cache = None
+            return self.dense_weight()
+        key = self._cache_key()
+        if self._weight_cache is None or self._weight_cache[0] != key:
+            self._weight_cache = (key, self.dense_weight())
+        return self._weight_cache[1]
+
+    # ---- pruning -------------------------------------------------------------
+    def _clone_with(self, ranks: tuple[int, ...]) -> "TensorizedLayer":
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def pruned(self) -> "TensorizedLayer":
+        """A selector-free copy whose bonds keep only slices with non-zero eval
+        multipliers, the multipliers folded into the gated core. Its outputs equal
+        this layer's eval-mode outputs."""
+        d = len(self.modes)
+        cores = [c.detach().clone() for c in self.cores]
+        keep: list[Tensor] = [torch.arange(r, device=cores[0].device) for r in self.ranks]
+        for key, selector in self.selectors.items():
+            k = int(key)
+            m = selector.deterministic().detach().to(cores[k].dtype)
+            cores[k] = cores[k] * m.view(-1, 1, 1)
+            nz = torch.nonzero(m != 0).flatten()
+            keep[k] = nz if nz.numel() > 0 else torch.zeros(1, dtype=torch.long, device=m.device)
+        for k in range(d):
+            cores[k] = cores[k][keep[k]][:, :, keep[(k + 1) % d]]
+        new = self._clone_with(tuple(len(i) for i in keep))
+        for param, core in zip(new.cores, cores):
+            param.copy_(core)
+        bias = getattr(self, "bias", None)
+        if bias is not None:
+            new.bias.copy_(bias)
+        return new.train(self.training)
+
+
+def _check_modes(name: str, modes: Sequence[int], size: int, what: str) -> None:
+    if math.prod(modes) != size:
+        raise RankbenchError(
+            f"{name}: {what} modes {tuple(modes)} multiply to {math.prod(modes)}, not {size}: "
+            f"choose modes whose product is {size}"
+        )
+
+
+class TensorizedLinear(TensorizedLayer):
+    """``y = x W + b`` with ``W`` of shape ``in_modes × out_modes`` held as a TR/TT.
+
+    Cores are ordered input modes first, then output modes. ``strategy`` picks the
+    training contraction: ``weight`` reconstructs W then multiplies, ``input``
+    contracts the input through the cores, ``auto`` takes the cheaper by
+    opt_einsum's FLOP count for the batch size at hand.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        in_modes: Sequence[int],
+        out_modes: Sequence[int],
+        ranks: int | Sequence[int],
+        decomposition: Decomposition = "tr",
+        bias: bool = True,
+        strategy: Strategy = "auto",
+        name: str = "linear",
+    ) -> None:
+        _check_modes(name, in_modes, in_features, "input")
+        _check_modes(name, out_modes, out_features, "output")
+        self.in_features, self.out_features = in_features, out_features
+        self.in_modes, self.out_modes = tuple(in_modes), tuple(out_modes)
+        self.strategy: Strategy = strategy
+        self.layer_name = name
+        super().__init__(self.in_modes + self.out_modes, ranks, decomposition, fan_in=in_features)
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def _clone_with(self, ranks: tuple[int, ...]) -> "TensorizedLinear":
+        return type(self)(
+            self.in_features, self.out_features, self.in_modes, self.out_modes, ranks,
+            decomposition=self.decomposition, bias=self.bias is not None,
+            strategy=self.strategy, name=self.layer_name,
+        ).to(self.cores[0].device, self.cores[0].dtype)
+
+    def dense_weight(self) -> Tensor:
+        """The ``(in_features, out_features)`` weight."""
+        return self.full_tensor().reshape(self.in_features, self.out_features)
+
+    def _input_equation(self) -> str:
+        terms, modes = _ring_equation(len(self.modes), lead="Z")
+        p = len(self.in_modes)
+        return "Z" + modes[:p] + "," + ",".join(terms) + "->Z" + modes[p:]
+
+    def _costs(self, batch: int) -> dict[str, int]:
+        shapes = [tuple(c.shape) for c in self.cores]
+        terms, out = _ring_equation(len(self.modes))
+        _, info_w = oe.contract_path(",".join(terms) + "->" + out, *shapes, shapes=True, optimize="auto")
+        _, info_x = oe.contract_path(
+            self._input_equation(), (batch, *self.in_modes), *shapes, shapes=True, optimize="auto"
+        )
+        return {
+            "weight": int(info_w.opt_cost) + 2 * batch * self.in_features * self.out_features,
+            "input": int(info_x.opt_cost),
+        }
+
+    def choose_strategy(self, batch: int) -> Literal["weight", "input"]:
+        """The training contraction for this batch size (fixed unless ``auto``)."""
+        if self.strategy != "auto":
+            return self.strategy
+        key = ("choice", batch)
+        if key not in self._expr_cache:
+            costs = self._costs(batch)
+            self._expr_cache[key] = "input" if costs["input"] < costs["weight"] else "weight"
+        return self._expr_cache[key]
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        use_weight = (not self.training and not torch.is_grad_enabled()) or (
+            self.choose_strategy(x2.shape[0]) == "weight"
+        )
+        if use_weight:
+            y = x2 @ self.weight()
+        else:
+            cores = self.gated_cores()
+            xin = x2.reshape(x2.shape[0], *self.in_modes)
+            expr = self._expression(
+                "input", self._input_equation(), tuple(xin.shape), *(tuple(c.shape) for c in cores)
+            )
+            y = expr(xin, *cores, backend="torch").reshape(x2.shape[0], self.out_features)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"{self.decomposition.upper()} {self.in_modes}x{self.out_modes}, ranks={self.ranks}, "
+                f"strategy={self.strategy}")
+
+
+class TensorizedConv2d(TensorizedLayer):
+    """2-D convolution whose ``(out, in, kh, kw)`` kernel is a TR/TT.
+
+    Cores are ordered: the kernel as one mode of size ``kh·kw`` (row-major),
+    then the input-channel modes, then the output-channel modes. The weight is
+    reconstructed by one planned contraction and passed to ``F.conv2d``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        in_modes: Sequence[int],
+        out_modes: Sequence[int],
+        ranks: int | Sequence[int],
+        decomposition: Decomposition = "tr",
+        stride: int = 1,
+        padding: int = 0,
+        bias: bool = True,
+        name: str = "conv",
+    ) -> None:
+        _check_modes(name, in_modes, in_channels, "input")
+        _check_modes(name, out_modes, out_channels, "output")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        self.in_modes, self.out_modes = tuple(in_modes), tuple(out_modes)
+        self.layer_name = name
+        super().__init__(
+            (kernel_size * kernel_size,) + self.in_modes + self.out_modes, ranks, decomposition,
+            fan_in=in_channels * kernel_size * kernel_size,
+        )
+        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.fan_in)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def _clone_with(self, ranks: tuple[int, ...]) -> "TensorizedConv2d":
+        return type(self)(
+            self.in_channels, self.out_channels, self.kernel_size, self.in_modes, self.out_modes, ranks,
+            decomposition=self.decomposition, stride=self.stride, padding=self.padding,
+            bias=self.bias is not None, name=self.layer_name,
+        ).to(self.cores[0].device, self.cores[0].dtype)
+
+    def dense_weight(self) -> Tensor:
+        """The ``(out, in, kh, kw)`` kernel, contiguous for ``F.conv2d``."""
+        k = self.kernel_size
+        full = self.full_tensor().reshape(k * k, self.in_channels, self.out_channels)
+        return full.permute(2, 1, 0).reshape(self.out_channels, self.in_channels, k, k).contiguous()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(x, self.weight(), self.bias, stride=self.stride, padding=self.padding)
+
+    def extra_repr(self) -> str:
+        return (f"{self.decomposition.upper()} kernel {self.kernel_size}x{self.kernel_size}, "
+                f"{self.in_modes}x{self.out_modes}, ranks={self.ranks}")
+
+
+class TensorRingLinear(TensorizedLinear):
+    """Tensor-Ring linear layer (every bond gateable, the ring closed)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("decomposition", "tr")
+        super().__init__(*args, **kwargs)
+
+
+class TensorTrainLinear(TensorizedLinear):
+    """Tensor-Train (TT-matrix) linear layer (boundary ranks 1)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("decomposition", "tt")
+        super().__init__(*args, **kwargs)
+
+
+class TensorRingConv2d(TensorizedConv2d):
+    """Tensor-Ring conv2d layer."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("decomposition", "tr")
+        super().__init__(*args, **kwargs)
+
+
+class TensorTrainConv2d(TensorizedConv2d):
+    """Tensor-Train conv2d layer."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("decomposition", "tt")
+        super().__init__(*args, **kwargs)
+
+
+# ---- model-level helpers -------------------------------------------------------
+def tensorized_layers(model: nn.Module) -> Iterator[tuple[str, TensorizedLayer]]:
+    for name, module in model.named_modules():
+        if isinstance(module, TensorizedLayer):
+            yield name, module
+
+
+def bonds(model: nn.Module) -> list[Bond]:
+    """Every gateable bond of every tensorized layer, in module order."""
+    return [
+        Bond(name, layer, k, layer.ranks[k])
+        for name, layer in tensorized_layers(model)
+        for k in layer.gateable_bonds()
+    ]
+
+
+def selectors(model: nn.Module) -> Iterator[RankSelector]:
+    for module in model.modules():
+        if isinstance(module, RankSelector):
+            yield module
+
+
+def selector_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for s in selectors(model) for p in s.parameters()]
+
+
+def weight_parameters(model: nn.Module) -> list[nn.Parameter]:
+    ids = {id(p) for p in selector_parameters(model)}
+    return [p for p in model.parameters() if id(p) not in ids]
+
+
+def learned_ranks(model: nn.Module) -> dict[str, list[int]]:
+    """Eval-mode bond sizes per tensorized layer (all bonds, the TT boundary included)."""
+    return {name: list(layer.eval_ranks()) for name, layer in tensorized_layers(model)}
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters of the model as it would be exported (pruned).
+
+    Tensorized layers count their cores at eval ranks plus bias; selector
+    parameters are excluded; every other trainable parameter counts.
+    """
+    total = 0
+    skip = {id(p) for p in selector_parameters(model)}
+    for _, layer in tensorized_layers(model):
+        total += layer.parameter_count()
+        skip.update(id(p) for p in layer.parameters())
+    return total + sum(p.numel() for p in model.parameters() if id(p) not in skip)
+
+
+@torch.no_grad()
+def prune_model(model: nn.Module) -> nn.Module:
+    """A copy of the model with every tensorized layer replaced by its pruned version."""
+    import copy
+
+    out = copy.deepcopy(model)
+    for name, layer in list(tensorized_layers(out)):
+        parent_name, _, child = name.rpartition(".")
+        parent = out.get_submodule(parent_name) if parent_name else out
+        setattr(parent, child, layer.pruned())
+    return out

@@ -1,0 +1,1 @@
+"""Built-in tasks, one per file (installed as ``rankbench.tasks``)."""
