@@ -80,17 +80,24 @@ def make_config(
     if not seeds or any(s < 0 for s in seeds):
         raise RankbenchError("--seeds: give non-negative integers, e.g. --seeds 0,1,2")
     return RunConfig(task=task, method=method, task_params=task_params, method_params=method_params,
-                     seeds=seeds, **options)
+                     seeds=seeds, explicit=frozenset(raw), **options)
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RankbenchError("--device cuda: no CUDA device is available here; use --device cpu or auto")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise RankbenchError(f"--device {name}: choose auto, cpu or cuda")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise RankbenchError(f"--device {name}: choose auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise RankbenchError(f"--device {name}: choose auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RankbenchError(f"--device {name}: no CUDA device is available here; use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise RankbenchError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
 
 
 def git_commit() -> str:
@@ -138,8 +145,10 @@ def run(
     device = resolve_device(config.device)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
-    task = registry.task(config.task)(config.task_params)
-    data = task.load_data(config.data_dir, config.download)
+    task_cls = registry.task(config.task)
+    data = task_cls(config.task_params).load_data(config.data_dir, config.download)
+    recipe_name, task_params = task_cls.recipe_for(data, config.task_params, config.explicit)
+    task = task_cls(task_params)
     tracker = tracker or Tracker(config.tracking_uri)
     experiment = config.experiment or config.task
     dense_parameters = count_parameters(task.dense_model())
@@ -149,7 +158,7 @@ def run(
         context = MethodContext(num_train=len(data.train), device=device)
         model = build_model(task, method, seed, context)
         params = {
-            "task": config.task, "method": config.method, "seed": seed, **config.task_params,
+            "task": config.task, "method": config.method, "seed": seed, "recipe": recipe_name, **task.params,
             **config.method_params, "dataset": data.name, "dataset_source": data.source,
             "train_size": len(data.train), "val_size_used": len(data.val), "test_size": len(data.test),
             "initial_ranks": json.dumps(learned_ranks(model)),
@@ -161,9 +170,9 @@ def run(
         tags = {"method": config.method, "task": config.task, "dataset": data.name,
                 "rankbench_version": rankbench.__version__, **config.tags}
         run_id = tracker.start(experiment, run_name(config, seed), params, tags)
-        if on_start is not None:
-            on_start(run_id, seed, params)
         try:
+            if on_start is not None:
+                on_start(run_id, seed, params)
             results.append(_train_and_measure(
                 config, task, method, model, data, seed, device, dense_parameters, tracker, run_id, on_epoch,
             ))
@@ -203,7 +212,6 @@ def _train_and_measure(config, task, method, model, data, seed, device, dense_pa
     tracker.log_metrics(run_id, {
         "test_accuracy": result.test_accuracy, "test_top5": result.test_top5, "test_loss": test.loss,
         "compression_ratio": result.compression, "parameters": parameters,
-        "total_rank": result.total_rank, "train_seconds_per_batch": result.train_seconds_per_batch,
         "inference_seconds": result.inference_seconds, "wall_seconds": result.wall_seconds,
     }, step=task.params["epochs"])
     tracker.log_dict(run_id, ranks, "ranks.json")

@@ -52,6 +52,9 @@ def cmd_list(registry) -> None:
             print(f"  {name:14s} {plugin.description}")
             for key, hyper in plugin.hyperparameters.items():
                 print(f"      {key} = {hyper.describe():22s} {hyper.help}")
+            if getattr(plugin, "embedded_recipe", None):
+                text = ", ".join(f"{k}={v}" for k, v in plugin.embedded_recipe.items())
+                print(f"      (recipe on the embedded default data: {text}; {plugin.embedded_recipe_why})")
             for method, values in getattr(plugin, "method_defaults", {}).items():
                 text = ", ".join(f"{k}={v}" for k, v in values.items())
                 print(f"      (defaults for {method}: {text})")
@@ -74,19 +77,21 @@ def cmd_run(args, registry) -> None:
         experiment=args.experiment, threads=args.threads, progress=not args.no_progress,
     )
     task_cls = registry.task(config.task)
-    recipe = task_cls(config.task_params).recipe()
-    print(f"task {config.task}: " + ", ".join(f"{k}={v}" for k, v in config.task_params.items()))
-    print(f"method {config.method}: " + (", ".join(f"{k}={v}" for k, v in config.method_params.items()) or "-"))
-    print("recipe: " + ", ".join(f"{k}={v}" for k, v in recipe.items()))
     bars: dict[int, tqdm] = {}
 
     def on_start(run_id: str, seed: int, params: dict) -> None:
         if not bars:
+            print(f"task {config.task}: " + ", ".join(f"{k}={params[k]}" for k in config.task_params))
+            print(f"method {config.method}: "
+                  + (", ".join(f"{k}={v}" for k, v in config.method_params.items()) or "-"))
+            recipe = ", ".join(f"{k}={params[k]}" for k in task_cls.recipe_keys if k in params)
+            why = f" ({task_cls.embedded_recipe_why})" if params["recipe"] == "embedded" else ""
+            print(f"recipe {params['recipe']}: {recipe}{why}")
             print(f"data: {params['dataset']} ({params['dataset_source']}): train {params['train_size']}"
                   f" / val {params['val_size_used']} / test {params['test_size']}")
             print(f"device: {params['device']}, threads: {params['threads']}", flush=True)
         print(f"run {run_id} (seed {seed})", file=sys.stderr)
-        bars[seed] = tqdm(total=config.task_params["epochs"], desc=f"seed {seed}", unit="epoch",
+        bars[seed] = tqdm(total=params["epochs"], desc=f"seed {seed}", unit="epoch",
                           disable=not config.progress, file=sys.stderr, dynamic_ncols=True)
 
     def on_epoch(seed: int, epoch: int, m: dict) -> None:
@@ -94,7 +99,7 @@ def cmd_run(args, registry) -> None:
         bar.set_postfix(loss=f"{m['train_loss']:.3f}", val_acc=f"{m['val_accuracy']:.2f}",
                         cr=f"{m['compression']:.2f}x", rank=int(m["total_rank"]), refresh=False)
         bar.update(1)
-        if epoch == config.task_params["epochs"]:
+        if epoch == bar.total:
             bar.close()
 
     from rankbench.tracking import Tracker

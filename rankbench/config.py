@@ -127,3 +127,4 @@ class RunConfig:
     threads: int | None = None
     tags: dict[str, str] = field(default_factory=dict)
     progress: bool = True
+    explicit: frozenset[str] = frozenset()

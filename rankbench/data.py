@@ -97,6 +97,7 @@ class DataSplits:
     val: Split
     test: Split
     num_classes: int
+    embedded: bool = False
 
     def describe(self) -> str:
         """One line for logs and reports, e.g. ``mnist (DIR (...)): train 55,000 / val 5,000 / test 10,000``."""
@@ -371,4 +372,5 @@ def _load_embedded(split_seed: int, sizes: tuple[int, int, int]) -> DataSplits:
         val=val,
         test=test,
         num_classes=_NUM_CLASSES,
+        embedded=True,
     )

@@ -25,6 +25,9 @@ class Task:
     description: ClassVar[str] = ""
     hyperparameters: ClassVar[dict[str, Hyper]] = {}
     method_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
+    recipe_keys: ClassVar[tuple[str, ...]] = ("epochs", "batch_size", "lr")
+    embedded_recipe: ClassVar[dict[str, Any]] = {}
+    embedded_recipe_why: ClassVar[str] = ""
 
     def __init__(self, params: Mapping[str, Any]) -> None:
         self.params = dict(params)
@@ -50,4 +53,17 @@ class Task:
 
     def recipe(self) -> dict[str, Any]:
         """The training recipe as printed and recorded."""
-        return {k: self.params[k] for k in ("epochs", "batch_size", "lr") if k in self.params}
+        return {k: self.params[k] for k in self.recipe_keys if k in self.params}
+
+    @classmethod
+    def recipe_for(cls, data: DataSplits, params: Mapping[str, Any], explicit: Iterable[str]) -> tuple[str, dict[str, Any]]:
+        """The recipe's name and the parameters for the data actually loaded.
+
+        The hyperparameter defaults are the paper's recipe, meant for the full
+        dataset; on the small embedded default the task's ``embedded_recipe``
+        replaces them, except for keys the user set explicitly.
+        """
+        if not data.embedded or not cls.embedded_recipe:
+            return "paper", dict(params)
+        chosen = set(explicit)
+        return "embedded", {**params, **{k: v for k, v in cls.embedded_recipe.items() if k not in chosen}}

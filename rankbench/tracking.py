@@ -33,7 +33,6 @@ class Tracker:
             logging.getLogger(name).setLevel(logging.WARNING)
 
         self.uri = resolve_tracking_uri(tracking_uri)
-        self._default_store = tracking_uri is None and not os.environ.get("MLFLOW_TRACKING_URI")
         try:
             self.client = MlflowClient(tracking_uri=self.uri)
         except Exception as exc:
@@ -43,8 +42,15 @@ class Tracker:
         experiment = self.client.get_experiment_by_name(name)
         if experiment is not None:
             return experiment.experiment_id
-        location = (DEFAULT_DIR / "artifacts").resolve().as_uri() if self._default_store else None
-        return self.client.create_experiment(name, artifact_location=location)
+        return self.client.create_experiment(name, artifact_location=self.artifact_root())
+
+    def artifact_root(self) -> str | None:
+        """Artifacts of a SQLite store go beside its database file (not ``./mlruns``);
+        other stores (servers, databases) keep their own default."""
+        if self.uri.startswith("sqlite:///"):
+            database = Path(self.uri[len("sqlite:///"):])
+            return (database.parent / "artifacts").resolve().as_uri()
+        return None
 
     def start(self, experiment: str, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
         from mlflow.entities import Param

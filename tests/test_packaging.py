@@ -1,0 +1,29 @@
+"""The built-in plugins work from an installed wheel, not only from a checkout."""
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_ships_builtin_methods_and_tasks(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        check=True, capture_output=True,
+    )
+    wheel = next(tmp_path.glob("rankbench-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    for path in ("rankbench/methods/ours.py", "rankbench/methods/dense.py", "rankbench/methods/trn.py",
+                 "rankbench/tasks/lenet5.py", "rankbench/tensorized.py"):
+        assert path in names
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True)
+    code = ("import rankbench, sys; from rankbench.registry import Registry; r = Registry.discover(); "
+            "print(rankbench.__file__); print(sorted(r.methods), sorted(r.tasks))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(target), "PATH": ""},
+                         check=True, capture_output=True, text=True).stdout
+    assert str(target) in out.splitlines()[0]
+    assert "'dense', 'ours', 'trn'" in out and "'lenet5'" in out

@@ -1,0 +1,280 @@
+"""What a run records in MLflow, where the store is, multi-seed runs and determinism.
+
+The main run trains ``ours`` on the embedded 5k MNIST digits for one epoch at
+rank 3; the other runs use a tiny random IDX dataset. Every run writes into a
+temporary folder, which is also the working directory.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import rankbench
+from rankbench.api import make_config, resolve_device, run
+from rankbench.cli import main
+from rankbench.registry import Registry
+
+TIMING_KEYS = {"train_seconds_per_batch"}
+PER_EPOCH = ("val_accuracy", "compression", "train_loss", "penalty")
+TINY_SETTINGS = ["--epochs", "1", "--set", "initial_rank=3", "--set", "val_size=40", "--no-progress"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Tiny runs are fastest on one thread (and do not stall when the CPUs are shared)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def registry() -> Registry:
+    return Registry.discover()
+
+
+def tiny_config(registry: Registry, uri: str, **params):
+    return make_config(registry, "lenet5", "ours", {"epochs": 1, "initial_rank": 3, **params},
+                       tracking_uri=uri, progress=False)
+
+
+def client_for(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def all_runs(uri: str):
+    from mlflow.entities import ViewType
+
+    client = client_for(uri)
+    ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    return client.search_runs(ids, run_view_type=ViewType.ALL) if ids else []
+
+
+def write_idx(path: Path, magic: int, array: np.ndarray) -> None:
+    header = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+
+
+def make_tiny_mnist(root: Path, n_train: int = 200, n_test: int = 40) -> Path:
+    """Random IDX files under ``root/mnist`` (train 160 / val 40 / test 40 with val_size=40)."""
+    rng = np.random.default_rng(0)
+    folder = root / "mnist"
+    folder.mkdir(parents=True, exist_ok=True)
+    write_idx(folder / "train-images-idx3-ubyte", 2051, rng.integers(0, 256, (n_train, 28, 28)))
+    write_idx(folder / "train-labels-idx1-ubyte", 2049, rng.integers(0, 10, n_train))
+    write_idx(folder / "t10k-images-idx3-ubyte", 2051, rng.integers(0, 256, (n_test, 28, 28)))
+    write_idx(folder / "t10k-labels-idx1-ubyte", 2049, rng.integers(0, 10, n_test))
+    return root
+
+
+@pytest.fixture(scope="module")
+def store_template(tmp_path_factory) -> Path:
+    """An empty, already migrated MLflow sqlite store (creating one costs about a second of CPU)."""
+    path = tmp_path_factory.mktemp("store") / "template.db"
+    client_for(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def uri(tmp_path, monkeypatch, store_template) -> str:
+    monkeypatch.chdir(tmp_path)
+    shutil.copyfile(store_template, tmp_path / "m.db")
+    return f"sqlite:///{tmp_path / 'm.db'}"
+
+
+@pytest.fixture
+def tiny_data(tmp_path) -> Path:
+    return make_tiny_mnist(tmp_path / "data")
+
+
+@pytest.fixture(scope="module")
+def embedded_run(tmp_path_factory, registry, store_template):
+    """One tiny run through the Python API on the embedded data: (uri, RunResult)."""
+    folder = tmp_path_factory.mktemp("embedded")
+    shutil.copyfile(store_template, folder / "m.db")
+    uri = f"sqlite:///{folder / 'm.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)
+        (result,) = run(tiny_config(registry, uri), registry)
+    return uri, result
+
+
+# ---------------------------------------------------------------------------- one run
+
+
+def test_one_finished_run_in_the_task_experiment(embedded_run):
+    uri, result = embedded_run
+    (stored,) = all_runs(uri)
+    assert stored.info.run_id == result.run_id
+    assert stored.info.status == "FINISHED"
+    assert client_for(uri).get_experiment(stored.info.experiment_id).name == "lenet5"
+    assert stored.info.run_name == "ours[lambda=1.0,sigma=0.5]-seed0"
+
+
+def test_params_and_tags(embedded_run):
+    uri, result = embedded_run
+    stored = client_for(uri).get_run(result.run_id)
+    params = stored.data.params
+    expected = {
+        "task": "lenet5", "method": "ours", "seed": "0", "lambda": "1.0", "sigma": "0.5", "epochs": "1",
+        "lr": "0.0005", "batch_size": "128", "dataset": "mnist-embedded-5k", "train_size": "4000",
+        "device": str(resolve_device("auto")), "threads": str(torch.get_num_threads()),
+        "rankbench_version": rankbench.__version__,
+    }
+    assert {k: params.get(k) for k in expected} == expected
+    initial = json.loads(params["initial_ranks"])
+    assert set(initial) == set(result.ranks) == {"conv1", "conv2", "fc1", "fc2"}
+    assert all(r == 3 for ranks in initial.values() for r in ranks)
+    tags = stored.data.tags
+    assert (tags["method"], tags["task"], tags["dataset"]) == ("ours", "lenet5", "mnist-embedded-5k")
+    assert "failure_reason" not in tags
+
+
+def test_per_epoch_metrics_have_one_point_per_epoch(embedded_run):
+    uri, result = embedded_run
+    client = client_for(uri)
+    assert len(result.history) == 1
+    for key in PER_EPOCH:
+        history = client.get_metric_history(result.run_id, key)
+        assert [m.step for m in history] == [1], key
+        assert [m.value for m in history] == pytest.approx([result.history[0][key]]), key
+
+
+def test_total_rank_history_has_one_point_per_epoch(embedded_run):
+    uri, result = embedded_run
+    history = client_for(uri).get_metric_history(result.run_id, "total_rank")
+    assert [m.step for m in history] == [1]
+
+
+def test_final_metrics_match_the_run_result(embedded_run):
+    uri, result = embedded_run
+    metrics = client_for(uri).get_run(result.run_id).data.metrics
+    assert metrics["test_accuracy"] == pytest.approx(result.test_accuracy)
+    assert metrics["compression_ratio"] == pytest.approx(result.compression)
+    assert metrics["compression_ratio"] == pytest.approx(result.dense_parameters / result.parameters)
+    assert metrics["parameters"] == result.parameters
+    assert metrics["train_seconds_per_batch"] == pytest.approx(result.train_seconds_per_batch)
+    assert metrics["inference_seconds"] == pytest.approx(result.inference_seconds)
+    assert metrics["train_seconds_per_batch"] > 0 and metrics["inference_seconds"] > 0
+    assert 0.0 <= metrics["test_accuracy"] <= 100.0
+    assert result.dense_parameters == 429_100 and result.compression > 1.0
+
+
+def test_ranks_artifact_equals_the_run_result(embedded_run, tmp_path):
+    uri, result = embedded_run
+    client = client_for(uri)
+    assert [a.path for a in client.list_artifacts(result.run_id)] == ["ranks.json"]
+    local = client.download_artifacts(result.run_id, "ranks.json", str(tmp_path))
+    assert json.loads(Path(local).read_text()) == result.ranks
+
+
+# ---------------------------------------------------------------------------- determinism
+
+
+def test_same_seed_gives_identical_results(embedded_run, registry, uri):
+    _, first = embedded_run
+    (second,) = run(tiny_config(registry, uri), registry)
+    assert second.run_id != first.run_id
+    assert second.test_accuracy == first.test_accuracy
+    assert second.ranks == first.ranks
+    assert len(second.history) == len(first.history) == 1
+    for a, b in zip(first.history, second.history):
+        assert set(a) == set(b)
+        assert {k: v for k, v in a.items() if k not in TIMING_KEYS} == {
+            k: v for k, v in b.items() if k not in TIMING_KEYS
+        }
+
+
+# ---------------------------------------------------------------------------- where runs go
+
+
+def test_mlflow_tracking_uri_environment_variable_is_respected(tmp_path, uri, tiny_data, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    rc = main(["run", "--method", "ours", "--task", "lenet5", "--data-dir", str(tiny_data), *TINY_SETTINGS])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    (stored,) = all_runs(uri)
+    assert stored.info.status == "FINISHED"
+    assert f"tracking: {uri} " in out
+    assert not (tmp_path / "rankbench-runs").exists()  # the default store was not used
+
+
+def test_tracking_uri_option_beats_the_environment_variable(tmp_path, uri, tiny_data, monkeypatch, capsys):
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copyfile(tmp_path / "m.db", other / "env.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{other / 'env.db'}")
+    rc = main(["run", "--method", "ours", "--task", "lenet5", "--data-dir", str(tiny_data), "--tracking-uri", uri,
+               *TINY_SETTINGS])
+    assert rc == 0, capsys.readouterr().err
+    assert len(all_runs(uri)) == 1
+    assert all_runs(f"sqlite:///{other / 'env.db'}") == []
+
+
+def test_default_store_is_rankbench_runs_in_the_working_directory(tmp_path, store_template, tiny_data, monkeypatch,
+                                                                   capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    store = tmp_path / "rankbench-runs"
+    store.mkdir()
+    shutil.copyfile(store_template, store / "mlflow.db")  # an empty store there already (saves the migration)
+    rc = main(["run", "--method", "trn", "--task", "lenet5", "--data-dir", str(tiny_data), "--set", "rank=2",
+               *TINY_SETTINGS])
+    assert rc == 0, capsys.readouterr().err
+    (stored,) = all_runs(f"sqlite:///{store / 'mlflow.db'}")
+    assert stored.info.status == "FINISHED"
+    assert (store / "artifacts").is_dir()
+    assert list(store.glob("artifacts/**/ranks.json"))
+    assert not (tmp_path / "mlruns").exists()
+
+
+def test_explicit_store_writes_nothing_into_the_working_directory(tmp_path, store_template, tiny_data,
+                                                                  monkeypatch, capsys):
+    cwd, store = tmp_path / "cwd", tmp_path / "store"
+    cwd.mkdir()
+    store.mkdir()
+    shutil.copyfile(store_template, store / "m.db")
+    monkeypatch.chdir(cwd)
+    rc = main(["run", "--method", "ours", "--task", "lenet5", "--data-dir", str(tiny_data),
+               "--tracking-uri", f"sqlite:///{store / 'm.db'}", *TINY_SETTINGS])
+    assert rc == 0, capsys.readouterr().err
+    assert list(cwd.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------- several seeds, failures
+
+
+def test_two_seeds_give_two_runs_and_a_mean_std_row(uri, tiny_data, capsys):
+    rc = main(["run", "--method", "ours", "--task", "lenet5", "--data-dir", str(tiny_data), "--seeds", "0,1",
+               "--tracking-uri", uri, *TINY_SETTINGS])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    runs = all_runs(uri)
+    assert sorted(r.data.params["seed"] for r in runs) == ["0", "1"]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert len({r.info.experiment_id for r in runs}) == 1
+    assert "mean±std (n=2)" in out
+    for r in runs:
+        assert r.info.run_id in out
+        assert r.info.run_id in err  # "run <id> (seed s)" progress lines
+
+
+def test_a_failing_on_start_callback_does_not_leave_a_running_run(registry, uri, tiny_data):
+    config = make_config(registry, "lenet5", "ours", {"epochs": 1, "initial_rank": 3, "val_size": 40},
+                         tracking_uri=uri, data_dir=tiny_data, progress=False)
+
+    def on_start(run_id, seed, params):
+        raise RuntimeError("listener failed")
+
+    with pytest.raises(RuntimeError, match="listener failed"):
+        run(config, registry, on_start=on_start)
+    statuses = [r.info.status for r in all_runs(uri)]
+    assert statuses and "RUNNING" not in statuses
