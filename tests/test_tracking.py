@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -125,7 +126,8 @@ def test_params_and_tags(embedded_run):
     params = stored.data.params
     expected = {
         "task": "lenet5", "method": "ours", "seed": "0", "lambda": "1.0", "sigma": "0.5", "epochs": "1",
-        "lr": "0.0005", "batch_size": "128", "dataset": "mnist-embedded-5k", "train_size": "4000",
+        "lr": "0.001", "recipe": "embedded", "batch_size": "128", "dataset": "mnist-embedded-5k",
+        "train_size": "4000",
         "device": str(resolve_device("auto")), "threads": str(torch.get_num_threads()),
         "rankbench_version": rankbench.__version__,
     }
@@ -278,3 +280,23 @@ def test_a_failing_on_start_callback_does_not_leave_a_running_run(registry, uri,
         run(config, registry, on_start=on_start)
     statuses = [r.info.status for r in all_runs(uri)]
     assert statuses and "RUNNING" not in statuses
+
+
+# ---------------------------------------------------------------------------- recipes
+
+
+def test_full_data_uses_the_paper_recipe_and_explicit_keys_win(registry, uri, tiny_data):
+    (paper,) = run(replace(tiny_config(registry, uri, val_size=40), data_dir=tiny_data), registry)
+    params = client_for(uri).get_run(paper.run_id).data.params
+    assert (params["recipe"], params["lr"]) == ("paper", "0.0005")
+    (explicit,) = run(tiny_config(registry, uri, lr=2e-3), registry)
+    params = client_for(uri).get_run(explicit.run_id).data.params
+    assert (params["recipe"], params["lr"]) == ("embedded", "0.002")
+
+
+def test_cli_prints_the_recipe_it_used(uri, capsys):
+    assert main(["run", "--method", "dense", "--task", "lenet5", "--tracking-uri", uri, *TINY_SETTINGS[:2],
+                 "--no-progress", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    line = next(l for l in out.splitlines() if l.startswith("recipe "))
+    assert line.startswith("recipe embedded: epochs=1, batch_size=128, lr=0.001 (")
