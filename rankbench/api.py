@@ -50,6 +50,9 @@ def make_config(
     task: str,
     method: str,
     assignments: Sequence[str] | Mapping[str, Any] = (),
+    *,
+    epochs: int | None = None,
+    seeds: Sequence[int] = (0,),
     **options: Any,
 ) -> RunConfig:
     """Validate a task, a method and ``key=value`` overrides into a ``RunConfig``.
@@ -59,9 +62,8 @@ def make_config(
     """
     task_cls, method_cls = registry.task(task), registry.method(method)
     raw = dict(assignments) if isinstance(assignments, Mapping) else parse_assignments(assignments)
-    if options.get("epochs") is not None:
-        raw["epochs"] = options.pop("epochs")
-    options.pop("epochs", None)
+    if epochs is not None:
+        raw["epochs"] = epochs
     both = set(method_cls.hyperparameters) & set(task_cls.hyperparameters)
     if both & set(raw):
         raise RankbenchError(f"--set {sorted(both & set(raw))[0]} is declared by both {method} and {task}")
@@ -76,7 +78,7 @@ def make_config(
     defaults = {k: v for k, v in task_cls.method_defaults.get(method, {}).items() if k not in method_raw}
     method_params = resolve(method_cls.hyperparameters, {**defaults, **method_raw}, f"method {method}")
     task_params = resolve(task_cls.hyperparameters, task_raw, f"task {task}")
-    seeds = tuple(options.pop("seeds", (0,)))
+    seeds = tuple(seeds)
     if not seeds or any(s < 0 for s in seeds):
         raise RankbenchError("--seeds: give non-negative integers, e.g. --seeds 0,1,2")
     return RunConfig(task=task, method=method, task_params=task_params, method_params=method_params,

@@ -72,13 +72,15 @@ class Bond:
         return f"{self.layer_name}.bond{self.index}"
 
 
-def _ring_equation(num_cores: int, lead: str = "", tail: str = "") -> tuple[list[str], str]:
-    """Einsum terms for the cores of a ring: core k is ``b_k m_k b_{k+1}``."""
-    letters = iter(oe.get_symbol(i) for i in range(200) if oe.get_symbol(i) not in lead + tail)
-    bonds = [next(letters) for _ in range(num_cores)]
-    modes = [next(letters) for _ in range(num_cores)]
-    terms = [bonds[k] + modes[k] + bonds[(k + 1) % num_cores] for k in range(num_cores)]
-    return terms, "".join(modes)
+def _ring_terms(core_modes: Sequence[Sequence[int]], reserved: str = "") -> tuple[list[str], list[str]]:
+    """Einsum terms of a ring of cores ``b_k <modes of core k> b_{k+1}`` and the
+    mode letters of each core."""
+    symbols = (oe.get_symbol(i) for i in range(1000))
+    letters = iter(c for c in symbols if c not in reserved)
+    d = len(core_modes)
+    bonds = [next(letters) for _ in range(d)]
+    modes = ["".join(next(letters) for _ in core) for core in core_modes]
+    return [bonds[k] + modes[k] + bonds[(k + 1) % d] for k in range(d)], modes
 
 
 class TensorizedLayer(nn.Module):
@@ -86,21 +88,27 @@ class TensorizedLayer(nn.Module):
 
     def __init__(
         self,
-        modes: Sequence[int],
+        core_modes: Sequence[Sequence[int]],
+        weight_order: Sequence[tuple[int, int]],
         ranks: int | Sequence[int],
         decomposition: Decomposition,
         fan_in: int,
     ) -> None:
+        """``core_modes[k]`` are the physical modes core ``k`` carries (one mode
+        for a ring of vectors, an (in, out) pair for a TT-matrix core);
+        ``weight_order`` lists ``(core, position)`` of each mode in the order of
+        ``full_tensor``'s axes."""
         super().__init__()
         if decomposition not in ("tr", "tt"):
             raise RankbenchError(f"unknown decomposition {decomposition!r}: use 'tr' or 'tt'")
         self.decomposition: Decomposition = decomposition
-        self.modes = tuple(int(m) for m in modes)
-        d = len(self.modes)
+        self.core_modes = tuple(tuple(int(m) for m in core) for core in core_modes)
+        self.weight_order = tuple(weight_order)
+        d = len(self.core_modes)
         self.ranks = self._normalise_ranks(ranks, d, decomposition)
         self.fan_in = fan_in
         self.cores = nn.ParameterList(
-            nn.Parameter(torch.empty(self.ranks[k], self.modes[k], self.ranks[(k + 1) % d]))
+            nn.Parameter(torch.empty(self.ranks[k], *self.core_modes[k], self.ranks[(k + 1) % d]))
             for k in range(d)
         )
         self.selectors = nn.ModuleDict()
@@ -114,6 +122,8 @@ class TensorizedLayer(nn.Module):
             out = [ranks] * d
         else:
             out = [int(r) for r in ranks]
+            if decomposition == "tt" and len(out) == d + 1 and out[0] == out[-1] == 1:
+                out = out[:d]
             if len(out) != d:
                 raise RankbenchError(f"{len(out)} ranks given for {d} cores: give one rank per bond")
         if decomposition == "tt":
@@ -133,7 +143,7 @@ class TensorizedLayer(nn.Module):
         """
         target = 1.0 / (3.0 * self.fan_in)
         log_paths = sum(math.log(r) for r in self.ranks)
-        std = math.exp(0.5 * (math.log(target) - log_paths) / len(self.modes))
+        std = math.exp(0.5 * (math.log(target) - log_paths) / len(self.core_modes))
         for core in self.cores:
             core.normal_(0.0, std)
         self._weight_cache = None
@@ -141,7 +151,7 @@ class TensorizedLayer(nn.Module):
     # ---- bonds and selectors -------------------------------------------------
     def gateable_bonds(self) -> list[int]:
         """Bond indices a selector may gate (a TT's boundary bond 0 never is)."""
-        return [k for k in range(len(self.modes)) if not (self.decomposition == "tt" and k == 0)]
+        return [k for k in range(len(self.core_modes)) if not (self.decomposition == "tt" and k == 0)]
 
     def set_selector(self, bond: int, selector: RankSelector) -> None:
         if bond not in self.gateable_bonds():
@@ -159,7 +169,7 @@ class TensorizedLayer(nn.Module):
         cores = list(self.cores)
         for key, selector in self.selectors.items():
             k = int(key)
-            cores[k] = cores[k] * selector().view(-1, 1, 1)
+            cores[k] = cores[k] * selector().view(-1, *[1] * (cores[k].dim() - 1))
         return cores
 
     @torch.no_grad()
@@ -173,8 +183,8 @@ class TensorizedLayer(nn.Module):
     def parameter_count(self, ranks: Sequence[int] | None = None) -> int:
         """Trainable parameters at the given bond sizes (default: eval ranks), bias included."""
         r = list(self.eval_ranks() if ranks is None else ranks)
-        d = len(self.modes)
-        cores = sum(r[k] * self.modes[k] * r[(k + 1) % d] for k in range(d))
+        d = len(self.core_modes)
+        cores = sum(r[k] * math.prod(self.core_modes[k]) * r[(k + 1) % d] for k in range(d))
         bias = getattr(self, "bias", None)
         return cores + (bias.numel() if bias is not None else 0)
 
@@ -187,11 +197,16 @@ class TensorizedLayer(nn.Module):
             self._expr_cache[cache_key] = expr
         return expr
 
+    def _weight_letters(self, reserved: str = "") -> tuple[list[str], list[str]]:
+        """Core terms, and the letter of every mode in ``weight_order``."""
+        terms, modes = _ring_terms(self.core_modes, reserved)
+        return terms, [modes[k][j] for k, j in self.weight_order]
+
     def full_tensor(self) -> Tensor:
-        """The weight as a tensor of shape ``modes`` (gated when selectors exist)."""
-        terms, out = _ring_equation(len(self.modes))
+        """The weight as a tensor whose axes follow ``weight_order`` (gated when selectors exist)."""
+        terms, order = self._weight_letters()
         cores = self.gated_cores()
-        expr = self._expression("full", ",".join(terms) + "->" + out, *(tuple(c.shape) for c in cores))
+        expr = self._expression("full", ",".join(terms) + "->" + "".join(order), *(tuple(c.shape) for c in cores))
         return expr(*cores, backend="torch")
 
     def _cache_key(self) -> tuple:
@@ -221,17 +236,17 @@ class TensorizedLayer(nn.Module):
         """A selector-free copy whose bonds keep only slices with non-zero eval
         multipliers, the multipliers folded into the gated core. Its outputs equal
         this layer's eval-mode outputs."""
-        d = len(self.modes)
+        d = len(self.core_modes)
         cores = [c.detach().clone() for c in self.cores]
         keep: list[Tensor] = [torch.arange(r, device=cores[0].device) for r in self.ranks]
         for key, selector in self.selectors.items():
             k = int(key)
             m = selector.deterministic().detach().to(cores[k].dtype)
-            cores[k] = cores[k] * m.view(-1, 1, 1)
+            cores[k] = cores[k] * m.view(-1, *[1] * (cores[k].dim() - 1))
             nz = torch.nonzero(m != 0).flatten()
             keep[k] = nz if nz.numel() > 0 else torch.zeros(1, dtype=torch.long, device=m.device)
         for k in range(d):
-            cores[k] = cores[k][keep[k]][:, :, keep[(k + 1) % d]]
+            cores[k] = cores[k][keep[k]][..., keep[(k + 1) % d]]
         new = self._clone_with(tuple(len(i) for i in keep))
         for param, core in zip(new.cores, cores):
             param.copy_(core)
@@ -252,7 +267,9 @@ def _check_modes(name: str, modes: Sequence[int], size: int, what: str) -> None:
 class TensorizedLinear(TensorizedLayer):
     """``y = x W + b`` with ``W`` of shape ``in_modes × out_modes`` held as a TR/TT.
 
-    Cores are ordered input modes first, then output modes. ``strategy`` picks the
+    ``layout="chain"`` (default): one core per mode, input modes first, then
+    output modes. ``layout="matrix"``: the TT-matrix format, core ``k`` carries
+    the pair (in_modes[k], out_modes[k]). ``strategy`` picks the
     training contraction: ``weight`` reconstructs W then multiplies, ``input``
     contracts the input through the cores, ``auto`` takes the cheaper by
     opt_einsum's FLOP count for the batch size at hand.
@@ -269,6 +286,7 @@ class TensorizedLinear(TensorizedLayer):
         bias: bool = True,
         strategy: Strategy = "auto",
         name: str = "linear",
+        layout: Literal["chain", "matrix"] = "chain",
     ) -> None:
         _check_modes(name, in_modes, in_features, "input")
         _check_modes(name, out_modes, out_features, "output")
@@ -276,7 +294,21 @@ class TensorizedLinear(TensorizedLayer):
         self.in_modes, self.out_modes = tuple(in_modes), tuple(out_modes)
         self.strategy: Strategy = strategy
         self.layer_name = name
-        super().__init__(self.in_modes + self.out_modes, ranks, decomposition, fan_in=in_features)
+        self.layout = layout
+        p, q = len(self.in_modes), len(self.out_modes)
+        if layout == "matrix":
+            if p != q:
+                raise RankbenchError(
+                    f"{name}: a TT-matrix needs as many input modes as output modes, got {p} and {q}"
+                )
+            core_modes = list(zip(self.in_modes, self.out_modes))
+            order = [(k, 0) for k in range(p)] + [(k, 1) for k in range(p)]
+        elif layout == "chain":
+            core_modes = [(m,) for m in self.in_modes + self.out_modes]
+            order = [(k, 0) for k in range(p + q)]
+        else:
+            raise RankbenchError(f"{name}: unknown layout {layout!r}: use 'chain' or 'matrix'")
+        super().__init__(core_modes, order, ranks, decomposition, fan_in=in_features)
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         if self.bias is not None:
             bound = 1.0 / math.sqrt(in_features)
@@ -286,7 +318,7 @@ class TensorizedLinear(TensorizedLayer):
         return type(self)(
             self.in_features, self.out_features, self.in_modes, self.out_modes, ranks,
             decomposition=self.decomposition, bias=self.bias is not None,
-            strategy=self.strategy, name=self.layer_name,
+            strategy=self.strategy, name=self.layer_name, layout=self.layout,
         ).to(self.cores[0].device, self.cores[0].dtype)
 
     def dense_weight(self) -> Tensor:
@@ -294,14 +326,15 @@ class TensorizedLinear(TensorizedLayer):
         return self.full_tensor().reshape(self.in_features, self.out_features)
 
     def _input_equation(self) -> str:
-        terms, modes = _ring_equation(len(self.modes), lead="Z")
+        terms, order = self._weight_letters(reserved="Z")
         p = len(self.in_modes)
-        return "Z" + modes[:p] + "," + ",".join(terms) + "->Z" + modes[p:]
+        return "Z" + "".join(order[:p]) + "," + ",".join(terms) + "->Z" + "".join(order[p:])
 
     def _costs(self, batch: int) -> dict[str, int]:
         shapes = [tuple(c.shape) for c in self.cores]
-        terms, out = _ring_equation(len(self.modes))
-        _, info_w = oe.contract_path(",".join(terms) + "->" + out, *shapes, shapes=True, optimize="auto")
+        terms, order = self._weight_letters()
+        _, info_w = oe.contract_path(",".join(terms) + "->" + "".join(order), *shapes, shapes=True,
+                                     optimize="auto")
         _, info_x = oe.contract_path(
             self._input_equation(), (batch, *self.in_modes), *shapes, shapes=True, optimize="auto"
         )
@@ -340,8 +373,8 @@ class TensorizedLinear(TensorizedLayer):
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        return (f"{self.decomposition.upper()} {self.in_modes}x{self.out_modes}, ranks={self.ranks}, "
-                f"strategy={self.strategy}")
+        return (f"{self.decomposition.upper()} {self.layout} {self.in_modes}x{self.out_modes}, "
+                f"ranks={self.ranks}, strategy={self.strategy}")
 
 
 class TensorizedConv2d(TensorizedLayer):
@@ -372,8 +405,9 @@ class TensorizedConv2d(TensorizedLayer):
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
         self.in_modes, self.out_modes = tuple(in_modes), tuple(out_modes)
         self.layer_name = name
+        modes = (kernel_size * kernel_size,) + self.in_modes + self.out_modes
         super().__init__(
-            (kernel_size * kernel_size,) + self.in_modes + self.out_modes, ranks, decomposition,
+            [(m,) for m in modes], [(k, 0) for k in range(len(modes))], ranks, decomposition,
             fan_in=in_channels * kernel_size * kernel_size,
         )
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None

@@ -182,3 +182,35 @@ def test_eval_weight_is_cached_until_parameters_change():
     torch.testing.assert_close(second, first * 2.0)
     layer.train()
     assert layer.weight() is not layer.weight()
+
+
+@pytest.mark.parametrize("strategy", ["weight", "input"])
+def test_tt_matrix_linear_equals_tensorly_tt_matrix(strategy):
+    from tensorly.tt_matrix import tt_matrix_to_tensor
+
+    torch.manual_seed(7)
+    layer = TensorTrainLinear(84, 30, (7, 4, 3), (5, 3, 2), [1, 4, 3, 1], layout="matrix", strategy=strategy).double()
+    assert [tuple(c.shape) for c in layer.cores] == [(1, 7, 5, 4), (4, 4, 3, 3), (3, 3, 2, 1)]
+    weight = tt_matrix_to_tensor([c.detach() for c in layer.cores]).reshape(84, 30)
+    x = torch.randn(6, 84, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), x @ weight + layer.bias)
+    layer(x).sum().backward()
+    assert all(c.grad is not None and c.grad.abs().sum() > 0 for c in layer.cores)
+
+
+def test_tt_matrix_counts_and_prunes():
+    layer = TensorTrainLinear(784, 625, (7, 4, 7, 4), (5, 5, 5, 5), [1, 20, 20, 20, 1], layout="matrix").double()
+    assert layer.ranks == (1, 20, 20, 20)
+    assert layer.parameter_count() == 7 * 5 * 20 + 20 * 4 * 5 * 20 + 20 * 7 * 5 * 20 + 20 * 4 * 5 + 625
+    values = torch.zeros(20, dtype=torch.float64)
+    values[[2, 5, 11]] = torch.tensor([1.0, 0.5, 0.25], dtype=torch.float64)
+    layer.set_selector(2, FixedMultipliers(values))
+    layer.eval()
+    pruned = layer.pruned()
+    assert pruned.ranks == (1, 20, 3, 20)
+    assert sum(p.numel() for p in pruned.parameters()) == layer.parameter_count()
+    x = torch.randn(3, 784, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), layer(x))
+    with pytest.raises(RankbenchError, match="as many input modes"):
+        TensorTrainLinear(28, 10, (7, 4), (10,), 2, layout="matrix")

@@ -1,0 +1,81 @@
+"""Check that rankbench trains on a device (CUDA) as on the CPU, and time it.
+
+    python benchmarks/device_check.py [--device cuda] [--epochs 3]
+
+1. Tensorized layers give the same outputs (float64) on the device as on the CPU.
+2. dense, trn (rank 25) and ours (rank 25) train LeNet-5 on the embedded digits
+   for a few epochs on the device; prints validation accuracy, compression and
+   the median train seconds per batch, with ratios to dense measured in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from tabulate import tabulate
+
+from rankbench.api import build_model, make_config, resolve_device
+from rankbench.method import MethodContext
+from rankbench.registry import Registry
+from rankbench.tensorized import TensorRingConv2d, TensorRingLinear
+from rankbench.trainer import fit
+
+
+@torch.no_grad()
+def layers_agree(device: torch.device) -> list[list]:
+    rows = []
+    torch.manual_seed(0)
+    for strategy in ("weight", "input"):
+        layer = TensorRingLinear(1250, 320, (5, 5, 5, 10), (5, 8, 8), 25, strategy=strategy).double()
+        x = torch.randn(64, 1250, dtype=torch.float64)
+        cpu = layer(x)
+        dev = layer.to(device)(x.to(device)).cpu()
+        rows.append([f"TR linear FC1 ({strategy})", float((cpu - dev).abs().max())])
+    conv = TensorRingConv2d(20, 50, 5, (4, 5), (5, 10), 25).double()
+    x = torch.randn(8, 20, 12, 12, dtype=torch.float64)
+    cpu = conv(x)
+    dev = conv.to(device)(x.to(device)).cpu()
+    rows.append(["TR conv CONV2", float((cpu - dev).abs().max())])
+    return rows
+
+
+def train_rows(device: torch.device, epochs: int) -> list[list]:
+    registry = Registry.discover()
+    rows = []
+    dense_step = None
+    for method, params in (("dense", {}), ("trn", {"rank": 25}), ("ours", {})):
+        config = make_config(registry, "lenet5", method, {"epochs": epochs, **params})
+        task = registry.task("lenet5")(config.task_params)
+        data = task.load_data(None, False)
+        m = registry.method(method)(config.method_params)
+        model = build_model(task, m, 0, MethodContext(len(data.train), device))
+        start = time.perf_counter()
+        result = fit(model, m, task, data, epochs=epochs, seed=0, device=device, dense_parameters=429_100)
+        wall = time.perf_counter() - start
+        step = statistics.median(h["train_seconds_per_batch"] for h in result.history[1:] or result.history)
+        dense_step = dense_step or step
+        last = result.history[-1]
+        rows.append([method, f"{last['val_accuracy']:.1f}", f"{last['compression']:.2f}x", f"{step:.5f}",
+                     f"{step / dense_step:.2f}x", f"{wall:.1f}"])
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--epochs", type=int, default=3)
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"device {device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(tabulate(layers_agree(device), headers=["layer", "max |cpu - device| (float64)"]))
+    print()
+    print(tabulate(train_rows(device, args.epochs),
+                   headers=["method", "val acc %", "compression", "train s/batch (median)", "vs dense", "wall s"]))
+
+
+if __name__ == "__main__":
+    main()
