@@ -374,3 +374,20 @@ def _load_embedded(split_seed: int, sizes: tuple[int, int, int]) -> DataSplits:
         num_classes=_NUM_CLASSES,
         embedded=True,
     )
+
+
+def mnist_family_hyperparameters() -> dict:
+    """The data options every MNIST-family task declares (``--set dataset=...`` etc.)."""
+    from rankbench.config import Hyper
+
+    return {
+        "dataset": Hyper("mnist", "dataset (mnist falls back to the embedded 5k digits)", choices=DATASETS),
+        "split_seed": Hyper(0, "seed of the train/validation/test split", minimum=0),
+        "val_size": Hyper(5000, "validation examples held out of a full training set", minimum=1),
+    }
+
+
+def load_mnist_family_from(params: dict, data_dir: Path | None, download: bool) -> DataSplits:
+    """``load_mnist_family`` with the options of ``mnist_family_hyperparameters``."""
+    return load_mnist_family(params["dataset"], data_dir, split_seed=params["split_seed"],
+                             val_size=params["val_size"], download=download)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rankbench.config import Hyper
-from rankbench.data import DATASETS, DataSplits, load_mnist_family
+from rankbench.data import DataSplits, load_mnist_family_from, mnist_family_hyperparameters
 from rankbench.task import Task
 from rankbench.tensorized import TensorizedConv2d, TensorizedLinear
 
@@ -44,21 +44,16 @@ class LeNet5Task(Task):
         "a 15-epoch run of ours ends at 92.4% test (seeds 0-2), at 1e-3 at 95.5%"
     )
     hyperparameters: ClassVar[dict[str, Hyper]] = {
-        "dataset": Hyper("mnist", "dataset (mnist falls back to the embedded 5k digits)", choices=DATASETS),
+        **mnist_family_hyperparameters(),
         "epochs": Hyper(150, "training epochs", minimum=1),
         "batch_size": Hyper(128, "batch size", minimum=1),
         "lr": Hyper(5e-4, "Adam learning rate, cosine-annealed to 0 (embedded data: 1e-3)", minimum=0.0),
         "initial_rank": Hyper(25, "initial rank of every bond (trn sets its own)", minimum=1),
         "decomposition": Hyper("tr", "tensor ring or tensor train", choices=("tr", "tt")),
-        "split_seed": Hyper(0, "seed of the train/validation/test split", minimum=0),
-        "val_size": Hyper(5000, "validation examples held out of a full training set", minimum=1),
     }
 
     def load_data(self, data_dir: Path | None, download: bool) -> DataSplits:
-        return load_mnist_family(
-            self.params["dataset"], data_dir, split_seed=self.params["split_seed"],
-            val_size=self.params["val_size"], download=download,
-        )
+        return load_mnist_family_from(self.params, data_dir, download)
 
     def dense_model(self) -> nn.Module:
         return LeNet5(

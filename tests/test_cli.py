@@ -137,7 +137,7 @@ def test_list_prints_every_plugin_with_description_and_hyperparameter_defaults(c
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     listed = parse_list(out)
-    assert {"dense", "trn", "ours"} <= set(listed["methods"])
+    assert {"dense", "trn", "ours", "reinforce_l0", "mars"} <= set(listed["methods"])
     assert "lenet5" in listed["tasks"]
 
     registry = Registry.discover()
@@ -167,7 +167,7 @@ def test_console_script_list_subprocess(tmp_path):
     proc = subprocess.run([exe, "list"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     listed = parse_list(proc.stdout)
-    assert {"dense", "trn", "ours"} <= set(listed["methods"])
+    assert {"dense", "trn", "ours", "reinforce_l0", "mars"} <= set(listed["methods"])
     assert "lenet5" in listed["tasks"]
     assert list(tmp_path.iterdir()) == []  # listing writes nothing
 
@@ -319,7 +319,7 @@ def test_plugin_method_is_listed_and_runnable_by_name(tiny, capsys):
     listed = parse_list(capsys.readouterr().out)
     assert listed["methods"]["constant_gate"][0] == "test plugin: an all-ones selector on every bond"
     assert "nanmethod" in listed["methods"] and "badtask" in listed["tasks"]
-    assert {"dense", "trn", "ours"} <= set(listed["methods"])
+    assert {"dense", "trn", "ours", "reinforce_l0", "mars"} <= set(listed["methods"])
 
     rc = main(["run", "--method", "constant_gate", "--task", "lenet5", "--plugin-dir", str(PLUGINS),
                "--data-dir", str(data_dir), "--tracking-uri", uri, *TINY_SETTINGS])

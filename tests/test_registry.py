@@ -60,7 +60,7 @@ def fake_entry_points(monkeypatch, by_group: dict[str, list[FakeEntryPoint]]) ->
 
 def test_discover_finds_the_built_in_methods_and_tasks():
     registry = Registry.discover(entry_point_groups=False)
-    assert {"dense", "trn", "ours"} <= set(registry.methods)
+    assert {"dense", "trn", "ours", "reinforce_l0", "mars"} <= set(registry.methods)
     assert "lenet5" in registry.tasks
     for name, cls in registry.methods.items():
         assert issubclass(cls, Method) and cls.name == name
@@ -76,7 +76,7 @@ def test_discover_finds_the_built_in_methods_and_tasks():
 
 def test_lookup_of_an_unknown_name_lists_the_valid_ones():
     registry = Registry.discover(entry_point_groups=False)
-    with pytest.raises(RankbenchError, match=r"unknown method 'nope': choose one of dense, ours, trn"):
+    with pytest.raises(RankbenchError, match=r"unknown method 'nope': choose one of dense, mars, ours, reinforce_l0, trn"):
         registry.method("nope")
     with pytest.raises(RankbenchError, match=r"unknown task 'nope': choose one of .*lenet5"):
         registry.task("nope")
@@ -99,7 +99,7 @@ def test_entry_point_method_and_task_are_registered_under_their_names(monkeypatc
     assert registry.method("ep_method") is EntryPointMethod
     assert registry.task("ep_task") is EntryPointTask
     assert registry.origins["method:ep_method"] == "entry point thirdparty.methods:EntryPointMethod"
-    assert {"dense", "trn", "ours"} <= set(registry.methods)  # built-ins are still there
+    assert {"dense", "trn", "ours", "reinforce_l0", "mars"} <= set(registry.methods)  # built-ins are still there
 
 
 def test_entry_point_returning_a_module_registers_its_plugins(monkeypatch):

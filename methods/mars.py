@@ -1,0 +1,98 @@
+"""MARS: Masked Automatic Ranks Selection (Kodryan, Kropotov, Vetrov, AISTATS 2023)."""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from rankbench.config import Hyper, Search
+from rankbench.method import Method
+from rankbench.tensorized import Bond, RankSelector, tensorized_layers
+
+MODES = {"soft": {"prior": 0.1, "alpha": -1.5}, "hard": {"prior": 0.01, "alpha": -1.75}}
+
+
+class HardConcreteMask(RankSelector):
+    """Mask ``m = clamp(s·(ζ−γ) + γ, 0, 1)``, ``s = sigmoid((θ + log u − log(1−u))/τ)``,
+    one sample per forward pass shared by the batch; eval ``m = 1[θ > 0]``.
+
+    MARS allows rank 0; rankbench keeps the slice with the largest θ when no θ is
+    positive, so the layer stays connected.
+    """
+
+    def __init__(self, size: int, alpha: float, temperature: float, gamma: float, zeta: float) -> None:
+        super().__init__(size)
+        self.theta = nn.Parameter(alpha + 0.01 * torch.randn(size))
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
+        self.gamma, self.zeta = gamma, zeta
+
+    def sample(self) -> Tensor:
+        u = torch.rand(self.size, device=self.theta.device).clamp(1e-6, 1 - 1e-6)
+        s = torch.sigmoid((self.theta + torch.log(u) - torch.log1p(-u)) / self.temperature)
+        return torch.clamp(s * (self.zeta - self.gamma) + self.gamma, 0.0, 1.0)
+
+    def deterministic(self) -> Tensor:
+        with torch.no_grad():
+            mask = (self.theta > 0).to(self.theta.dtype)
+            if mask.sum() == 0:
+                mask[self.theta.argmax()] = 1.0
+        return mask
+
+    def probability(self) -> Tensor:
+        """φ = sigmoid(θ): the probability that each slice is on."""
+        return torch.sigmoid(self.theta)
+
+
+class Mars(Method):
+    """Hard-Concrete masks on every bond, relaxed-MAP loss with a Bernoulli prior
+    π on the masks and a Gaussian prior on the cores, both scaled by 1/N."""
+
+    name: ClassVar[str] = "mars"
+    description: ClassVar[str] = "MARS: Hard-Concrete rank masks with a Bernoulli prior (relaxed MAP)"
+    hyperparameters: ClassVar[dict[str, Hyper]] = {
+        "mode": Hyper("soft", "soft: prior 0.1, alpha -1.5; hard: prior 0.01, alpha -1.75", choices=tuple(MODES)),
+        "prior": Hyper(None, "prior probability π that a slice is on (none: by mode)", type=float,
+                       minimum=1e-9, maximum=1 - 1e-9, nullable=True, search=Search(1e-3, 0.5, log=True)),
+        "alpha": Hyper(None, "initial mean of the logits θ (none: by mode)", type=float, nullable=True),
+        "tau0": Hyper(0.1, "initial Hard-Concrete temperature", minimum=1e-6),
+        "tau_min": Hyper(0.01, "temperature floor", minimum=1e-6),
+        "tau_decay": Hyper(0.99, "temperature factor applied after each epoch", minimum=0.0, maximum=1.0),
+        "gamma": Hyper(-0.1, "Hard-Concrete stretch lower end γ"),
+        "zeta": Hyper(1.1, "Hard-Concrete stretch upper end ζ"),
+        "core_prior_inv_std": Hyper(0.1, "s^-1 of the Gaussian prior on core entries", minimum=0.0),
+    }
+
+    def __init__(self, params: Mapping) -> None:
+        super().__init__(params)
+        mode = MODES[self.params["mode"]]
+        self.prior = mode["prior"] if self.params["prior"] is None else self.params["prior"]
+        self.alpha = mode["alpha"] if self.params["alpha"] is None else self.params["alpha"]
+        self.temperature = self.params["tau0"]
+
+    def selector(self, bond: Bond) -> RankSelector | None:
+        return HardConcreteMask(bond.size, self.alpha, self.temperature, self.params["gamma"], self.params["zeta"])
+
+    def masks(self, model: nn.Module) -> list[HardConcreteMask]:
+        return [m for m in model.modules() if isinstance(m, HardConcreteMask)]
+
+    def penalty(self, model: nn.Module) -> Tensor:
+        """(1/N)·[−Σ (φ log π + (1−φ) log(1−π)) + ½ s⁻² Σ_cores ‖G‖²]."""
+        device = next(model.parameters()).device
+        log_on, log_off = math.log(self.prior), math.log1p(-self.prior)
+        prior = torch.zeros((), device=device)
+        for mask in self.masks(model):
+            phi = mask.probability()
+            prior = prior - (phi * log_on + (1 - phi) * log_off).sum()
+        squares = sum((core.pow(2).sum() for _, layer in tensorized_layers(model) for core in layer.cores),
+                      torch.zeros((), device=device))
+        l2 = 0.5 * self.params["core_prior_inv_std"] ** 2 * squares
+        assert self.context is not None, "attach() first"
+        return (prior + l2) / self.context.num_train
+
+    def on_epoch_end(self, model: nn.Module, epoch: int, metrics: Mapping[str, float]) -> None:
+        self.temperature = max(self.params["tau_min"], self.params["tau_decay"] * self.temperature)
+        for mask in self.masks(model):
+            mask.temperature.fill_(self.temperature)
