@@ -41,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     sub.add_parser("list", parents=[common], help="list methods and tasks with their hyperparameters")
+
+    check = sub.add_parser("check-plugin", parents=[common],
+                           help="run the plugin contract checks on a method or task (exit 1 if any fails)")
+    check.add_argument("name", metavar="NAME", help="a method or task name")
+    check.add_argument("--task", default=None,
+                       help="task to check a method on (default: every registered task)")
     return parser
 
 
@@ -111,6 +117,38 @@ def cmd_run(args, registry) -> None:
           f"open it with: mlflow ui --backend-store-uri {tracker.uri}")
 
 
+def cmd_check_plugin(args, registry) -> int:
+    from tabulate import tabulate
+
+    from rankbench.contract import check_method, check_task
+
+    name = args.name
+    is_method, is_task = name in registry.methods, name in registry.tasks
+    if not (is_method or is_task):
+        raise RankbenchError(
+            f"unknown plugin {name!r}: no method or task of that name; methods: "
+            f"{', '.join(sorted(registry.methods))}; tasks: {', '.join(sorted(registry.tasks))}"
+        )
+    if args.task is not None:
+        registry.task(args.task)  # an unknown --task is an input error (exit 2)
+    groups = []
+    if is_method:
+        for task in [args.task] if args.task is not None else sorted(registry.tasks):
+            groups.append((f"method {name} on task {task}", check_method(registry, name, task)))
+    if is_task:
+        groups.append((f"task {name}", check_task(registry, name)))
+    passed = failed = 0
+    for title, checks in groups:
+        print(f"{title}:")
+        rows = [(c.name, "PASS" if c.passed else "FAIL", c.detail) for c in checks]
+        print(tabulate(rows, headers=("check", "result", "detail"), tablefmt="simple"))
+        print()
+        passed += sum(c.passed for c in checks)
+        failed += sum(not c.passed for c in checks)
+    print(f"{passed} passed, {failed} failed")
+    return 0 if failed == 0 else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -121,6 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             cmd_list(registry)
         elif args.command == "run":
             cmd_run(args, registry)
+        elif args.command == "check-plugin":
+            return cmd_check_plugin(args, registry)
         return 0
     except RankbenchError as exc:
         print(f"rankbench: error: {exc}", file=sys.stderr)
