@@ -223,7 +223,7 @@ def check_method(registry: Registry, name: str, task: str = "lenet5", *, prefix:
     def build() -> str:
         cfg = state["config"]
         loaded: DataSplits = state["data"]
-        recipe, task_params = state["task_cls"].recipe_for(loaded, cfg.task_params, cfg.explicit)
+        _, task_params = state["task_cls"].recipe_for(loaded, cfg.task_params, cfg.explicit)
         task_obj = state["task_cls"](task_params)
         method = state["method_cls"](cfg.method_params)
         context = MethodContext(num_train=len(loaded.train), device=_CPU)

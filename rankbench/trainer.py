@@ -55,6 +55,8 @@ def fit(
 ) -> TrainResult:
     """Train ``model`` with the task's recipe and the method's loss; evaluate on validation each epoch."""
     batch_size = task.params["batch_size"]
+    if len(data.train) == 0 or len(data.val) == 0:
+        raise RankbenchError(f"{data.name}: the training or validation split is empty: use a larger dataset")
     optimizer = task.optimizer(param_groups(model, task.params["lr"]))
     scheduler = task.scheduler(optimizer, epochs)
     generator = torch.Generator().manual_seed(seed)

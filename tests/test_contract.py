@@ -338,3 +338,20 @@ def test_check_plugin_of_a_task_checks_the_task_and_the_builtins_on_it(docs_plug
     assert "task tiny_mlp:" in out
     assert re.search(r"^ours: export\s+PASS", out, re.M)
     assert re.fullmatch(r"\d+ passed, 0 failed", out.rstrip().splitlines()[-1])
+
+
+def test_check_plugin_of_a_name_that_is_both_a_method_and_a_task_checks_both(tmp_path, capsys):
+    (tmp_path / "twin.py").write_text(
+        "from rankbench.method import Method\n"
+        "from rankbench.tasks.lenet5 import LeNet5Task\n"
+        "class TwinMethod(Method):\n"
+        "    name = 'twin'\n"
+        "    description = 'a method named like a task'\n"
+        "class TwinTask(LeNet5Task):\n"
+        "    name = 'twin'\n"
+        "    description = 'a task named like a method'\n"
+    )
+    assert main(["check-plugin", "twin", "--task", "lenet5", "--plugin-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "method twin on task lenet5:" in out and "task twin:" in out
+    assert "method twin on task mlp2" not in out  # --task chose the task the method is checked on
