@@ -47,6 +47,21 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("name", metavar="NAME", help="a method or task name")
     check.add_argument("--task", default=None,
                        help="task to check a method on (default: every registered task)")
+
+    study = sub.add_parser("study", parents=[common], help="run, resume, list or show Optuna studies",
+                           description="rankbench study FILE.toml | rankbench study --list | rankbench study show NAME")
+    study.add_argument("target", nargs="*", metavar="FILE | show NAME")
+    study.add_argument("--list", action="store_true", help="list the studies in the storage")
+    study.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite:///rankbench-runs/optuna.db)")
+    study.add_argument("--n-trials", type=int, default=None, help="override the study's trial budget")
+    study.add_argument("--workers", type=int, default=1, help="worker processes sharing the storage")
+    study.add_argument("--seeds", type=_seeds, default=None, help="override the seeds run per trial")
+    study.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a fixed setting for every trial (repeatable)")
+    study.add_argument("--tracking-uri", default=None, help="MLflow tracking URI")
+    study.add_argument("--data-dir", type=Path, default=None, help="folder holding the dataset files")
+    study.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    study.add_argument("--out", type=Path, default=None, help="folder for the plots (default rankbench-runs/studies/NAME)")
     return parser
 
 
@@ -149,6 +164,52 @@ def cmd_check_plugin(args, registry) -> int:
     return 0 if failed == 0 else 1
 
 
+def cmd_study(args, registry) -> None:
+    from tabulate import tabulate
+
+    from rankbench import study as studies
+    from rankbench.config import parse_assignments
+
+    if args.list:
+        rows = [[s["name"], s["trials"], ", ".join(s["directions"]),
+                 "; ".join(f"#{n}: {', '.join(f'{v:.4g}' for v in values)}" for n, values in s["best"][:5])]
+                for s in studies.list_studies(args.storage)]
+        print(tabulate(rows, headers=["study", "trials", "directions", "best (pareto) trials"]) if rows
+              else "no studies in the storage")
+        return
+    if args.target[:1] == ["show"]:
+        if len(args.target) != 2:
+            raise RankbenchError("write: rankbench study show NAME")
+        study = studies.load_existing(args.target[1], args.storage)
+        rows = [[t.number, t.state.name, t.user_attrs.get("method", ""),
+                 ", ".join(f"{k}={v}" for k, v in t.params.items() if k != "method"),
+                 ", ".join(f"{v:.4g}" for v in (t.values or [])),
+                 f"{t.user_attrs['mean_test_accuracy']:.2f}" if "mean_test_accuracy" in t.user_attrs else "",
+                 t.user_attrs.get("failure_reason", t.user_attrs.get("pruned_reason", ""))[:60]]
+                for t in study.get_trials(deepcopy=False)]
+        print(tabulate(rows, headers=["trial", "state", "method", "params", "objectives", "test acc", "note"]))
+        return
+    if len(args.target) != 1:
+        raise RankbenchError("give one study file, e.g. rankbench study studies/lenet5_sensitivity.toml")
+    from rankbench.studyspec import load_study_file
+
+    spec = load_study_file(Path(args.target[0]), registry).with_overrides(
+        n_trials=args.n_trials, seeds=args.seeds, fixed=parse_assignments(args.assignments), registry=registry)
+    print(f"study {spec.name}: task {spec.task}, methods {', '.join(spec.methods)}, {spec.budget()} trials x "
+          f"{len(spec.seeds)} seed(s), sampler {spec.sampler}, objectives "
+          + ", ".join(f"{k} ({v})" for k, v in spec.objectives.items()), flush=True)
+    outcome = studies.run_study(spec, storage_url=args.storage, workers=args.workers, tracking_uri=args.tracking_uri,
+                                plugin_dirs=args.plugin_dir, data_dir=args.data_dir, device=args.device,
+                                out_dir=args.out)
+    rows = [[b["number"], ", ".join(f"{k}={v}" for k, v in b["params"].items()),
+             *[f"{b[m]:.4g}" for m in spec.objectives],
+             f"{b['test_accuracy']:.2f}" if b["test_accuracy"] is not None else ""] for b in outcome.best]
+    print(f"{outcome.finished} trials finished, {outcome.failed} failed; best (validation) trials:")
+    print(tabulate(rows, headers=["trial", "params", *spec.objectives, "test acc (recorded)"]))
+    for path in outcome.plots or []:
+        print(f"plot: {path}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -161,6 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             cmd_run(args, registry)
         elif args.command == "check-plugin":
             return cmd_check_plugin(args, registry)
+        elif args.command == "study":
+            cmd_study(args, registry)
         return 0
     except RankbenchError as exc:
         print(f"rankbench: error: {exc}", file=sys.stderr)

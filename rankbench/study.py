@@ -1,0 +1,447 @@
+"""Optuna studies: each trial is a rankbench run over the study's seeds.
+
+Storage is any Optuna RDB URL (SQLite by default, PostgreSQL for many
+machines). Workers are processes; a lock around "is the budget spent? then
+ask" keeps the total at exactly the budget, stale trials of dead workers are
+failed by Optuna's heartbeat and retried, and trials interrupted by Ctrl-C or a
+crash are retried when the same command runs again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import multiprocessing
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from rankbench.errors import RankbenchError
+from rankbench.registry import Registry
+from rankbench.studyspec import OBJECTIVE_METRICS, RECORDED_ONLY, StudySpec
+from rankbench.tracking import DEFAULT_DIR, Tracker
+
+FINISHED_STATES = ("COMPLETE", "PRUNED")
+
+
+def quiet_optuna() -> None:
+    """Hide Optuna's experimental/heartbeat warnings: rankbench uses those features on purpose."""
+    import warnings
+
+    import optuna
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+
+
+def default_storage() -> str:
+    DEFAULT_DIR.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{DEFAULT_DIR / 'optuna.db'}"
+
+
+def open_storage(url: str, spec: StudySpec | None = None):
+    """An ``RDBStorage`` with heartbeats (so dead workers' trials are retried)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    quiet_optuna()
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 120}}
+    if spec is not None:
+        kwargs.update(
+            heartbeat_interval=spec.heartbeat_interval, grace_period=spec.grace_period,
+            failed_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
+        )
+    try:
+        return optuna.storages.RDBStorage(url, **kwargs)
+    except Exception as exc:
+        raise RankbenchError(f"cannot open study storage {url} ({type(exc).__name__}: {exc}): check --storage") from None
+
+
+@contextlib.contextmanager
+def storage_lock(url: str, storage) -> Iterator[None]:
+    """Serialises 'check budget, then ask' across worker processes (and machines, on PostgreSQL)."""
+    if url.startswith("sqlite:///"):
+        from filelock import FileLock
+
+        with FileLock(url[len("sqlite:///"):] + ".lock"):
+            yield
+    elif url.startswith("postgresql"):
+        from sqlalchemy import text
+
+        with storage.engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(7268153)"))
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(7268153)"))
+                conn.commit()
+    else:
+        yield
+
+
+def _grid_sampler_class():
+    import optuna
+
+    class BudgetedGridSampler(optuna.samplers.GridSampler):
+        """GridSampler without its ``study.stop()`` (the worker loop stops at the budget;
+        ``stop`` is only allowed inside ``optimize``, and rankbench uses ask/tell)."""
+
+        def after_trial(self, study, trial, state, values) -> None:
+            return None
+
+    return BudgetedGridSampler
+
+
+def _BudgetedGridSampler(*args, **kwargs):
+    return _grid_sampler_class()(*args, **kwargs)
+
+
+def make_sampler(spec: StudySpec, worker: int = 0):
+    import optuna
+
+    seed = spec.sampler_seed + worker
+    if spec.sampler == "grid":  # one seed for all workers: the grid's order must agree
+        return _BudgetedGridSampler(spec.grid(), seed=spec.sampler_seed)
+    if spec.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if spec.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True)
+
+
+def make_pruner(spec: StudySpec):
+    import optuna
+
+    return optuna.pruners.MedianPruner() if spec.pruner == "median" else optuna.pruners.NopPruner()
+
+
+def load_or_create(spec: StudySpec, storage, worker: int = 0):
+    import optuna
+
+    study = optuna.create_study(
+        study_name=spec.name, storage=storage, directions=spec.directions, sampler=make_sampler(spec, worker),
+        pruner=make_pruner(spec), load_if_exists=True,
+    )
+    existing = [d.name.lower() for d in study.directions]
+    if existing != spec.directions:
+        raise RankbenchError(
+            f"study {spec.name} in the storage optimises {existing}, the file asks {spec.directions}: "
+            "rename the study or restore its objectives"
+        )
+    return study
+
+
+@dataclass(frozen=True)
+class StudyRun:
+    """Everything a worker process needs (picklable)."""
+
+    spec: StudySpec
+    storage_url: str
+    tracking_uri: str | None
+    plugin_dirs: tuple[Path, ...]
+    data_dir: Path | None
+    device: str
+    parent_run_id: str
+    worker: int = 0
+
+
+# ---------------------------------------------------------------------------- one trial
+def trial_assignments(trial, spec: StudySpec, registry: Registry) -> tuple[str, dict[str, Any]]:
+    """The method and the ``--set`` values of one trial."""
+    method = spec.methods[0] if len(spec.methods) == 1 else trial.suggest_categorical("method", list(spec.methods))
+    keys = set(registry.task(spec.task).hyperparameters) | set(registry.method(method).hyperparameters)
+    values = {k: v for k, v in spec.fixed.items() if k in keys}
+    values.update(spec.method_fixed.get(method, {}))
+    for name, param in spec.search.items():
+        value = param.suggest(trial)
+        if name in keys:
+            values[name] = value
+    return method, values
+
+
+def run_trial(trial, run: StudyRun, registry: Registry, tracker: Tracker) -> list[float]:
+    """Train the trial's configuration on every seed; return the objectives (means over seeds)."""
+    import optuna
+
+    from rankbench.api import make_config
+    from rankbench.api import run as run_experiment
+
+    spec = run.spec
+    method, values = trial_assignments(trial, spec, registry)
+    config = make_config(
+        registry, spec.task, method, values, seeds=spec.seeds, device=run.device, data_dir=run.data_dir,
+        tracking_uri=run.tracking_uri, progress=False,
+        tags={"mlflow.parentRunId": run.parent_run_id, "study": spec.name, "trial": str(trial.number)},
+    )
+    trial.set_user_attr("method", method)
+    trial.set_user_attr("settings", {k: v for k, v in values.items()})
+    objective = next(iter(spec.objectives))
+
+    def on_epoch(seed: int, epoch: int, metrics: dict) -> None:
+        if spec.pruner != "none" and seed == spec.seeds[0]:
+            trial.report(metrics[objective], epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at epoch {epoch} ({objective}={metrics[objective]:.4g})")
+
+    results = run_experiment(config, registry, tracker=tracker, on_epoch=on_epoch)
+    per_seed = []
+    for r in results:
+        last = r.history[-1]
+        per_seed.append({
+            "seed": r.seed, "run_id": r.run_id, "val_accuracy": last["val_accuracy"], "val_loss": last["val_loss"],
+            "compression": r.compression, "total_rank": r.total_rank, "parameters": r.parameters,
+            "train_seconds_per_batch": r.train_seconds_per_batch, "inference_seconds": r.inference_seconds,
+            "test_accuracy": r.test_accuracy, "test_top5": r.test_top5,
+        })
+    trial.set_user_attr("seeds", per_seed)
+    for metric in OBJECTIVE_METRICS + RECORDED_ONLY:
+        trial.set_user_attr(f"mean_{metric}", statistics.mean(s[metric] for s in per_seed))
+    trial.set_user_attr("dataset", results[0].dataset)
+    return [statistics.mean(s[m] for s in per_seed) for m in spec.objectives]
+
+
+# ---------------------------------------------------------------------------- workers
+class _Heartbeat:
+    """Records the trial's heartbeat while it runs, so Optuna can tell a dead worker."""
+
+    def __init__(self, storage, trial_id: int, interval: float) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, args=(storage, trial_id, interval), daemon=True)
+
+    def _beat(self, storage, trial_id: int, interval: float) -> None:
+        while not self._stop.wait(interval):
+            with contextlib.suppress(Exception):
+                storage.record_heartbeat(trial_id)
+
+    def __enter__(self) -> "_Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def retry_interrupted(study) -> int:
+    """Queue a retry of every trial that Ctrl-C or a crash marked FAIL and that has none yet."""
+    import optuna
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    retried = set()
+    for t in trials:
+        retried.update(t.system_attrs.get("retry_history", []))
+    callback = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
+    count = 0
+    for t in trials:
+        if t.state == TrialState.FAIL and t.user_attrs.get("interrupted") and t.number not in retried:
+            callback(study, t)
+            count += 1
+    return count
+
+
+def worker_loop(run: StudyRun, deadline: float | None = None) -> int:
+    """Run trials until the study's budget is finished; returns how many this worker finished."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from rankbench.trainer import TrainingDiverged
+
+    registry = Registry.discover(plugin_dirs=run.plugin_dirs)
+    storage = open_storage(run.storage_url, run.spec)
+    study = load_or_create(run.spec, storage, run.worker)
+    tracker = Tracker(run.tracking_uri)
+    budget = run.spec.budget()
+    finished = 0
+    while True:
+        with storage_lock(run.storage_url, storage):
+            optuna.storages.fail_stale_trials(study)
+            retry_interrupted(study)
+            states = [t.state for t in study.get_trials(deepcopy=False)]
+            done = sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states)
+            waiting = sum(s == TrialState.WAITING for s in states)
+            running = sum(s == TrialState.RUNNING for s in states)
+            if done >= budget or (deadline is not None and time.time() >= deadline):
+                return finished
+            trial = study.ask() if waiting or done + running < budget else None
+        if trial is None:
+            time.sleep(min(run.spec.heartbeat_interval, 5))  # others are finishing, or are dead and go stale
+            continue
+        try:
+            with _Heartbeat(storage, trial._trial_id, run.spec.heartbeat_interval):
+                values = run_trial(trial, run, registry, tracker)
+        except optuna.TrialPruned as exc:
+            trial.set_user_attr("pruned_reason", str(exc))
+            study.tell(trial, state=TrialState.PRUNED)
+        except TrainingDiverged as exc:
+            trial.set_user_attr("failure_reason", str(exc))
+            study.tell(trial, state=TrialState.PRUNED)
+        except BaseException as exc:
+            trial.set_user_attr("interrupted", True)
+            trial.set_user_attr("failure_reason", f"{type(exc).__name__}: {exc}")
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+        else:
+            study.tell(trial, values)
+        finished += 1
+
+
+def _worker_main(run: StudyRun, deadline: float | None) -> None:
+    import torch
+
+    quiet_optuna()
+    torch.set_num_threads(1)
+    worker_loop(run, deadline)
+
+
+def ensure_parent_run(study, spec: StudySpec, tracker: Tracker, storage_url: str) -> str:
+    """The study's MLflow parent run: created once, found again on resume."""
+    parent = study.user_attrs.get("mlflow_parent_run_id")
+    if parent:
+        with contextlib.suppress(Exception):
+            tracker.client.get_run(parent)
+            tracker.client.update_run(parent, status="RUNNING")
+            return parent
+    params = {
+        "study": spec.name, "task": spec.task, "methods": ",".join(spec.methods), "seeds": ",".join(map(str, spec.seeds)),
+        "sampler": spec.sampler, "pruner": spec.pruner, "n_trials": spec.budget(),
+        "objectives": json.dumps(spec.objectives), "search": json.dumps({k: v.__dict__ for k, v in spec.search.items()},
+                                                                        default=str),
+        "fixed": json.dumps(spec.fixed, default=str), "storage": storage_url,
+    }
+    run_id = tracker.start(spec.task, f"study {spec.name}", params,
+                           {"rankbench.role": "study", "study": spec.name, "task": spec.task})
+    tracker.client.log_text(run_id, spec.source or json.dumps(params, indent=2), "study.toml")
+    study.set_user_attr("mlflow_parent_run_id", run_id)
+    return run_id
+
+
+def run_study(
+    spec: StudySpec,
+    *,
+    storage_url: str | None = None,
+    workers: int = 1,
+    tracking_uri: str | None = None,
+    plugin_dirs: Sequence[Path] = (),
+    data_dir: Path | None = None,
+    device: str = "auto",
+    out_dir: Path | None = None,
+) -> "StudyOutcome":
+    """Create or resume the study, run its workers to the budget, then summarise and plot."""
+    if workers < 1:
+        raise RankbenchError("--workers must be >= 1")
+    url = storage_url or default_storage()
+    storage = open_storage(url, spec)
+    study = load_or_create(spec, storage)
+    tracker = Tracker(tracking_uri)
+    parent = ensure_parent_run(study, spec, tracker, url)
+    run = StudyRun(spec, url, tracker.uri, tuple(plugin_dirs), data_dir, device, parent)
+    deadline = time.time() + spec.timeout_s if spec.timeout_s else None
+    try:
+        if workers == 1:
+            worker_loop(run, deadline)
+        else:
+            ctx = multiprocessing.get_context("spawn")
+            procs = [ctx.Process(target=_worker_main, args=(StudyRun(**{**run.__dict__, "worker": i}), deadline))
+                     for i in range(workers)]
+            for p in procs:
+                p.start()
+            try:
+                for p in procs:
+                    p.join()
+            except KeyboardInterrupt:
+                for p in procs:
+                    p.join(timeout=30)
+                raise
+            bad = [p.exitcode for p in procs if p.exitcode != 0]
+            if bad:
+                raise RankbenchError(
+                    f"{len(bad)} of {workers} workers failed (exit codes {bad}): run the same command again to resume"
+                )
+    except KeyboardInterrupt:
+        tracker.client.set_terminated(parent, "KILLED")
+        raise
+    except Exception:
+        tracker.client.set_terminated(parent, "FAILED")
+        raise
+    outcome = summarise(study, spec)
+    from rankbench.study_plots import write_plots
+
+    folder = out_dir or DEFAULT_DIR / "studies" / spec.name
+    outcome.plots = write_plots(study, spec, folder)
+    _log_outcome(tracker, parent, outcome, folder)
+    tracker.client.set_terminated(parent, "FINISHED")
+    return outcome
+
+
+@dataclass
+class StudyOutcome:
+    name: str
+    finished: int
+    failed: int
+    best: list[dict[str, Any]]
+    plots: list[Path] | None = None
+
+
+def summarise(study, spec: StudySpec) -> StudyOutcome:
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    best_trials = study.best_trials if complete else []
+    best = [{"number": t.number, "params": t.params,
+             **{name: value for name, value in zip(spec.objectives, t.values)},
+             "test_accuracy": t.user_attrs.get("mean_test_accuracy")} for t in best_trials]
+    return StudyOutcome(spec.name, len(finished), len(failed), best)
+
+
+def _log_outcome(tracker: Tracker, parent: str, outcome: StudyOutcome, folder: Path) -> None:
+    tracker.client.log_dict(parent, outcome.best, "best_trials.json")
+    if len(outcome.best) == 1:
+        best = outcome.best[0]
+        tracker.log_metrics(parent, {f"best_{k}": float(v) for k, v in best.items()
+                                     if isinstance(v, (int, float)) and v is not None and k != "number"})
+    tracker.log_metrics(parent, {"finished_trials": outcome.finished, "failed_trials": outcome.failed,
+                                 "pareto_trials": len(outcome.best)})
+    for path in outcome.plots or []:
+        tracker.client.log_artifact(parent, str(path), "plots")
+
+
+def list_studies(storage_url: str | None) -> list[dict[str, Any]]:
+    import optuna
+
+    url = storage_url or default_storage()
+    storage = open_storage(url)
+    out = []
+    for summary in optuna.get_all_study_summaries(storage):
+        study = optuna.load_study(study_name=summary.study_name, storage=storage)
+        out.append({"name": summary.study_name, "trials": summary.n_trials,
+                    "directions": [d.name.lower() for d in summary.directions],
+                    "best": [(t.number, t.values) for t in study.best_trials] if _has_complete(study) else []})
+    return out
+
+
+def _has_complete(study) -> bool:
+    from optuna.trial import TrialState
+
+    return any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
+
+
+def load_existing(name: str, storage_url: str | None):
+    import optuna
+
+    storage = open_storage(storage_url or default_storage())
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+        raise RankbenchError(f"no study {name!r} in the storage: known are {', '.join(names) or 'none'}") from None
