@@ -62,7 +62,42 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--data-dir", type=Path, default=None, help="folder holding the dataset files")
     study.add_argument("--device", default="auto", help="auto | cpu | cuda")
     study.add_argument("--out", type=Path, default=None, help="folder for the plots (default rankbench-runs/studies/NAME)")
+
+    report = sub.add_parser("report", parents=[common], help="mean±std tables (and figures) from tracked runs")
+    report.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: the rankbench store)")
+    report.add_argument("--task", default=None, help="only this task")
+    report.add_argument("--method", default=None, help="only this method")
+    report.add_argument("--study", default=None, help="only the runs of this study")
+    report.add_argument("--group-by", default=None, help="comma-separated params that define a row "
+                        "(default: every setting except the seed)")
+    report.add_argument("--format", default="simple", help="csv or any tabulate format (github, latex, plain, ...)")
+    report.add_argument("--baseline", default=None, help="method to compare every row with (Δ accuracy, p-values)")
+    report.add_argument("--with-published", action="store_true", help="add the papers' published rows")
+    report.add_argument("--out", type=Path, default=None, help="write the table and the figures into this folder")
     return parser
+
+
+def cmd_report(args) -> None:
+    from rankbench.reporting import build_report, render
+
+    group_by = [g.strip() for g in args.group_by.split(",") if g.strip()] if args.group_by else None
+    rows = build_report(args.tracking_uri, task=args.task, method=args.method, study=args.study,
+                        group_by=group_by, baseline=args.baseline, with_published=args.with_published)
+    text = render(rows, args.format)
+    print(text)
+    if args.out is not None:
+        from rankbench.figures import write_figures
+
+        args.out.mkdir(parents=True, exist_ok=True)
+        suffix = {"csv": "csv", "latex": "tex", "latex_raw": "tex", "latex_booktabs": "tex", "github": "md",
+                  "pipe": "md", "html": "html"}.get(args.format, "txt")
+        (args.out / f"report.{suffix}").write_text(text + "\n")
+        written, skipped = write_figures(rows, args.tracking_uri, args.out)
+        print(f"wrote {args.out / f'report.{suffix}'}")
+        for path in written:
+            print(f"wrote {path}")
+        for reason in skipped:
+            print(f"skipped {reason}")
 
 
 def cmd_list(registry) -> None:
@@ -224,6 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_check_plugin(args, registry)
         elif args.command == "study":
             cmd_study(args, registry)
+        elif args.command == "report":
+            cmd_report(args)
         return 0
     except RankbenchError as exc:
         print(f"rankbench: error: {exc}", file=sys.stderr)

@@ -1,0 +1,295 @@
+"""``rankbench report``: read finished runs from MLflow, group seeds into rows,
+compare rows with a baseline, render paper-ready tables.
+
+A row is one (task, dataset, method, settings) configuration; its seeds are
+the runs that share it. Rows never mix datasets or splits: the dataset name,
+its sizes and the split seed are part of every row's key.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import statistics
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Iterable, Sequence
+
+from rankbench.errors import RankbenchError
+
+# Params that differ between seeds of one configuration, or only describe the run.
+RUN_ONLY_PARAMS = {
+    "seed", "git_commit", "threads", "device", "rankbench_version", "torch_version", "dataset_source",
+    "initial_ranks", "initial_parameters", "dense_parameters", "val_size_used",
+}
+DATA_KEY = ("dataset", "train_size", "val_size_used", "test_size", "split_seed")
+SMALL_SAMPLE = 5
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    experiment_id: str
+    task: str
+    method: str
+    dataset: str
+    seed: int
+    params: dict[str, str]
+    metrics: dict[str, float]
+    tags: dict[str, str]
+
+    @property
+    def study(self) -> str | None:
+        return self.tags.get("study")
+
+
+@dataclass
+class Row:
+    """One configuration, its seeds and their statistics."""
+
+    task: str
+    dataset: str
+    method: str
+    settings: dict[str, str]
+    runs: list[RunRecord]
+    source: str = "measured"
+    published: dict[str, Any] = field(default_factory=dict)
+    full_settings: dict[str, str] = field(default_factory=dict)
+    baseline: "Row | None" = None
+    delta: float | None = None
+    p_welch: float | None = None
+    p_mwu: float | None = None
+
+    def values(self, metric: str) -> list[float]:
+        return [r.metrics[metric] for r in self.runs if metric in r.metrics and math.isfinite(r.metrics[metric])]
+
+    @property
+    def n(self) -> int:
+        return len(self.runs) if self.runs else int(self.published.get("n", 1))
+
+    @property
+    def label(self) -> str:
+        text = ", ".join(f"{k}={v}" for k, v in self.settings.items())
+        return f"{self.method} ({text})" if text else self.method
+
+
+def load_runs(tracking_uri: str | None = None, *, task: str | None = None, method: str | None = None,
+              study: str | None = None) -> list[RunRecord]:
+    """Every FINISHED rankbench run (not study parents) in the store, filtered."""
+    from mlflow.entities import ViewType
+
+    from rankbench.tracking import Tracker
+
+    client = Tracker(tracking_uri).client
+    experiments = client.search_experiments(view_type=ViewType.ACTIVE_ONLY)
+    ids = [e.experiment_id for e in experiments]
+    if not ids:
+        return []
+    filters = ["attributes.status = 'FINISHED'"]
+    if task:
+        filters.append(f"tags.task = '{task}'")
+    if method:
+        filters.append(f"tags.method = '{method}'")
+    if study:
+        filters.append(f"tags.study = '{study}'")
+    runs = client.search_runs(ids, filter_string=" and ".join(filters), max_results=50000)
+    out = []
+    for run in runs:
+        tags, params = run.data.tags, run.data.params
+        if tags.get("rankbench.role") == "study" or "method" not in tags or "test_accuracy" not in run.data.metrics:
+            continue
+        out.append(RunRecord(run.info.run_id, run.info.experiment_id, tags.get("task", params.get("task", "")),
+                             tags["method"], tags.get("dataset", params.get("dataset", "")),
+                             int(params.get("seed", 0)), dict(params), dict(run.data.metrics), dict(tags)))
+    return sorted(out, key=lambda r: (r.task, r.dataset, r.method, r.seed, r.run_id))
+
+
+def group_rows(records: Iterable[RunRecord], group_by: Sequence[str] | None = None) -> list[Row]:
+    """Runs → rows. Default key: every param except per-run ones; ``group_by`` keeps only those
+    (plus task, method and the data key, always)."""
+    groups: dict[tuple, list[RunRecord]] = {}
+    settings_of: dict[tuple, dict[str, str]] = {}
+    records = list(records)
+    for r in records:
+        data = tuple((k, r.params.get(k, "")) for k in DATA_KEY)
+        if group_by:
+            settings = {k: r.params.get(k, "") for k in group_by if k in r.params}
+        else:
+            settings = {k: v for k, v in sorted(r.params.items())
+                        if k not in RUN_ONLY_PARAMS and k not in DATA_KEY and k not in ("task", "method")}
+        key = (r.task, r.method, data, tuple(sorted(settings.items())))
+        groups.setdefault(key, []).append(r)
+        settings_of[key] = settings
+    rows = []
+    for key, runs in groups.items():
+        rows.append(Row(key[0], runs[0].dataset, key[1], _distinguishing(settings_of[key], key, settings_of),
+                        sorted(runs, key=lambda r: r.seed), full_settings=settings_of[key]))
+    return sorted(rows, key=lambda row: (row.task, row.dataset, row.method, tuple(row.settings.items())))
+
+
+def _distinguishing(settings: dict[str, str], key: tuple, all_settings: dict[tuple, dict[str, str]]) -> dict[str, str]:
+    """Only the settings that differ between rows of the same task and method (short labels)."""
+    peers = [s for k, s in all_settings.items() if k[0] == key[0] and k[1] == key[1] and k[2] == key[2]]
+    if len(peers) <= 1:
+        return {}
+    return {k: v for k, v in settings.items() if any(p.get(k) != v for p in peers)}
+
+
+def compare(rows: list[Row], baseline: str) -> None:
+    """Fill Δ test accuracy and p-values of each row against the baseline method's row
+    (same task and dataset): Welch's t-test, and Mann-Whitney U when a sample is small."""
+    from scipy import stats
+
+    for row in rows:
+        if row.source != "measured":
+            continue
+        candidates = [b for b in rows if b.source == "measured" and b.method == baseline
+                      and b.task == row.task and b.dataset == row.dataset]
+        if not candidates:
+            continue
+        base = max(candidates, key=lambda b: (_shared(row, b), len(b.runs)))
+        row.baseline = base
+        a, b = row.values("test_accuracy"), base.values("test_accuracy")
+        row.delta = statistics.mean(a) - statistics.mean(b)
+        if row is base or len(a) < 2 or len(b) < 2:
+            continue
+        row.p_welch = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+        if min(len(a), len(b)) < SMALL_SAMPLE:
+            row.p_mwu = float(stats.mannwhitneyu(a, b, alternative="two-sided").pvalue)
+
+
+def _shared(row: Row, base: Row) -> int:
+    """How many settings (the recipe: epochs, lr, ...) a row and a candidate baseline share."""
+    keys = set(row.full_settings) & set(base.full_settings)
+    return sum(row.full_settings[k] == base.full_settings[k] for k in keys)
+
+
+def published_rows(tasks: Iterable[str]) -> list[Row]:
+    """Numbers published by the papers (rankbench/published.toml), each with its source."""
+    text = resources.files("rankbench").joinpath("published.toml").read_text()
+    data = tomllib.loads(text)
+    rows = []
+    for entry in data["row"]:
+        if entry["task"] in tasks:
+            rows.append(Row(entry["task"], entry["dataset"], entry["method"], {}, [], source="published",
+                            published=entry))
+    return rows
+
+
+def _fmt(values: list[float], digits: int) -> str:
+    if not values:
+        return ""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f}±{statistics.stdev(values):.{digits}f}"
+
+
+def _published_fmt(entry: dict, key: str, digits: int) -> str:
+    if key not in entry:
+        return ""
+    std = entry.get(f"{key}_std")
+    return f"{entry[key]:.{digits}f}" + (f"±{std:.{digits}f}" if std is not None else "")
+
+
+HEADERS = ["method", "settings", "n", "test acc %", "compression", "total rank", "train s/batch", "infer s",
+           "Δacc vs base", "p (Welch)", "p (MWU)", "source"]
+
+
+def table_rows(rows: list[Row]) -> list[list[str]]:
+    out = []
+    for row in rows:
+        if row.source == "published":
+            e = row.published
+            out.append([row.method, e.get("note", ""), str(e.get("n", "")), _published_fmt(e, "accuracy", 2),
+                        _published_fmt(e, "compression", 2) + ("x" if "compression" in e else ""), "", "", "",
+                        "", "", "", f"published ({e['dataset']}): {e['source']}"])
+            continue
+        n = len(row.runs)
+        out.append([
+            row.method, ", ".join(f"{k}={v}" for k, v in row.settings.items()),
+            f"{n}" + ("*" if n == 1 else ""),
+            _fmt(row.values("test_accuracy"), 2), _fmt(row.values("compression_ratio"), 2) + "x",
+            _fmt(row.values("total_rank"), 0) if any(row.values("total_rank")) else "-",
+            _fmt(row.values("train_seconds_per_batch"), 4), _fmt(row.values("inference_seconds"), 3),
+            "" if row.delta is None else f"{row.delta:+.2f}",
+            "" if row.p_welch is None else f"{row.p_welch:.3g}",
+            "" if row.p_mwu is None else f"{row.p_mwu:.3g}",
+            "measured",
+        ])
+    return out
+
+
+def render(rows: list[Row], tablefmt: str) -> str:
+    """Tables per (task, dataset), in any tabulate format or csv, with footnotes."""
+    from tabulate import tabulate, tabulate_formats
+
+    if tablefmt != "csv" and tablefmt not in tabulate_formats:
+        raise RankbenchError(f"--format {tablefmt}: choose csv or one of {', '.join(tabulate_formats)}")
+    blocks = []
+    keys = sorted({(r.task, r.dataset) for r in rows if r.source == "measured"})
+    for task, dataset in keys:
+        group = [r for r in rows if r.task == task and (r.dataset == dataset or r.source == "published")]
+        body = table_rows(group)
+        title = f"{task} on {dataset}"
+        if tablefmt == "csv":
+            buf = io.StringIO()
+            writer = csv.writer(buf)
+            writer.writerow(["task", "dataset", *HEADERS])
+            for line in body:
+                writer.writerow([task, dataset, *line])
+            blocks.append(buf.getvalue().rstrip("\n"))
+            continue
+        notes = []
+        if any(len(r.runs) == 1 for r in group if r.source == "measured"):
+            notes.append("* one seed: no standard deviation")
+        if any(r.p_mwu is not None for r in group):
+            notes.append(f"p (MWU): Mann-Whitney U, two-sided, shown when a row has fewer than {SMALL_SAMPLE} seeds")
+        if any(r.p_welch is not None for r in group):
+            notes.append("p (Welch): Welch's t-test on test accuracy against the baseline row; mean±std uses the "
+                         "sample standard deviation")
+        if any(r.source == "published" for r in group):
+            notes.append("published rows come from the papers (rankbench/published.toml); their data and "
+                         "compression definitions may differ from this run's")
+        blocks.append("\n".join([title, tabulate(body, headers=HEADERS, tablefmt=tablefmt, disable_numparse=True),
+                                 *notes]))
+    return "\n\n".join(blocks)
+
+
+def build_report(tracking_uri: str | None = None, *, task: str | None = None, method: str | None = None,
+                 study: str | None = None, group_by: Sequence[str] | None = None, baseline: str | None = None,
+                 with_published: bool = False) -> list[Row]:
+    records = load_runs(tracking_uri, task=task, method=method, study=study)
+    if not records:
+        where = ", ".join(f"{k}={v}" for k, v in (("task", task), ("method", method), ("study", study)) if v)
+        raise RankbenchError(
+            "no finished runs in the tracking store" + (f" matching {where}" if where else "")
+            + ": run `rankbench run ...` first, or point --tracking-uri at your store"
+        )
+    rows = group_rows(records, group_by)
+    if baseline:
+        if not any(r.method == baseline for r in rows):
+            raise RankbenchError(f"--baseline {baseline}: no finished runs of that method in the selection")
+        compare(rows, baseline)
+    if with_published:
+        rows += published_rows({r.task for r in rows})
+    return rows
+
+
+def ranks_of(tracking_uri: str | None, run_id: str) -> dict[str, list[int]] | None:
+    """The learned ranks artifact of a run."""
+    import os
+
+    from rankbench.tracking import Tracker
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+    client = Tracker(tracking_uri).client
+    try:
+        path = client.download_artifacts(run_id, "ranks.json")
+    except Exception:
+        return None
+    with open(path) as fh:
+        return json.load(fh)
