@@ -18,7 +18,7 @@ from rankbench.method import Method, MethodContext
 from rankbench.metrics import evaluate, inference_seconds, total_rank
 from rankbench.registry import Registry
 from rankbench.task import Task
-from rankbench.tensorized import count_parameters, learned_ranks
+from rankbench.tensorized import TensorizedLinear, count_parameters, learned_ranks, tensorized_layers
 from rankbench.tracking import Tracker
 from rankbench.trainer import fit
 
@@ -111,15 +111,28 @@ def git_commit() -> str:
         return "unknown"
 
 
-def build_model(task: Task, method: Method, seed: int, context: MethodContext) -> torch.nn.Module:
-    """The task's model for this method, selectors attached, on the device."""
+def build_model(task: Task, method: Method, seed: int, context: MethodContext,
+                contraction: str = "auto") -> torch.nn.Module:
+    """The task's model for this method, selectors attached, on the device.
+
+    ``contraction`` sets every tensorized linear layer's training strategy
+    (``auto`` picks per batch size by FLOP count)."""
     torch.manual_seed(seed)
     if method.tensorized:
         model = task.tensorized_model(method.initial_rank(task.params["initial_rank"]))
     else:
         model = task.dense_model()
+    for _, layer in tensorized_layers(model):
+        if isinstance(layer, TensorizedLinear):
+            layer.strategy = contraction
     method.attach(model, context)
     return model.to(context.device)
+
+
+def contraction_choices(model: torch.nn.Module, batch_size: int) -> dict[str, str]:
+    """The training contraction each tensorized layer uses at this batch size."""
+    return {name: layer.choose_strategy(batch_size) if isinstance(layer, TensorizedLinear) else "weight"
+            for name, layer in tensorized_layers(model)}
 
 
 def run_name(config: RunConfig, seed: int) -> str:
@@ -158,12 +171,13 @@ def run(
     for seed in config.seeds:
         method = registry.method(config.method)(config.method_params)
         context = MethodContext(num_train=len(data.train), device=device)
-        model = build_model(task, method, seed, context)
+        model = build_model(task, method, seed, context, config.contraction)
         params = {
             "task": config.task, "method": config.method, "seed": seed, "recipe": recipe_name, **task.params,
             **config.method_params, "dataset": data.name, "dataset_source": data.source,
             "train_size": len(data.train), "val_size_used": len(data.val), "test_size": len(data.test),
             "initial_ranks": json.dumps(learned_ranks(model)),
+            "contraction": json.dumps(contraction_choices(model, task.params["batch_size"])),
             "initial_parameters": count_parameters(model), "dense_parameters": dense_parameters,
             "device": str(device), "threads": torch.get_num_threads(),
             "rankbench_version": rankbench.__version__, "torch_version": torch.__version__,
@@ -217,5 +231,6 @@ def _train_and_measure(config, task, method, model, data, seed, device, dense_pa
         "inference_seconds": result.inference_seconds, "wall_seconds": result.wall_seconds,
     }, step=task.params["epochs"])
     tracker.log_dict(run_id, ranks, "ranks.json")
+    tracker.log_state_dict(run_id, model)
     tracker.finish(run_id)
     return result

@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--experiment", default=None, help="MLflow experiment (default: the task name)")
     run.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     run.add_argument("--format", default="simple", help="tabulate format of the final table")
+    run.add_argument("--contraction", default="auto", choices=("auto", "weight", "input"),
+                     help="training contraction of tensorized linear layers (auto: cheaper by FLOP count)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     sub.add_parser("list", parents=[common], help="list methods and tasks with their hyperparameters")
@@ -63,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--device", default="auto", help="auto | cpu | cuda")
     study.add_argument("--out", type=Path, default=None, help="folder for the plots (default rankbench-runs/studies/NAME)")
 
+    export = sub.add_parser("export", parents=[common], help="write a run's pruned model")
+    export.add_argument("run_id", metavar="RUN_ID")
+    export.add_argument("--out", type=Path, required=True, help="file to write (torch.save)")
+    export.add_argument("--tracking-uri", default=None, help="MLflow tracking URI")
+    export.add_argument("--materialise", action="store_true",
+                        help="store plain nn.Linear/nn.Conv2d weights instead of the pruned cores")
+
     report = sub.add_parser("report", parents=[common], help="mean±std tables (and figures) from tracked runs")
     report.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: the rankbench store)")
     report.add_argument("--task", default=None, help="only this task")
@@ -75,6 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--with-published", action="store_true", help="add the papers' published rows")
     report.add_argument("--out", type=Path, default=None, help="write the table and the figures into this folder")
     return parser
+
+
+def cmd_export(args, registry) -> None:
+    from rankbench.export import export_run
+    from rankbench.report import format_ranks
+
+    result = export_run(args.run_id, args.out, registry, args.tracking_uri, materialised=args.materialise)
+    print(f"wrote {args.out}: {result.parameters} parameters (pruned), ranks {format_ranks(result.ranks)}; "
+          f"max |exported - gated| on a random batch: {result.max_abs_difference:.2e}")
 
 
 def cmd_report(args) -> None:
@@ -131,6 +149,7 @@ def cmd_run(args, registry) -> None:
         registry, args.task, args.method, args.assignments, epochs=args.epochs, seeds=args.seeds,
         device=args.device, data_dir=args.data_dir, download=args.download, tracking_uri=args.tracking_uri,
         experiment=args.experiment, threads=args.threads, progress=not args.no_progress,
+        contraction=args.contraction,
     )
     task_cls = registry.task(config.task)
     bars: dict[int, tqdm] = {}
@@ -261,6 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             cmd_study(args, registry)
         elif args.command == "report":
             cmd_report(args)
+        elif args.command == "export":
+            cmd_export(args, registry)
         return 0
     except RankbenchError as exc:
         print(f"rankbench: error: {exc}", file=sys.stderr)

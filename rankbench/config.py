@@ -128,3 +128,4 @@ class RunConfig:
     tags: dict[str, str] = field(default_factory=dict)
     progress: bool = True
     explicit: frozenset[str] = frozenset()
+    contraction: str = "auto"

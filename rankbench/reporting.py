@@ -280,11 +280,7 @@ def build_report(tracking_uri: str | None = None, *, task: str | None = None, me
 
 def ranks_of(tracking_uri: str | None, run_id: str) -> dict[str, list[int]] | None:
     """The learned ranks artifact of a run."""
-    import os
-
     from rankbench.tracking import Tracker
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
     client = Tracker(tracking_uri).client
     try:

@@ -28,6 +28,7 @@ class Task:
     recipe_keys: ClassVar[tuple[str, ...]] = ("epochs", "batch_size", "lr")
     embedded_recipe: ClassVar[dict[str, Any]] = {}
     embedded_recipe_why: ClassVar[str] = ""
+    input_shape: ClassVar[tuple[int, ...] | None] = None
 
     def __init__(self, params: Mapping[str, Any]) -> None:
         self.params = dict(params)
@@ -40,6 +41,12 @@ class Task:
 
     def tensorized_model(self, rank: int) -> nn.Module:
         raise NotImplementedError
+
+    def example_input(self, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
+        """A random batch shaped like the task's inputs (export checks and benchmarks use it)."""
+        if self.input_shape is None:
+            raise NotImplementedError(f"task {self.name} declares no input_shape")
+        return torch.randn(batch_size, *self.input_shape, generator=generator)
 
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         return F.cross_entropy(outputs, targets)

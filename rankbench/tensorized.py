@@ -116,6 +116,13 @@ class TensorizedLayer(nn.Module):
         self._expr_cache: dict = {}
         self.reset_cores()
 
+    def __getstate__(self) -> dict:
+        """Caches are rebuilt on demand: never pickled or deep-copied."""
+        state = self.__dict__.copy()
+        state["_weight_cache"] = None
+        state["_expr_cache"] = {}
+        return state
+
     @staticmethod
     def _normalise_ranks(ranks: int | Sequence[int], d: int, decomposition: Decomposition) -> tuple[int, ...]:
         if isinstance(ranks, int):

@@ -27,6 +27,7 @@ class Tracker:
     """A thin layer over ``MlflowClient`` (no global active-run state)."""
 
     def __init__(self, tracking_uri: str | None = None) -> None:
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         from mlflow.tracking import MlflowClient
 
         for name in ("alembic", "mlflow", "mlflow.store.db.utils"):
@@ -71,6 +72,17 @@ class Tracker:
 
     def log_dict(self, run_id: str, data: Any, name: str) -> None:
         self.client.log_dict(run_id, data, name)
+
+    def log_state_dict(self, run_id: str, model) -> None:
+        """The trained weights (selectors included), so ``rankbench export`` can rebuild the model."""
+        import tempfile
+
+        import torch
+
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "state_dict.pt"
+            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+            self.client.log_artifact(run_id, str(path), "model")
 
     def finish(self, run_id: str) -> None:
         self.client.set_terminated(run_id, "FINISHED")

@@ -33,6 +33,7 @@ class Mlp2Task(Task):
     name: ClassVar[str] = "mlp2"
     description: ClassVar[str] = "2-layer MLP (MARS 2FC-Net, 496,885 params) on MNIST-family digits, TT-matrix"
     recipe_keys: ClassVar[tuple[str, ...]] = ("epochs", "batch_size", "lr", "lr_decay")
+    input_shape: ClassVar[tuple[int, ...]] = (1, 28, 28)
     hyperparameters: ClassVar[dict[str, Hyper]] = {
         **mnist_family_hyperparameters(),
         "epochs": Hyper(300, "training epochs", minimum=1),

@@ -173,7 +173,8 @@ def test_final_metrics_match_the_run_result(embedded_run):
 def test_ranks_artifact_equals_the_run_result(embedded_run, tmp_path):
     uri, result = embedded_run
     client = client_for(uri)
-    assert [a.path for a in client.list_artifacts(result.run_id)] == ["ranks.json"]
+    assert [a.path for a in client.list_artifacts(result.run_id)] == ["model", "ranks.json"]
+    assert [a.path for a in client.list_artifacts(result.run_id, "model")] == ["model/state_dict.pt"]
     local = client.download_artifacts(result.run_id, "ranks.json", str(tmp_path))
     assert json.loads(Path(local).read_text()) == result.ranks
 

@@ -1,0 +1,109 @@
+"""Export a tracked run's trained model, pruned: closed slices removed, gate values
+folded into the cores, optionally materialised as plain dense layers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rankbench.errors import RankbenchError
+from rankbench.method import MethodContext
+from rankbench.registry import Registry
+from rankbench.task import Task
+from rankbench.tensorized import (
+    TensorizedConv2d,
+    TensorizedLinear,
+    count_parameters,
+    learned_ranks,
+    prune_model,
+    tensorized_layers,
+)
+
+
+@dataclass
+class Exported:
+    model: nn.Module
+    parameters: int
+    ranks: dict[str, list[int]]
+    max_abs_difference: float
+
+
+def rebuild(run_id: str, registry: Registry, tracking_uri: str | None = None) -> tuple[nn.Module, Task]:
+    """The run's trained model (selectors included), in eval mode on the CPU."""
+    from rankbench.api import build_model, make_config
+    from rankbench.tracking import Tracker
+
+    client = Tracker(tracking_uri).client
+    try:
+        run = client.get_run(run_id)
+    except Exception:
+        raise RankbenchError(f"no run {run_id!r} in {Tracker(tracking_uri).uri}: check the run id and --tracking-uri") from None
+    params = run.data.params
+    if "task" not in params or "method" not in params:
+        raise RankbenchError(f"run {run_id} is not a rankbench training run")
+    task_cls, method_cls = registry.task(params["task"]), registry.method(params["method"])
+    values = {}
+    for declared in (task_cls.hyperparameters, method_cls.hyperparameters):
+        for key, hyper in declared.items():
+            if key in params and not (hyper.choices and params[key] not in map(str, hyper.choices)):
+                values[key] = params[key]
+    config = make_config(registry, params["task"], params["method"], values)
+    task, method = task_cls(config.task_params), method_cls(config.method_params)
+    context = MethodContext(num_train=int(params.get("train_size", 1)), device=torch.device("cpu"))
+    model = build_model(task, method, int(params.get("seed", 0)), context)
+    try:
+        path = client.download_artifacts(run_id, "model/state_dict.pt")
+    except Exception:
+        raise RankbenchError(f"run {run_id} has no model/state_dict.pt artifact (runs before rankbench 0.1 "
+                             "did not save weights): train it again") from None
+    model.load_state_dict(torch.load(path, map_location="cpu"))
+    return model.eval(), task
+
+
+def materialise(model: nn.Module) -> nn.Module:
+    """Replace each tensorized layer by the plain ``nn.Linear``/``nn.Conv2d`` of its weight."""
+    for name, layer in list(tensorized_layers(model)):
+        with torch.no_grad():
+            weight = layer.dense_weight()
+            if isinstance(layer, TensorizedLinear):
+                dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+                dense.weight.copy_(weight.T)
+            elif isinstance(layer, TensorizedConv2d):
+                dense = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
+                                  padding=layer.padding, bias=layer.bias is not None)
+                dense.weight.copy_(weight)
+            else:
+                continue
+            if layer.bias is not None:
+                dense.bias.copy_(layer.bias)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, dense)
+    return model
+
+
+@torch.no_grad()
+def export(model: nn.Module, example: torch.Tensor, materialised: bool = False) -> Exported:
+    """Prune ``model`` (eval mode) and check the pruned outputs against the gated ones."""
+    model.eval()
+    pruned = prune_model(model).eval()
+    parameters = count_parameters(pruned)
+    ranks = learned_ranks(pruned)
+    if materialised:
+        pruned = materialise(pruned)
+    difference = float((pruned(example) - model(example)).abs().max())
+    return Exported(pruned, parameters, ranks, difference)
+
+
+def export_run(run_id: str, out: Path, registry: Registry, tracking_uri: str | None = None,
+               materialised: bool = False) -> Exported:
+    """``rankbench export``: rebuild, prune, verify, save ``{"model", "run_id", "parameters", "ranks"}``."""
+    model, task = rebuild(run_id, registry, tracking_uri)
+    example = task.example_input(8, torch.Generator().manual_seed(0))
+    result = export(model, example, materialised)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": result.model, "run_id": run_id, "parameters": result.parameters, "ranks": result.ranks,
+                "materialised": materialised}, out)
+    return result
