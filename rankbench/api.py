@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 import rankbench
-from rankbench.config import RunConfig, parse_assignments, resolve
+from rankbench.config import KEY_HYPERPARAMETERS, RunConfig, parse_assignments, resolve
 from rankbench.errors import RankbenchError
 from rankbench.method import Method, MethodContext
 from rankbench.metrics import evaluate, inference_seconds, total_rank
@@ -137,7 +137,7 @@ def contraction_choices(model: torch.nn.Module, batch_size: int) -> dict[str, st
 
 def run_name(config: RunConfig, seed: int) -> str:
     keys = ",".join(f"{k}={v}" for k, v in config.method_params.items()
-                    if k in ("lambda", "sigma", "rank", "mode", "target_compression") and v is not None)
+                    if k in KEY_HYPERPARAMETERS and v is not None)
     return f"{config.method}" + (f"[{keys}]" if keys else "") + f"-seed{seed}"
 
 

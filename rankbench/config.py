@@ -10,6 +10,10 @@ from typing import Any, Mapping, Sequence
 from rankbench.errors import RankbenchError
 
 
+# Hyperparameters that name a configuration in run names and report rows.
+KEY_HYPERPARAMETERS = ("lambda", "sigma", "rank", "mode", "target_compression", "samples")
+
+
 @dataclass(frozen=True)
 class Search:
     """How a study should sample a hyperparameter (used by Optuna studies)."""

@@ -131,11 +131,13 @@ def group_rows(records: Iterable[RunRecord], group_by: Sequence[str] | None = No
 
 
 def _distinguishing(settings: dict[str, str], key: tuple, all_settings: dict[tuple, dict[str, str]]) -> dict[str, str]:
-    """Only the settings that differ between rows of the same task and method (short labels)."""
+    """The method's key hyperparameters (rank, λ, ...) and the settings that differ between rows
+    of the same task and method (short labels)."""
+    from rankbench.config import KEY_HYPERPARAMETERS
+
     peers = [s for k, s in all_settings.items() if k[0] == key[0] and k[1] == key[1] and k[2] == key[2]]
-    if len(peers) <= 1:
-        return {}
-    return {k: v for k, v in settings.items() if any(p.get(k) != v for p in peers)}
+    return {k: v for k, v in settings.items()
+            if (k in KEY_HYPERPARAMETERS and v != "none") or any(p.get(k) != v for p in peers)}
 
 
 def compare(rows: list[Row], baseline: str) -> None:

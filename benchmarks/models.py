@@ -1,0 +1,117 @@
+"""Whole models, measured side by side: training step and test-set inference as ratios to dense.
+
+    python benchmarks/models.py [--device cpu|cuda] [--task lenet5] [--batch 128] [--test-size 10000]
+
+Models: dense, trn (uniform rank 25), ours (rank 25 with its Gaussian gates, the
+penalty included in the step; its inference is measured after 70% of its slices
+were closed, as training with λ does) and that model exported (pruned). A training step is
+forward + method loss + backward + Adam step. Inference is one eval-mode pass
+over ``test-size`` inputs at the task's batch size, after a warm-up pass.
+The issue's targets are checked at the end; a missed target is printed as MISS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from tabulate import tabulate
+
+from rankbench.api import build_model, make_config, resolve_device
+from rankbench.method import MethodContext
+from rankbench.registry import Registry
+from rankbench.tensorized import count_parameters, prune_model
+from rankbench.trainer import param_groups
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(model, method, task, x, y, device, steps: int) -> float:
+    optimizer = task.optimizer(param_groups(model, task.params["lr"]))
+    model.train()
+    times = []
+    for i in range(steps + 3):
+        sync(device)
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        method.loss(model, (x, y), task.loss).total.backward()
+        optimizer.step()
+        sync(device)
+        if i >= 3:
+            times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+@torch.no_grad()
+def time_inference(model, inputs: torch.Tensor, batch: int, device) -> float:
+    model.eval()
+    best = float("inf")
+    for _ in range(3):
+        sync(device)
+        start = time.perf_counter()
+        for i in range(0, len(inputs), batch):
+            model(inputs[i:i + batch])
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--task", default="lenet5")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--test-size", type=int, default=10000)
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    registry = Registry.discover()
+    print(f"device {device}{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
+          f"torch {torch.__version__}, threads {torch.get_num_threads()}, task {args.task}, batch {args.batch}")
+    context = MethodContext(num_train=60000, device=device)
+    built = {}
+    for label, method_name, params in (("dense", "dense", {}), ("trn r25", "trn", {"rank": 25}),
+                                       ("ours r25 (gated)", "ours", {})):
+        config = make_config(registry, args.task, method_name, params)
+        task = registry.task(args.task)(config.task_params)
+        method = registry.method(method_name)(config.method_params)
+        built[label] = (build_model(task, method, 0, context), method, task)
+    gated, method, task = built["ours r25 (gated)"]
+    x = task.example_input(args.batch).to(device)
+    y = torch.randint(0, 10, (args.batch,), device=device)
+    inputs = task.example_input(args.test_size).to(device)
+    dense_params = count_parameters(built["dense"][0])
+    rows, step, infer = [], {}, {}
+    for label, (model, m, t) in built.items():
+        step[label] = time_steps(model, m, t, x, y, device, args.steps)
+    torch.manual_seed(1)
+    with torch.no_grad():  # close ~70% of the slices, as training with λ does
+        for gate in method.gates(gated):
+            gate.mu.copy_(torch.where(torch.rand_like(gate.mu) < 0.7, -2.0, 0.0))
+    exported = prune_model(gated.eval()).to(device)
+    models = {**{k: v[0] for k, v in built.items()}, "ours exported (pruned)": exported}
+    for label, model in models.items():
+        infer[label] = time_inference(model, inputs, args.batch, device)
+        params = count_parameters(model)
+        rows.append([label, params, f"{dense_params / params:.2f}x",
+                     f"{step[label] * 1e3:.2f}" if label in step else "-",
+                     f"{step[label] / step['dense']:.2f}x" if label in step else "-",
+                     f"{infer[label]:.3f}", f"{infer[label] / infer['dense']:.2f}x"])
+    print(tabulate(rows, headers=["model", "params", "compression", "train step ms", "vs dense",
+                                  f"inference s ({args.test_size} inputs)", "vs dense"]))
+    targets = [
+        ("gated training step <= 1.5x dense", step["ours r25 (gated)"] / step["dense"], 1.5),
+        ("gated training step <= 1.15x same-rank trn", step["ours r25 (gated)"] / step["trn r25"], 1.15),
+        ("exported inference <= 1.05x dense", infer["ours exported (pruned)"] / infer["dense"], 1.05),
+    ]
+    print()
+    print(tabulate([[name, f"{value:.2f}x", "PASS" if value <= limit else "MISS"] for name, value, limit in targets],
+                   headers=["target", "measured", ""]))
+
+
+if __name__ == "__main__":
+    main()
