@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from rankbench.config import Hyper, Search
-from rankbench.method import Method
+from rankbench.method import SELECTOR_HYPERPARAMETERS, Method
 from rankbench.tensorized import Bond, RankSelector, tensorized_layers
 
 MODES = {"soft": {"prior": 0.1, "alpha": -1.5}, "hard": {"prior": 0.01, "alpha": -1.75}}
@@ -53,6 +53,7 @@ class Mars(Method):
     name: ClassVar[str] = "mars"
     description: ClassVar[str] = "MARS: Hard-Concrete rank masks with a Bernoulli prior (relaxed MAP)"
     hyperparameters: ClassVar[dict[str, Hyper]] = {
+        **SELECTOR_HYPERPARAMETERS,
         "mode": Hyper("soft", "soft: prior 0.1, alpha -1.5; hard: prior 0.01, alpha -1.75", choices=tuple(MODES)),
         "prior": Hyper(None, "prior probability π that a slice is on (none: by mode)", type=float,
                        minimum=1e-9, maximum=1 - 1e-9, nullable=True, search=Search(1e-3, 0.5, log=True)),

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from rankbench.config import Hyper, Search
-from rankbench.method import Method
+from rankbench.method import SELECTOR_HYPERPARAMETERS, Method
 from rankbench.tensorized import Bond, RankSelector
 
 
@@ -65,6 +65,7 @@ class ProbabilisticL0(Method):
     name: ClassVar[str] = "ours"
     description: ClassVar[str] = "probabilistic l0 rank selection with Gaussian (approximate Bernoulli) gates"
     hyperparameters: ClassVar[dict[str, Hyper]] = {
+        **SELECTOR_HYPERPARAMETERS,
         "lambda": Hyper(1.0, "weight λ of the expected-l0 penalty", minimum=0.0, search=Search(1e-3, 10.0, log=True)),
         "sigma": Hyper(0.5, "std σ of the gate noise", minimum=1e-6, search=Search(0.1, 1.0)),
         "offset": Hyper(1.2, "gate offset b: gate = clamp(mu + sigma*eps + b, 0, 1)"),

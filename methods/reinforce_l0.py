@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from rankbench.config import Hyper, Search
-from rankbench.method import Method, StepLoss, TaskLoss
+from rankbench.method import SELECTOR_HYPERPARAMETERS, Method, StepLoss, TaskLoss
 from rankbench.tensorized import Bond, RankSelector
 
 
@@ -58,6 +58,7 @@ class ReinforceL0(Method):
     name: ClassVar[str] = "reinforce_l0"
     description: ClassVar[str] = "discrete Bernoulli rank gates trained by REINFORCE (score-function) gradients"
     hyperparameters: ClassVar[dict[str, Hyper]] = {
+        **SELECTOR_HYPERPARAMETERS,
         "lambda": Hyper(0.2, "weight λ of the l0 norm in the cost", minimum=0.0, search=Search(1e-3, 10.0, log=True)),
         "samples": Hyper(5, "gate samples M per training step", minimum=1),
         "baseline": Hyper("none", "variance reduction: subtract the mean cost of the M samples",

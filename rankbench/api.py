@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -85,6 +86,11 @@ def make_config(
                      seeds=seeds, explicit=frozenset(raw), **options)
 
 
+def epochs_for_steps(steps: int, train_size: int, batch_size: int) -> int:
+    """Epochs that give at least ``steps`` optimizer steps (e.g. the paper's ~70k on any dataset)."""
+    return max(1, math.ceil(steps / math.ceil(train_size / batch_size)))
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -163,6 +169,8 @@ def run(
     task_cls = registry.task(config.task)
     data = task_cls(config.task_params).load_data(config.data_dir, config.download)
     recipe_name, task_params = task_cls.recipe_for(data, config.task_params, config.explicit)
+    if config.budget_steps is not None:
+        task_params["epochs"] = epochs_for_steps(config.budget_steps, len(data.train), task_params["batch_size"])
     task = task_cls(task_params)
     tracker = tracker or Tracker(config.tracking_uri)
     experiment = config.experiment or config.task
@@ -174,6 +182,8 @@ def run(
         model = build_model(task, method, seed, context, config.contraction)
         params = {
             "task": config.task, "method": config.method, "seed": seed, "recipe": recipe_name, **task.params,
+            "budget_steps": config.budget_steps,
+            "steps_per_epoch": math.ceil(len(data.train) / task.params["batch_size"]),
             **config.method_params, "dataset": data.name, "dataset_source": data.source,
             "train_size": len(data.train), "val_size_used": len(data.val), "test_size": len(data.test),
             "initial_ranks": json.dumps(learned_ranks(model)),

@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
                      help="override a method or task hyperparameter (repeatable)")
     run.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
+    run.add_argument("--budget", default=None, metavar="steps=N",
+                     help="train for N optimizer steps (sets the epochs from the training-set size)")
     run.add_argument("--seeds", type=_seeds, default=(0,), help="comma-separated seeds, one run each")
     run.add_argument("--device", default="auto", help="auto | cpu | cuda")
     run.add_argument("--data-dir", type=Path, default=None, help="folder holding the dataset files")
@@ -145,11 +147,16 @@ def cmd_run(args, registry) -> None:
         raise RankbenchError("--epochs must be >= 1")
     if args.threads is not None and args.threads < 1:
         raise RankbenchError("--threads must be >= 1")
+    from rankbench.config import parse_budget
+
+    budget_steps = parse_budget(args.budget)
+    if budget_steps is not None and (args.epochs is not None or any(a.startswith("epochs=") for a in args.assignments)):
+        raise RankbenchError("--budget sets the epochs: drop --epochs / --set epochs")
     config = make_config(
         registry, args.task, args.method, args.assignments, epochs=args.epochs, seeds=args.seeds,
         device=args.device, data_dir=args.data_dir, download=args.download, tracking_uri=args.tracking_uri,
         experiment=args.experiment, threads=args.threads, progress=not args.no_progress,
-        contraction=args.contraction,
+        contraction=args.contraction, budget_steps=budget_steps,
     )
     task_cls = registry.task(config.task)
     bars: dict[int, tqdm] = {}

@@ -101,6 +101,22 @@ def parse_assignments(items: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def parse_budget(text: str | None) -> int | None:
+    """``--budget steps=N`` → N (the number of optimizer steps to train for)."""
+    if text is None:
+        return None
+    key, sep, value = text.partition("=")
+    if key.strip() != "steps" or not sep:
+        raise RankbenchError(f"--budget {text!r}: write steps=N, e.g. --budget steps=70000")
+    try:
+        steps = int(value)
+    except ValueError:
+        raise RankbenchError(f"--budget {text!r}: N must be an integer") from None
+    if steps < 1:
+        raise RankbenchError("--budget steps=N: N must be >= 1")
+    return steps
+
+
 def resolve(
     declared: Mapping[str, Hyper], overrides: Mapping[str, Any], owner: str
 ) -> dict[str, Any]:
@@ -133,3 +149,4 @@ class RunConfig:
     progress: bool = True
     explicit: frozenset[str] = frozenset()
     contraction: str = "auto"
+    budget_steps: int | None = None

@@ -8,7 +8,7 @@ from typing import Any, Callable, ClassVar, Mapping
 import torch
 from torch import Tensor, nn
 
-from rankbench.config import Hyper
+from rankbench.config import Hyper, Search
 from rankbench.tensorized import Bond, RankSelector, bonds
 
 
@@ -31,6 +31,14 @@ class StepLoss:
 
 
 TaskLoss = Callable[[Tensor, Tensor], Tensor]
+
+# Declared by every method whose selectors the optimizer trains (merge into ``hyperparameters``).
+SELECTOR_HYPERPARAMETERS: dict[str, Hyper] = {
+    "selector_lr": Hyper(
+        None, "learning rate of the selector parameters (none: the weights' rate)", type=float, minimum=0.0,
+        nullable=True, search=Search(1e-4, 1e-1, log=True),
+    ),
+}
 
 
 class Method:
@@ -81,3 +89,8 @@ class Method:
 
     def on_epoch_end(self, model: nn.Module, epoch: int, metrics: Mapping[str, float]) -> None:
         """Per-epoch action (fix gates, anneal a temperature); default none."""
+
+    def selector_lr(self, weights_lr: float) -> float:
+        """The optimizer's rate for selector parameters: ``selector_lr`` when set, else the weights'."""
+        value = self.params.get("selector_lr")
+        return weights_lr if value is None else value

