@@ -109,8 +109,10 @@ def cmd_report(args) -> None:
         from rankbench.figures import write_figures
 
         args.out.mkdir(parents=True, exist_ok=True)
-        suffix = {"csv": "csv", "latex": "tex", "latex_raw": "tex", "latex_booktabs": "tex", "github": "md",
-                  "pipe": "md", "html": "html"}.get(args.format, "txt")
+        suffix = {"csv": "csv", "tsv": "tsv", "latex": "tex", "latex_raw": "tex", "latex_booktabs": "tex",
+                  "latex_longtable": "tex", "github": "md", "pipe": "md", "html": "html", "unsafehtml": "html",
+                  "rst": "rst", "mediawiki": "wiki", "jira": "jira", "textile": "textile",
+                  "asciidoc": "adoc", "orgtbl": "org"}.get(args.format, "txt")
         (args.out / f"report.{suffix}").write_text(text + "\n")
         written, skipped = write_figures(rows, args.tracking_uri, args.out)
         print(f"wrote {args.out / f'report.{suffix}'}")
@@ -246,7 +248,8 @@ def cmd_study(args, registry) -> None:
                  ", ".join(f"{k}={v}" for k, v in t.params.items() if k != "method"),
                  ", ".join(f"{v:.4g}" for v in (t.values or [])),
                  f"{t.user_attrs['mean_test_accuracy']:.2f}" if "mean_test_accuracy" in t.user_attrs else "",
-                 t.user_attrs.get("failure_reason", t.user_attrs.get("pruned_reason", ""))[:60]]
+                 ("" if t.state.name == "COMPLETE"
+                  else t.user_attrs.get("failure_reason") or t.user_attrs.get("pruned_reason", ""))[:60]]
                 for t in study.get_trials(deepcopy=False)]
         print(tabulate(rows, headers=["trial", "state", "method", "params", "objectives", "test acc", "note"]))
         return

@@ -131,7 +131,7 @@ def sensitivity_figure(rows: list[Row], task: str, path: Path) -> Path | None:
         cr += row.values("compression_ratio")
     lambdas = sorted({k[0] for k in cells})
     sigmas = sorted({k[1] for k in cells})
-    if len(lambdas) < 2 or len(sigmas) < 2:
+    if len(lambdas) < 2 or len(sigmas) < 2 or len(cells) < 4:
         return None
     import numpy as np
 

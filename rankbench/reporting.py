@@ -88,6 +88,9 @@ def load_runs(tracking_uri: str | None = None, *, task: str | None = None, metho
     ids = [e.experiment_id for e in experiments]
     if not ids:
         return []
+    for option, value in (("--task", task), ("--method", method), ("--study", study)):
+        if value is not None and ("'" in value or '"' in value):
+            raise RankbenchError(f"{option} {value!r}: names contain no quotes: check the name")
     filters = ["attributes.status = 'FINISHED'"]
     if task:
         filters.append(f"tags.task = '{task}'")
@@ -125,7 +128,11 @@ def group_rows(records: Iterable[RunRecord], group_by: Sequence[str] | None = No
         settings_of[key] = settings
     rows = []
     for key, runs in groups.items():
-        rows.append(Row(key[0], runs[0].dataset, key[1], _distinguishing(settings_of[key], key, settings_of),
+        settings = _distinguishing(settings_of[key], key, settings_of)
+        data = dict(key[2])
+        peers = [dict(k[2]) for k in groups if k[0] == key[0] and dict(k[2])["dataset"] == data["dataset"]]
+        settings.update({k: v for k, v in data.items() if k != "dataset" and any(p[k] != v for p in peers)})
+        rows.append(Row(key[0], runs[0].dataset, key[1], settings,
                         sorted(runs, key=lambda r: r.seed), full_settings=settings_of[key]))
     return sorted(rows, key=lambda row: (row.task, row.dataset, row.method, tuple(row.settings.items())))
 
@@ -149,7 +156,7 @@ def compare(rows: list[Row], baseline: str) -> None:
         if row.source != "measured":
             continue
         candidates = [b for b in rows if b.source == "measured" and b.method == baseline
-                      and b.task == row.task and b.dataset == row.dataset]
+                      and b.task == row.task and _data_key(b) == _data_key(row)]
         if not candidates:
             continue
         base = max(candidates, key=lambda b: (_shared(row, b), len(b.runs)))
@@ -161,6 +168,10 @@ def compare(rows: list[Row], baseline: str) -> None:
         row.p_welch = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
         if min(len(a), len(b)) < SMALL_SAMPLE:
             row.p_mwu = float(stats.mannwhitneyu(a, b, alternative="two-sided").pvalue)
+
+
+def _data_key(row: Row) -> tuple:
+    return tuple(row.runs[0].params.get(k, "") for k in DATA_KEY)
 
 
 def _shared(row: Row, base: Row) -> int:
@@ -232,18 +243,19 @@ def render(rows: list[Row], tablefmt: str) -> str:
         raise RankbenchError(f"--format {tablefmt}: choose csv or one of {', '.join(tabulate_formats)}")
     blocks = []
     keys = sorted({(r.task, r.dataset) for r in rows if r.source == "measured"})
+    if tablefmt == "csv":
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["task", "dataset", *HEADERS])
+        for task, dataset in keys:
+            group = [r for r in rows if r.task == task and (r.dataset == dataset or r.source == "published")]
+            for line in table_rows(group):
+                writer.writerow([task, dataset, *line])
+        return buf.getvalue().rstrip("\n")
     for task, dataset in keys:
         group = [r for r in rows if r.task == task and (r.dataset == dataset or r.source == "published")]
         body = table_rows(group)
         title = f"{task} on {dataset}"
-        if tablefmt == "csv":
-            buf = io.StringIO()
-            writer = csv.writer(buf)
-            writer.writerow(["task", "dataset", *HEADERS])
-            for line in body:
-                writer.writerow([task, dataset, *line])
-            blocks.append(buf.getvalue().rstrip("\n"))
-            continue
         notes = []
         if any(len(r.runs) == 1 for r in group if r.source == "measured"):
             notes.append("* one seed: no standard deviation")

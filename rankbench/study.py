@@ -56,12 +56,13 @@ def open_storage(url: str, spec: StudySpec | None = None):
     if spec is not None:
         kwargs.update(
             heartbeat_interval=spec.heartbeat_interval, grace_period=spec.grace_period,
-            failed_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
         )
     try:
         return optuna.storages.RDBStorage(url, **kwargs)
     except Exception as exc:
-        raise RankbenchError(f"cannot open study storage {url} ({type(exc).__name__}: {exc}): check --storage") from None
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise RankbenchError(f"cannot open study storage {url} ({type(exc).__name__}: {reason}): check --storage") from None
 
 
 @contextlib.contextmanager
@@ -101,6 +102,17 @@ def _grid_sampler_class():
 
 def _BudgetedGridSampler(*args, **kwargs):
     return _grid_sampler_class()(*args, **kwargs)
+
+
+def _startup_lock(url: str):
+    """The SQLite storage's file lock (the same one ``storage_lock`` takes), else nothing."""
+    if url.startswith("sqlite:///"):
+        from filelock import FileLock
+
+        path = Path(url[len("sqlite:///"):])
+        if path.parent.is_dir():
+            return FileLock(str(path) + ".lock")
+    return contextlib.nullcontext()
 
 
 def make_sampler(spec: StudySpec, worker: int = 0):
@@ -174,6 +186,9 @@ def run_trial(trial, run: StudyRun, registry: Registry, tracker: Tracker) -> lis
     from rankbench.api import run as run_experiment
 
     spec = run.spec
+    if trial.user_attrs.get("interrupted"):  # a retry: Optuna copied the failed trial's attributes
+        trial.set_user_attr("interrupted", False)
+        trial.set_user_attr("failure_reason", "")
     method, values = trial_assignments(trial, spec, registry)
     config = make_config(
         registry, spec.task, method, values, seeds=spec.seeds, device=run.device, data_dir=run.data_dir,
@@ -212,6 +227,7 @@ class _Heartbeat:
     """Records the trial's heartbeat while it runs, so Optuna can tell a dead worker."""
 
     def __init__(self, storage, trial_id: int, interval: float) -> None:
+        self._storage, self._trial_id = storage, trial_id
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, args=(storage, trial_id, interval), daemon=True)
 
@@ -221,6 +237,7 @@ class _Heartbeat:
                 storage.record_heartbeat(trial_id)
 
     def __enter__(self) -> "_Heartbeat":
+        self._storage.record_heartbeat(self._trial_id)  # a worker killed at once still goes stale
         self._thread.start()
         return self
 
@@ -338,10 +355,13 @@ def run_study(
     if workers < 1:
         raise RankbenchError("--workers must be >= 1")
     url = storage_url or default_storage()
-    storage = open_storage(url, spec)
-    study = load_or_create(spec, storage)
-    tracker = Tracker(tracking_uri)
-    parent = ensure_parent_run(study, spec, tracker, url)
+    with _startup_lock(url):  # two commands starting on fresh stores must not both create tables
+        storage = open_storage(url, spec)
+        study = load_or_create(spec, storage)
+        tracker = Tracker(tracking_uri)
+        tracker.experiment_id(spec.task)
+        with (contextlib.nullcontext() if url.startswith("sqlite:///") else storage_lock(url, storage)):
+            parent = ensure_parent_run(study, spec, tracker, url)
     run = StudyRun(spec, url, tracker.uri, tuple(plugin_dirs), data_dir, device, parent)
     deadline = time.time() + spec.timeout_s if spec.timeout_s else None
     try:

@@ -17,6 +17,7 @@ OBJECTIVE_METRICS = (
     "train_seconds_per_batch", "inference_seconds",
 )
 RECORDED_ONLY = ("test_accuracy", "test_top5")
+PER_EPOCH_METRICS = ("val_accuracy", "val_loss", "compression", "total_rank", "train_seconds_per_batch")
 SAMPLERS = ("grid", "tpe", "random", "nsga2")
 PRUNERS = ("none", "median")
 
@@ -94,6 +95,8 @@ class StudySpec:
         if n_trials is not None:
             if n_trials < 1:
                 raise RankbenchError("--n-trials must be >= 1")
+            if spec.sampler == "grid" and n_trials > spec.grid_size():
+                raise RankbenchError(f"--n-trials {n_trials} exceeds the grid's {spec.grid_size()} points")
             spec = replace(spec, n_trials=n_trials)
         if seeds is not None:
             spec = replace(spec, seeds=tuple(seeds))
@@ -171,6 +174,9 @@ def parse_study(raw: dict, registry: Registry, where: str = "study", source: str
     unknown = set(raw) - allowed
     if unknown:
         raise RankbenchError(f"{where}: unknown top-level keys {sorted(unknown)}: allowed are {sorted(allowed)}")
+    for table in ("fixed", "method_fixed", "search", "objectives", "sampler", "pruner", "budget", "workers"):
+        if table in raw and not isinstance(raw[table], dict):
+            raise RankbenchError(f"{where}: {table} must be a table: write [{table}] and then key = value lines")
     for key in ("name", "task", "objectives"):
         if key not in raw:
             raise RankbenchError(f"{where}: missing {key!r}")
@@ -232,6 +238,11 @@ def parse_study(raw: dict, registry: Registry, where: str = "study", source: str
         raise RankbenchError(f"{where} [pruner]: unknown pruner {pruner!r}: choose one of {', '.join(PRUNERS)}")
     if pruner != "none" and len(objectives) > 1:
         raise RankbenchError(f"{where} [pruner]: Optuna cannot prune multi-objective trials: use name = \"none\"")
+    if pruner != "none" and next(iter(objectives)) not in PER_EPOCH_METRICS:
+        raise RankbenchError(
+            f"{where} [pruner]: {next(iter(objectives))} is only known at the end of a run: prune on one of "
+            f"{', '.join(PER_EPOCH_METRICS)}, or use name = \"none\""
+        )
 
     budget = raw.get("budget", {})
     n_trials = budget.get("n_trials")
