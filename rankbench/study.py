@@ -40,7 +40,7 @@ def quiet_optuna() -> None:
 
 def default_storage() -> str:
     DEFAULT_DIR.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{DEFAULT_DIR / 'optuna.db'}"
+    return f"sqlite:///{(DEFAULT_DIR / 'optuna.db').resolve()}"
 
 
 def open_storage(url: str, spec: StudySpec | None = None):

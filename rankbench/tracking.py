@@ -20,7 +20,8 @@ def resolve_tracking_uri(explicit: str | None) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     DEFAULT_DIR.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{DEFAULT_DIR / 'mlflow.db'}"
+    # absolute: MLflow caches stores by URI, and a relative one would follow the first working directory
+    return f"sqlite:///{(DEFAULT_DIR / 'mlflow.db').resolve()}"
 
 
 class Tracker:
