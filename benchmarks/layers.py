@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils import benchmark
 
 from rankbench.api import resolve_device
-from rankbench.tensorized import TensorizedConv2d, TensorizedLinear
+from rankbench.tensorized import TensorizedConv2d, TensorizedEmbedding, TensorizedLinear
 
 # name, tensorized factory, dense factory, input shape without the batch dimension
 LAYERS = [
@@ -31,6 +31,8 @@ LAYERS = [
      lambda: nn.Conv2d(64, 64, 3, padding=1), (64, 8, 8)),
     ("ResNet-32 stage-3 conv TR r15", lambda: TensorizedConv2d(64, 64, 3, (4, 4, 4), (4, 4, 4), 15, padding=1),
      lambda: nn.Conv2d(64, 64, 3, padding=1), (64, 8, 8)),
+    ("embedding 32768x512 TR r16", lambda: TensorizedEmbedding(32768, 512, (32, 32, 32), (8, 8, 8), 16),
+     lambda: nn.Embedding(32768, 512), "tokens"),
 ]
 
 
@@ -42,7 +44,7 @@ def median(fn, min_time: float) -> float:
 def train_step(layer: nn.Module, x: torch.Tensor):
     def step():
         layer.zero_grad(set_to_none=True)
-        layer(x).sum().backward()
+        layer(x).pow(2).sum().backward()
     return step
 
 
@@ -76,15 +78,18 @@ def main() -> None:
     for name, make_tensorized, make_dense, shape in LAYERS:
         for batch in batches:
             torch.manual_seed(0)
-            x = torch.randn(batch, *shape, device=device)
+            x = (torch.randint(0, 32768, (batch,), device=device) if shape == "tokens"
+                 else torch.randn(batch, *shape, device=device))
             dense = make_dense().to(device)
             layer = make_tensorized().to(device)
             dense_train = median(sync(device, train_step(dense.train(), x)), args.min_time)
             dense_infer = median(sync(device, inference(dense.eval(), x)), args.min_time)
-            strategies = ["weight", "input"] if isinstance(layer, TensorizedLinear) else ["weight"]
-            auto = layer.choose_strategy(batch) if isinstance(layer, TensorizedLinear) else "weight"
+            choosing = isinstance(layer, (TensorizedLinear, TensorizedEmbedding))
+            strategies = (["weight", "input"] if isinstance(layer, TensorizedLinear)
+                          else ["weight", "gather"] if isinstance(layer, TensorizedEmbedding) else ["weight"])
+            auto = layer.choose_strategy(batch) if choosing else "weight"
             for strategy in strategies:
-                if isinstance(layer, TensorizedLinear):
+                if choosing:
                     layer.strategy = strategy
                 train = median(sync(device, train_step(layer.train(), x)), args.min_time)
                 infer = median(sync(device, inference(layer.eval(), x)), args.min_time)

@@ -384,6 +384,115 @@ class TensorizedLinear(TensorizedLayer):
                 f"ranks={self.ranks}, strategy={self.strategy}")
 
 
+class TensorizedEmbedding(TensorizedLayer):
+    """An embedding table ``W`` of shape ``vocab_modes × dim_modes`` held as a TR/TT.
+
+    Same core layouts as ``TensorizedLinear`` (vocabulary modes play the input
+    modes). In training, ``gather`` contracts only the slices of the vocabulary
+    cores the batch's indices select (one planned contraction with the batch as
+    a shared index); ``weight`` reconstructs the table and indexes it; ``auto``
+    takes the cheaper by opt_einsum's FLOP count. In eval mode the reconstructed
+    table is cached like every tensorized layer's weight.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        vocab_modes: Sequence[int],
+        dim_modes: Sequence[int],
+        ranks: int | Sequence[int],
+        decomposition: Decomposition = "tr",
+        strategy: Literal["auto", "weight", "gather"] = "auto",
+        name: str = "embedding",
+        layout: Literal["chain", "matrix"] = "chain",
+    ) -> None:
+        _check_modes(name, vocab_modes, num_embeddings, "vocabulary")
+        _check_modes(name, dim_modes, embedding_dim, "embedding")
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.vocab_modes, self.dim_modes = tuple(vocab_modes), tuple(dim_modes)
+        self.strategy = strategy
+        self.layer_name = name
+        self.layout = layout
+        p, q = len(self.vocab_modes), len(self.dim_modes)
+        if layout == "matrix":
+            if p != q:
+                raise RankbenchError(f"{name}: a TT-matrix needs as many vocabulary modes as embedding modes")
+            core_modes = list(zip(self.vocab_modes, self.dim_modes))
+            order = [(k, 0) for k in range(p)] + [(k, 1) for k in range(p)]
+        elif layout == "chain":
+            core_modes = [(m,) for m in self.vocab_modes + self.dim_modes]
+            order = [(k, 0) for k in range(p + q)]
+        else:
+            raise RankbenchError(f"{name}: unknown layout {layout!r}: use 'chain' or 'matrix'")
+        # nn.Embedding's default init is N(0, 1): variance 1 = 1/(3·fan_in) with fan_in = 1/3
+        super().__init__(core_modes, order, ranks, decomposition, fan_in=1.0 / 3.0)
+
+    def _clone_with(self, ranks: tuple[int, ...]) -> "TensorizedEmbedding":
+        return type(self)(
+            self.num_embeddings, self.embedding_dim, self.vocab_modes, self.dim_modes, ranks,
+            decomposition=self.decomposition, strategy=self.strategy, name=self.layer_name, layout=self.layout,
+        ).to(self.cores[0].device, self.cores[0].dtype)
+
+    def dense_weight(self) -> Tensor:
+        """The ``(num_embeddings, embedding_dim)`` table."""
+        return self.full_tensor().reshape(self.num_embeddings, self.embedding_dim)
+
+    def _gather_plan(self, batch: int) -> tuple[str, list[tuple[int, ...]]]:
+        """Equation and operand shapes: vocabulary cores sliced per index (batch letter Z)."""
+        terms, modes = _ring_terms(self.core_modes, reserved="Z")
+        p = len(self.vocab_modes)
+        vocab_positions = {k for k, j in self.weight_order[:p]}
+        out = "Z" + "".join(modes[k][j] for k, j in self.weight_order[p:])
+        shapes, new_terms = [], []
+        for k, (term, core) in enumerate(zip(terms, self.cores)):
+            shape = list(core.shape)
+            if k in vocab_positions:
+                term = "Z" + term[0] + term[2:]  # the vocabulary mode (position 0 of this core) → the batch
+                shape = [batch, shape[0], *shape[2:]]
+            new_terms.append(term)
+            shapes.append(tuple(shape))
+        return ",".join(new_terms) + "->" + out, shapes
+
+    def choose_strategy(self, batch: int) -> Literal["weight", "gather"]:
+        if self.strategy != "auto":
+            return self.strategy
+        key = ("choice", batch)
+        if key not in self._expr_cache:
+            terms, order = self._weight_letters()
+            full = [tuple(c.shape) for c in self.cores]
+            _, info_w = oe.contract_path(",".join(terms) + "->" + "".join(order), *full, shapes=True, optimize="auto")
+            equation, shapes = self._gather_plan(batch)
+            _, info_g = oe.contract_path(equation, *shapes, shapes=True, optimize="auto")
+            self._expr_cache[key] = "gather" if info_g.opt_cost < info_w.opt_cost else "weight"
+        return self._expr_cache[key]
+
+    def forward(self, indices: Tensor) -> Tensor:
+        flat = indices.reshape(-1)
+        if (not self.training and not torch.is_grad_enabled()) or self.choose_strategy(flat.numel()) == "weight":
+            out = F.embedding(flat, self.weight())
+        else:
+            cores = self.gated_cores()
+            digits = []
+            rest = flat
+            for size in reversed(self.vocab_modes):
+                digits.append(rest % size)
+                rest = rest // size
+            digits.reverse()
+            p = len(self.vocab_modes)
+            vocab_core = {k: i for i, (k, _) in enumerate(self.weight_order[:p])}
+            operands = [core.index_select(1, digits[vocab_core[k]]).movedim(1, 0) if k in vocab_core else core
+                        for k, core in enumerate(cores)]
+            equation, shapes = self._gather_plan(flat.numel())
+            expr = self._expression("gather", equation, *shapes)
+            out = expr(*operands, backend="torch").reshape(flat.numel(), self.embedding_dim)
+        return out.reshape(*indices.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return (f"{self.decomposition.upper()} {self.layout} {self.vocab_modes}x{self.dim_modes}, "
+                f"ranks={self.ranks}, strategy={self.strategy}")
+
+
 class TensorizedConv2d(TensorizedLayer):
     """2-D convolution whose ``(out, in, kh, kw)`` kernel is a TR/TT.
 
@@ -453,6 +562,22 @@ class TensorRingLinear(TensorizedLinear):
 
 class TensorTrainLinear(TensorizedLinear):
     """Tensor-Train (TT-matrix) linear layer (boundary ranks 1)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("decomposition", "tt")
+        super().__init__(*args, **kwargs)
+
+
+class TensorRingEmbedding(TensorizedEmbedding):
+    """Tensor-Ring embedding table."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("decomposition", "tr")
+        super().__init__(*args, **kwargs)
+
+
+class TensorTrainEmbedding(TensorizedEmbedding):
+    """Tensor-Train (TT-matrix with ``layout="matrix"``) embedding table."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("decomposition", "tt")

@@ -214,3 +214,45 @@ def test_tt_matrix_counts_and_prunes():
         torch.testing.assert_close(pruned(x), layer(x))
     with pytest.raises(RankbenchError, match="as many input modes"):
         TensorTrainLinear(28, 10, (7, 4), (10,), 2, layout="matrix")
+
+
+@pytest.mark.parametrize("layout,decomposition,ranks", [("chain", "tr", 3), ("chain", "tt", [1, 3, 2, 4, 3, 2]),
+                                                        ("matrix", "tt", [1, 3, 3, 1])])
+@pytest.mark.parametrize("strategy", ["weight", "gather"])
+def test_embedding_equals_reference_table(layout, decomposition, ranks, strategy):
+    from tensorly.tt_matrix import tt_matrix_to_tensor
+
+    from rankbench.tensorized import TensorizedEmbedding
+
+    torch.manual_seed(8)
+    layer = TensorizedEmbedding(60, 12, (3, 4, 5), (2, 2, 3), ranks, decomposition, strategy=strategy,
+                                layout=layout).double()
+    cores = [c.detach() for c in layer.cores]
+    if layout == "matrix":
+        table = tt_matrix_to_tensor(cores)
+    else:
+        table = tl.tr_to_tensor(cores) if decomposition == "tr" else tl.tt_to_tensor(cores)
+    table = table.reshape(60, 12)
+    indices = torch.tensor([[0, 59, 7], [31, 31, 12]])
+    torch.testing.assert_close(layer(indices), table[indices])
+    layer(indices).pow(2).sum().backward()
+    assert all(c.grad is not None and c.grad.abs().sum() > 0 for c in layer.cores)
+
+
+def test_embedding_prunes_counts_and_picks_gather_for_a_large_vocabulary():
+    from rankbench.tensorized import TensorRingEmbedding
+
+    torch.manual_seed(9)
+    layer = TensorRingEmbedding(60, 12, (3, 4, 5), (2, 2, 3), 4).double()
+    assert layer.parameter_count() == 16 * (3 + 4 + 5 + 2 + 2 + 3)
+    layer.set_selector(2, FixedMultipliers(torch.tensor([0.0, 1.0, 0.3, 0.0], dtype=torch.float64)))
+    layer.eval()
+    pruned = layer.pruned()
+    indices = torch.arange(60)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(indices), layer(indices))
+    assert sum(p.numel() for p in pruned.parameters()) == layer.parameter_count()
+    big = TensorRingEmbedding(32768, 512, (32, 32, 32), (8, 8, 8), 16)
+    assert big.choose_strategy(128) == "gather"
+    with pytest.raises(RankbenchError, match="vocabulary modes"):
+        TensorRingEmbedding(100, 8, (3, 3), (8,), 2)
