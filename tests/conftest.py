@@ -28,6 +28,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """Tests train tiny models: one thread is fastest and does not stall when the CPUs are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 POSTGRES_URL_ENV = "RANKBENCH_TEST_POSTGRES_URL"
 POSTGRES_ROOT = Path("/usr/lib/postgresql")

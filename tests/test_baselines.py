@@ -10,7 +10,7 @@ from torch import nn
 from rankbench.api import make_config
 from rankbench.method import MethodContext
 from rankbench.registry import Registry
-from rankbench.tensorized import TensorRingLinear, TensorTrainLinear, learned_ranks
+from rankbench.tensorized import TensorRingLinear, TensorTrainLinear
 
 REGISTRY = Registry.discover(entry_point_groups=False)
 

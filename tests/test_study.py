@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import rankbench.study
 import rankbench.tracking
@@ -46,13 +45,6 @@ TINY = ["--set", "epochs=1", "--seeds", "0"]
 # ---------------------------------------------------------------------------- fixtures and helpers
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny runs are fastest on one thread (and do not stall when the CPUs are shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def write_idx(path: Path, magic: int, array: np.ndarray) -> None:

@@ -1,6 +1,5 @@
 """Tensorized layers against tensorly's reference contractions (float64)."""
 
-import math
 
 import pytest
 import tensorly as tl

@@ -26,13 +26,6 @@ PER_EPOCH = ("val_accuracy", "compression", "train_loss", "penalty")
 TINY_SETTINGS = ["--epochs", "1", "--set", "initial_rank=3", "--set", "val_size=40", "--no-progress"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny runs are fastest on one thread (and do not stall when the CPUs are shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
