@@ -25,6 +25,13 @@ def _plt():
     return plt
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
+
+
 def ranks_figure(rows: list[Row], task: str, tracking_uri: str | None, path: Path) -> Path | None:
     best: dict[str, Row] = {}
     for r in rows:
@@ -52,10 +59,7 @@ def ranks_figure(rows: list[Row], task: str, tracking_uri: str | None, path: Pat
     ax.set_ylabel("learned rank")
     ax.set_title(f"{task}: learned rank per bond")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def curves_figure(rows: list[Row], task: str, tracking_uri: str | None, path: Path) -> Path | None:
@@ -79,10 +83,7 @@ def curves_figure(rows: list[Row], task: str, tracking_uri: str | None, path: Pa
             ax.set_xlabel("epoch")
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(f"{task}: training curves (first seed of each row)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def tradeoff_figure(rows: list[Row], task: str, path: Path) -> Path | None:
@@ -111,10 +112,7 @@ def tradeoff_figure(rows: list[Row], task: str, path: Path) -> Path | None:
     ax.set_ylabel("test accuracy %")
     ax.set_title(f"{task}: accuracy vs compression (mean ± std over seeds)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def sensitivity_figure(rows: list[Row], task: str, path: Path) -> Path | None:
@@ -154,10 +152,7 @@ def sensitivity_figure(rows: list[Row], task: str, path: Path) -> Path | None:
         ax.set_title(title)
         fig.colorbar(image, ax=ax)
     fig.suptitle(f"{task}: sensitivity to λ and σ")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def write_figures(rows: list[Row], tracking_uri: str | None, out: Path) -> tuple[list[Path], list[str]]:

@@ -271,6 +271,24 @@ def _check_modes(name: str, modes: Sequence[int], size: int, what: str) -> None:
         )
 
 
+def _matrix_layout(
+    name: str, row_modes: tuple[int, ...], column_modes: tuple[int, ...], layout: str,
+    nouns: tuple[str, str] = ("input", "output"),
+) -> tuple[list[tuple[int, ...]], list[tuple[int, int]]]:
+    """Core modes and weight order of a matrix ``rows × columns``: ``chain`` puts one
+    mode per core (rows first), ``matrix`` (TT-matrix) pairs row and column mode k in core k."""
+    p, q = len(row_modes), len(column_modes)
+    if layout == "matrix":
+        if p != q:
+            raise RankbenchError(
+                f"{name}: a TT-matrix needs as many {nouns[0]} modes as {nouns[1]} modes, got {p} and {q}"
+            )
+        return list(zip(row_modes, column_modes)), [(k, 0) for k in range(p)] + [(k, 1) for k in range(p)]
+    if layout == "chain":
+        return [(m,) for m in row_modes + column_modes], [(k, 0) for k in range(p + q)]
+    raise RankbenchError(f"{name}: unknown layout {layout!r}: use 'chain' or 'matrix'")
+
+
 class TensorizedLinear(TensorizedLayer):
     """``y = x W + b`` with ``W`` of shape ``in_modes × out_modes`` held as a TR/TT.
 
@@ -302,19 +320,7 @@ class TensorizedLinear(TensorizedLayer):
         self.strategy: Strategy = strategy
         self.layer_name = name
         self.layout = layout
-        p, q = len(self.in_modes), len(self.out_modes)
-        if layout == "matrix":
-            if p != q:
-                raise RankbenchError(
-                    f"{name}: a TT-matrix needs as many input modes as output modes, got {p} and {q}"
-                )
-            core_modes = list(zip(self.in_modes, self.out_modes))
-            order = [(k, 0) for k in range(p)] + [(k, 1) for k in range(p)]
-        elif layout == "chain":
-            core_modes = [(m,) for m in self.in_modes + self.out_modes]
-            order = [(k, 0) for k in range(p + q)]
-        else:
-            raise RankbenchError(f"{name}: unknown layout {layout!r}: use 'chain' or 'matrix'")
+        core_modes, order = _matrix_layout(name, self.in_modes, self.out_modes, layout)
         super().__init__(core_modes, order, ranks, decomposition, fan_in=in_features)
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         if self.bias is not None:
@@ -414,17 +420,7 @@ class TensorizedEmbedding(TensorizedLayer):
         self.strategy = strategy
         self.layer_name = name
         self.layout = layout
-        p, q = len(self.vocab_modes), len(self.dim_modes)
-        if layout == "matrix":
-            if p != q:
-                raise RankbenchError(f"{name}: a TT-matrix needs as many vocabulary modes as embedding modes")
-            core_modes = list(zip(self.vocab_modes, self.dim_modes))
-            order = [(k, 0) for k in range(p)] + [(k, 1) for k in range(p)]
-        elif layout == "chain":
-            core_modes = [(m,) for m in self.vocab_modes + self.dim_modes]
-            order = [(k, 0) for k in range(p + q)]
-        else:
-            raise RankbenchError(f"{name}: unknown layout {layout!r}: use 'chain' or 'matrix'")
+        core_modes, order = _matrix_layout(name, self.vocab_modes, self.dim_modes, layout, ("vocabulary", "embedding"))
         # nn.Embedding's default init is N(0, 1): variance 1 = 1/(3·fan_in) with fan_in = 1/3
         super().__init__(core_modes, order, ranks, decomposition, fan_in=1.0 / 3.0)
 
