@@ -16,10 +16,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
+from idx_files import make_tiny_mnist
 from rankbench.cli import main
 from rankbench.errors import RankbenchError
 from rankbench.registry import Registry
@@ -33,25 +33,6 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine 
 
 
 
-def write_idx(path: Path, magic: int, array: np.ndarray) -> None:
-    header = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    path.write_bytes(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
-
-
-def make_tiny_mnist(root: Path, n_train: int = 200, n_test: int = 40, *, bad_magic: str | None = None) -> Path:
-    """Random IDX files under ``root/mnist``; ``bad_magic`` names one file written with a wrong magic."""
-    rng = np.random.default_rng(0)
-    folder = root / "mnist"
-    folder.mkdir(parents=True, exist_ok=True)
-    files = {
-        "train-images-idx3-ubyte": (2051, rng.integers(0, 256, (n_train, 28, 28))),
-        "train-labels-idx1-ubyte": (2049, rng.integers(0, 10, n_train)),
-        "t10k-images-idx3-ubyte": (2051, rng.integers(0, 256, (n_test, 28, 28))),
-        "t10k-labels-idx1-ubyte": (2049, rng.integers(0, 10, n_test)),
-    }
-    for name, (magic, array) in files.items():
-        write_idx(folder / name, 1234 if name == bad_magic else magic, array)
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -37,6 +37,7 @@ from tabulate import tabulate_formats
 
 import rankbench
 import rankbench.config
+from idx_files import write_idx
 from rankbench.api import make_config, run, run_name
 from rankbench.cli import main
 from rankbench.registry import Registry
@@ -99,10 +100,6 @@ def fresh_uri(folder: Path, template: Path) -> str:
     shutil.copyfile(template, folder / "mlflow.db")
     return f"sqlite:///{folder / 'mlflow.db'}"
 
-
-def write_idx(path: Path, magic: int, array) -> None:
-    header = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    path.write_bytes(header + array.astype("uint8").tobytes())
 
 
 class _Started(Exception):

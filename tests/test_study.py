@@ -26,11 +26,11 @@ import uuid
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import rankbench.study
 import rankbench.tracking
+from idx_files import make_tiny_mnist
 from rankbench.cli import main
 from rankbench.registry import Registry
 from rankbench.studyspec import load_study_file
@@ -47,23 +47,11 @@ TINY = ["--set", "epochs=1", "--seeds", "0"]
 
 
 
-def write_idx(path: Path, magic: int, array: np.ndarray) -> None:
-    header = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    path.write_bytes(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
-
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     """Random IDX files under ``<dir>/mnist`` (train 160 / val 40 / test 40 with val_size=40)."""
-    root = tmp_path_factory.mktemp("data")
-    folder = root / "mnist"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    write_idx(folder / "train-images-idx3-ubyte", 2051, rng.integers(0, 256, (200, 28, 28)))
-    write_idx(folder / "train-labels-idx1-ubyte", 2049, rng.integers(0, 10, 200))
-    write_idx(folder / "t10k-images-idx3-ubyte", 2051, rng.integers(0, 256, (40, 28, 28)))
-    write_idx(folder / "t10k-labels-idx1-ubyte", 2049, rng.integers(0, 10, 40))
-    return root
+    return make_tiny_mnist(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")

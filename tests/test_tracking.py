@@ -12,11 +12,11 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 import rankbench
+from idx_files import make_tiny_mnist
 from rankbench.api import make_config, resolve_device, run
 from rankbench.cli import main
 from rankbench.registry import Registry
@@ -52,21 +52,6 @@ def all_runs(uri: str):
     return client.search_runs(ids, run_view_type=ViewType.ALL) if ids else []
 
 
-def write_idx(path: Path, magic: int, array: np.ndarray) -> None:
-    header = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    path.write_bytes(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
-
-
-def make_tiny_mnist(root: Path, n_train: int = 200, n_test: int = 40) -> Path:
-    """Random IDX files under ``root/mnist`` (train 160 / val 40 / test 40 with val_size=40)."""
-    rng = np.random.default_rng(0)
-    folder = root / "mnist"
-    folder.mkdir(parents=True, exist_ok=True)
-    write_idx(folder / "train-images-idx3-ubyte", 2051, rng.integers(0, 256, (n_train, 28, 28)))
-    write_idx(folder / "train-labels-idx1-ubyte", 2049, rng.integers(0, 10, n_train))
-    write_idx(folder / "t10k-images-idx3-ubyte", 2051, rng.integers(0, 256, (n_test, 28, 28)))
-    write_idx(folder / "t10k-labels-idx1-ubyte", 2049, rng.integers(0, 10, n_test))
-    return root
 
 
 @pytest.fixture(scope="module")
