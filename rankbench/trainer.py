@@ -73,7 +73,10 @@ def fit(
             t0 = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             step = method.loss(model, (x, y), task.loss)
-            total = float(step.total.detach())
+            # one device sync per step for the three numbers
+            total, task_loss, penalty = torch.stack(
+                [step.total.detach(), step.task.detach(), step.penalty.detach().to(step.total.dtype)]
+            ).tolist()
             if not math.isfinite(total):
                 raise TrainingDiverged(
                     f"loss became {total} at epoch {epoch}, batch {batches + 1}: "
@@ -83,8 +86,8 @@ def fit(
             optimizer.step()
             synchronize(device)
             batch_seconds += time.perf_counter() - t0
-            sums["loss"] += float(step.task)
-            sums["penalty"] += float(step.penalty)
+            sums["loss"] += task_loss
+            sums["penalty"] += penalty
             batches += 1
         if scheduler is not None:
             scheduler.step()
