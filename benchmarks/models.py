@@ -32,33 +32,50 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(model, method, task, x, y, device, steps: int) -> float:
-    optimizer = task.optimizer(param_groups(model, task.params["lr"]))
-    model.train()
-    times = []
-    for i in range(steps + 3):
-        sync(device)
-        start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        method.loss(model, (x, y), task.loss).total.backward()
-        optimizer.step()
-        sync(device)
-        if i >= 3:
-            times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+def time_steps(built: dict, x, y, device, steps: int, rounds: int = 5) -> dict[str, float]:
+    """Median training step per model; rounds visit the models in turn (interleaved), each
+    round runs ``steps // rounds`` steps per model after warm-up steps."""
+    runners = {}
+    for label, (model, method, task) in built.items():
+        optimizer = task.optimizer(param_groups(model, task.params["lr"]))
+        model.train()
+
+        def one_step(model=model, method=method, task=task, optimizer=optimizer) -> float:
+            sync(device)
+            start = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            method.loss(model, (x, y), task.loss).total.backward()
+            optimizer.step()
+            sync(device)
+            return time.perf_counter() - start
+
+        runners[label] = one_step
+        for _ in range(3):
+            one_step()
+    times: dict[str, list[float]] = {label: [] for label in built}
+    for _ in range(rounds):
+        for label, one_step in runners.items():
+            times[label] += [one_step() for _ in range(max(1, steps // rounds))]
+    return {label: sorted(values)[len(values) // 2] for label, values in times.items()}
 
 
 @torch.no_grad()
-def time_inference(model, inputs: torch.Tensor, batch: int, device) -> float:
-    model.eval()
-    best = float("inf")
-    for _ in range(3):
-        sync(device)
-        start = time.perf_counter()
-        for i in range(0, len(inputs), batch):
+def time_inference(models: dict, inputs: torch.Tensor, batch: int, device, rounds: int = 5) -> dict[str, float]:
+    """Best pass per model over ``rounds`` rounds that visit the models in turn (interleaved,
+    so clock and load changes hit every model alike)."""
+    best = {label: float("inf") for label in models}
+    for model in models.values():
+        model.eval()
+        for i in range(0, len(inputs), batch):  # warm-up, fills the eval weight caches
             model(inputs[i:i + batch])
-        sync(device)
-        best = min(best, time.perf_counter() - start)
+    for _ in range(rounds):
+        for label, model in models.items():
+            sync(device)
+            start = time.perf_counter()
+            for i in range(0, len(inputs), batch):
+                model(inputs[i:i + batch])
+            sync(device)
+            best[label] = min(best[label], time.perf_counter() - start)
     return best
 
 
@@ -67,7 +84,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--task", default="lenet5")
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--test-size", type=int, default=10000)
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -87,9 +104,8 @@ def main() -> None:
     y = torch.randint(0, 10, (args.batch,), device=device)
     inputs = task.example_input(args.test_size).to(device)
     dense_params = count_parameters(built["dense"][0])
-    rows, step, infer = [], {}, {}
-    for label, (model, m, t) in built.items():
-        step[label] = time_steps(model, m, t, x, y, device, args.steps)
+    rows = []
+    step = time_steps(built, x, y, device, args.steps)
     torch.manual_seed(1)
     with torch.no_grad():  # close ~70% of the slices, as training with λ does
         for gate in method.gates(gated):
@@ -98,8 +114,8 @@ def main() -> None:
     materialised = materialise(prune_model(gated.eval())).to(device)
     models = {**{k: v[0] for k, v in built.items()}, "ours exported (pruned)": exported,
               "ours exported, materialised": materialised}
+    infer = time_inference(models, inputs, args.batch, device)
     for label, model in models.items():
-        infer[label] = time_inference(model, inputs, args.batch, device)
         params = count_parameters(exported if model is materialised else model)
         rows.append([label, params, f"{dense_params / params:.2f}x",
                      f"{step[label] * 1e3:.2f}" if label in step else "-",
