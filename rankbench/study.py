@@ -100,10 +100,6 @@ def _grid_sampler_class():
     return BudgetedGridSampler
 
 
-def _BudgetedGridSampler(*args, **kwargs):
-    return _grid_sampler_class()(*args, **kwargs)
-
-
 def _startup_lock(url: str):
     """The SQLite storage's file lock (the same one ``storage_lock`` takes), else nothing."""
     if url.startswith("sqlite:///"):
@@ -120,7 +116,7 @@ def make_sampler(spec: StudySpec, worker: int = 0):
 
     seed = spec.sampler_seed + worker
     if spec.sampler == "grid":  # one seed for all workers: the grid's order must agree
-        return _BudgetedGridSampler(spec.grid(), seed=spec.sampler_seed)
+        return _grid_sampler_class()(spec.grid(), seed=spec.sampler_seed)
     if spec.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if spec.sampler == "nsga2":

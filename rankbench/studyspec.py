@@ -231,8 +231,6 @@ def parse_study(raw: dict, registry: Registry, where: str = "study", source: str
         ranged = [p.name for p in search.values() if p.kind in ("float", "int")]
         if ranged:
             raise RankbenchError(f"{where}: the grid sampler needs grid = [...] for {', '.join(ranged)}")
-    if sampler == "nsga2" and len(objectives) < 2:
-        pass  # NSGA-II also handles one objective
     pruner = raw.get("pruner", {}).get("name", "none")
     if pruner not in PRUNERS:
         raise RankbenchError(f"{where} [pruner]: unknown pruner {pruner!r}: choose one of {', '.join(PRUNERS)}")

@@ -70,8 +70,5 @@ class LeNet5Task(Task):
             TensorizedLinear(320, 10, (5, 8, 8), (10,), rank, d, name="fc2"),
         )
 
-    def optimizer(self, param_groups) -> torch.optim.Optimizer:
-        return torch.optim.Adam(param_groups, lr=self.params["lr"])
-
     def scheduler(self, optimizer, epochs: int):
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=0.0)

@@ -31,6 +31,24 @@ import pytest
 import torch
 
 
+@pytest.fixture(scope="session")
+def store_template(tmp_path_factory) -> Path:
+    """An empty, already migrated MLflow sqlite store to copy (a migration costs about a second)."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("store") / "template.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def uri(tmp_path, monkeypatch, store_template) -> str:
+    """A fresh tracking store in tmp_path (a copy of the template); the test works inside tmp_path."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copyfile(store_template, tmp_path / "m.db")
+    return f"sqlite:///{tmp_path / 'm.db'}"
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _one_torch_thread():
     """Tests train tiny models: one thread is fastest and does not stall when the CPUs are shared."""

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from idx_files import make_tiny_mnist
+from helpers import assert_one_line_error, make_tiny_mnist
 from rankbench.cli import main
 from rankbench.errors import RankbenchError
 from rankbench.registry import Registry
@@ -30,27 +30,6 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine 
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-
-
-
-@pytest.fixture(scope="module")
-def store_template(tmp_path_factory) -> Path:
-    """An empty, already migrated MLflow sqlite store (creating one costs about a second of CPU)."""
-    from mlflow.tracking import MlflowClient
-
-    path = tmp_path_factory.mktemp("store") / "template.db"
-    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
-    return path
-
-
-@pytest.fixture
-def uri(tmp_path, monkeypatch, store_template) -> str:
-    """A fresh tracking store in tmp_path (a copy of the template); the test works inside tmp_path."""
-    monkeypatch.chdir(tmp_path)
-    shutil.copyfile(store_template, tmp_path / "m.db")
-    return f"sqlite:///{tmp_path / 'm.db'}"
 
 
 @pytest.fixture
@@ -77,15 +56,6 @@ def all_runs(uri: str):
 
 def error_lines(err: str) -> list[str]:
     return [line for line in err.splitlines() if line.startswith("rankbench: error:")]
-
-
-def assert_one_line_error(err: str) -> str:
-    """stderr is exactly one line, a ``rankbench: error:`` line, without a traceback."""
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("rankbench: error: "), err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 # ---------------------------------------------------------------------------- list

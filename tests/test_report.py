@@ -37,7 +37,7 @@ from tabulate import tabulate_formats
 
 import rankbench
 import rankbench.config
-from idx_files import write_idx
+from helpers import write_idx
 from rankbench.api import make_config, run, run_name
 from rankbench.cli import main
 from rankbench.registry import Registry
@@ -70,8 +70,6 @@ KEYS = tuple(getattr(rankbench.config, "KEY_HYPERPARAMETERS", ()))
 # ---------------------------------------------------------------------------- helpers
 
 
-
-
 @pytest.fixture(autouse=True)
 def _quiet_cwd(tmp_path, monkeypatch):
     """Every test runs in its own folder, with no tracking store from the environment."""
@@ -85,21 +83,10 @@ def registry() -> Registry:
     return Registry.discover()
 
 
-@pytest.fixture(scope="module")
-def store_template(tmp_path_factory) -> Path:
-    """An empty, already migrated MLflow sqlite store (a migration costs about a second)."""
-    from mlflow.tracking import MlflowClient
-
-    path = tmp_path_factory.mktemp("template") / "template.db"
-    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
-    return path
-
-
 def fresh_uri(folder: Path, template: Path) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(template, folder / "mlflow.db")
     return f"sqlite:///{folder / 'mlflow.db'}"
-
 
 
 class _Started(Exception):

@@ -30,7 +30,7 @@ import pytest
 
 import rankbench.study
 import rankbench.tracking
-from idx_files import make_tiny_mnist
+from helpers import assert_one_line_error, make_tiny_mnist
 from rankbench.cli import main
 from rankbench.registry import Registry
 from rankbench.studyspec import load_study_file
@@ -171,12 +171,6 @@ def quiet_main(argv: list[str]) -> int:
         return main(argv)
 
 
-def assert_one_line_error(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("rankbench: error: "), err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 def table_rows(out: str) -> list[list[str]]:

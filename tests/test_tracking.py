@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import rankbench
-from idx_files import make_tiny_mnist
+from helpers import make_tiny_mnist
 from rankbench.api import make_config, resolve_device, run
 from rankbench.cli import main
 from rankbench.registry import Registry
@@ -24,8 +24,6 @@ from rankbench.registry import Registry
 TIMING_KEYS = {"train_seconds_per_batch"}
 PER_EPOCH = ("val_accuracy", "compression", "train_loss", "penalty")
 TINY_SETTINGS = ["--epochs", "1", "--set", "initial_rank=3", "--set", "val_size=40", "--no-progress"]
-
-
 
 
 @pytest.fixture(scope="module")
@@ -50,23 +48,6 @@ def all_runs(uri: str):
     client = client_for(uri)
     ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
     return client.search_runs(ids, run_view_type=ViewType.ALL) if ids else []
-
-
-
-
-@pytest.fixture(scope="module")
-def store_template(tmp_path_factory) -> Path:
-    """An empty, already migrated MLflow sqlite store (creating one costs about a second of CPU)."""
-    path = tmp_path_factory.mktemp("store") / "template.db"
-    client_for(f"sqlite:///{path}").search_experiments()
-    return path
-
-
-@pytest.fixture
-def uri(tmp_path, monkeypatch, store_template) -> str:
-    monkeypatch.chdir(tmp_path)
-    shutil.copyfile(store_template, tmp_path / "m.db")
-    return f"sqlite:///{tmp_path / 'm.db'}"
 
 
 @pytest.fixture

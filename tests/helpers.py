@@ -1,4 +1,4 @@
-"""Tiny IDX datasets for the tests (random pixels, so runs are fast; nothing is learned)."""
+"""Shared test helpers: tiny IDX datasets (random pixels, so runs are fast) and error-line checks."""
 
 from __future__ import annotations
 
@@ -27,3 +27,12 @@ def make_tiny_mnist(root: Path, n_train: int = 200, n_test: int = 40, *, bad_mag
     for name, (magic, array) in files.items():
         write_idx(folder / name, 1234 if name == bad_magic else magic, array)
     return root
+
+
+def assert_one_line_error(err: str) -> str:
+    """stderr is exactly one line, a ``rankbench: error:`` line, without a traceback."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("rankbench: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
