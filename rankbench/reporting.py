@@ -193,11 +193,9 @@ def published_rows(tasks: Iterable[str]) -> list[Row]:
 
 
 def _fmt(values: list[float], digits: int) -> str:
-    if not values:
-        return ""
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f}±{statistics.stdev(values):.{digits}f}"
+    from rankbench.report import mean_std
+
+    return mean_std(values, digits) if values else ""
 
 
 def _published_fmt(entry: dict, key: str, digits: int) -> str:
