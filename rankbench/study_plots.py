@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Callable
 
 from rankbench.studyspec import StudySpec
 
 
-def _figures(study, spec: StudySpec) -> dict[str, tuple[Callable, dict]]:
+def _figures(study, spec: StudySpec) -> dict[str, tuple[str, dict]]:
     """name → (function name in optuna.visualization[.matplotlib], keyword arguments)."""
     names = list(spec.objectives)
     first = (lambda t: t.values[0]) if len(names) > 1 else None
