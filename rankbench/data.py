@@ -68,7 +68,7 @@ _DOWNLOAD_TIMEOUT_S = 30
 
 @dataclass(frozen=True, eq=False)
 class Split:
-    """One split: normalised images ``x`` (N, 1, 28, 28) float32 and labels ``y`` (N,) int64.
+    """One split: normalised inputs ``x`` (N, ...) float32, e.g. (N, 1, 28, 28), and labels ``y`` (N,) int64.
 
     ``eq=False`` because element-wise tensor comparison has no single truth value.
     """

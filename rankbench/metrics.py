@@ -67,3 +67,35 @@ def compression_ratio(dense_parameters: int, model: nn.Module) -> float:
 def total_rank(model: nn.Module) -> int:
     """Sum of all eval-mode bond sizes (TT boundary bonds of size 1 included)."""
     return sum(sum(r) for r in learned_ranks(model).values())
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, split: Split, batch_size: int, device: torch.device,
+                          batches: int) -> None:
+    """Recompute every BatchNorm's running statistics with the model in eval mode
+    (deterministic gates and masks) over the first ``batches`` training batches.
+
+    Stochastic selectors train with noisy multipliers but evaluate with their
+    deterministic ones, which rescales each gated layer's output; statistics
+    gathered during training then no longer match and the error compounds
+    through the layers. Re-estimating them with the eval-mode weights (a plain
+    average over the batches, not a moving one) makes the evaluation measure
+    the model that is evaluated. The training trajectory is unaffected: training
+    normalises with batch statistics."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or batches < 1:
+        return
+    was_training = model.training
+    model.eval()
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    for i, (x, _) in enumerate(iterate_batches(split, batch_size, shuffle=False)):
+        if i >= batches:
+            break
+        model(x.to(device))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.train(was_training)

@@ -17,8 +17,16 @@ def mean_std(values: Sequence[float], digits: int = 2) -> str:
     return f"{statistics.mean(values):.{digits}f}±{statistics.stdev(values):.{digits}f}"
 
 
-def format_ranks(ranks: dict[str, list[int]]) -> str:
-    return "  ".join(f"{layer}:{'-'.join(map(str, r))}" for layer, r in ranks.items()) or "dense"
+def format_ranks(ranks: dict[str, list[int]], max_layers: int = 8) -> str:
+    """Every layer's bond ranks, or for deep models (more than ``max_layers`` layers,
+    e.g. ResNet-32's 32) a summary that fits a table cell; the run keeps ranks.json."""
+    if not ranks:
+        return "dense"
+    if len(ranks) > max_layers:
+        bonds = [b for r in ranks.values() for b in r]
+        return (f"{len(ranks)} layers, bond ranks {min(bonds)}-{max(bonds)} "
+                f"(mean {sum(bonds) / len(bonds):.1f}; all in ranks.json)")
+    return "  ".join(f"{layer}:{'-'.join(map(str, r))}" for layer, r in ranks.items())
 
 
 def results_table(results: Sequence[RunResult], tablefmt: str = "simple") -> str:

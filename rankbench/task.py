@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rankbench.config import Hyper
-from rankbench.data import DataSplits
+from rankbench.data import DataSplits, Split
 
 
 class Task:
@@ -47,6 +47,15 @@ class Task:
         if self.input_shape is None:
             raise NotImplementedError(f"task {self.name} declares no input_shape")
         return torch.randn(batch_size, *self.input_shape, generator=generator)
+
+    def augment(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        """A training batch as the model sees it (default: unchanged); draws only from ``generator``."""
+        return x
+
+    def calibrate(self, model: nn.Module, train: Split, device: torch.device) -> None:
+        """Runs before every evaluation (default: nothing). Tasks whose models hold
+        BatchNorm re-estimate its statistics here with ``recalibrate_batchnorm``:
+        a stochastic method's eval-mode weights differ from its training ones."""
 
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         return F.cross_entropy(outputs, targets)

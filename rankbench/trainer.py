@@ -68,7 +68,7 @@ def fit(
         sums = {"loss": 0.0, "penalty": 0.0}
         batches, batch_seconds = 0, 0.0
         for x, y in iterate_batches(data.train, batch_size, shuffle=True, generator=generator):
-            x, y = x.to(device), y.to(device)
+            x, y = task.augment(x, generator).to(device), y.to(device)
             synchronize(device)
             t0 = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
@@ -91,6 +91,7 @@ def fit(
             batches += 1
         if scheduler is not None:
             scheduler.step()
+        task.calibrate(model, data.train, device)
         val = evaluate(model, data.val, batch_size, task.loss, device)
         metrics = {
             "train_loss": sums["loss"] / batches,

@@ -36,3 +36,31 @@ def assert_one_line_error(err: str) -> str:
     assert lines[0].startswith("rankbench: error: "), err
     assert "Traceback" not in err
     return lines[0]
+
+
+def make_tiny_cifar10(root: Path, per_batch: int = 24, n_test: int = 24, *, learnable: bool = False) -> Path:
+    """CIFAR-10 python batches under ``root/cifar10/cifar-10-batches-py``, pickled like the
+    originals (protocol 2, dicts with bytes keys). ``learnable``: each class is one colour
+    plus noise, so a short run can learn it."""
+    import pickle
+
+    rng = np.random.default_rng(0)
+    folder = root / "cifar10" / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def batch(n: int) -> dict:
+        labels = rng.integers(0, 10, n)
+        if learnable:
+            colours = np.linspace(20, 235, 10)
+            base = np.stack([colours[labels], colours[::-1][labels], colours[(labels * 3) % 10]], 1)
+            images = base[:, :, None] + rng.normal(0, 20, (n, 3, 1024))
+            data = np.clip(images, 0, 255).astype(np.uint8).reshape(n, 3072)
+        else:
+            data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        return {b"batch_label": b"tiny", b"labels": [int(v) for v in labels], b"data": data,
+                b"filenames": [b"x.png"] * n}
+
+    for i in range(1, 6):
+        (folder / f"data_batch_{i}").write_bytes(pickle.dumps(batch(per_batch), protocol=2))
+    (folder / "test_batch").write_bytes(pickle.dumps(batch(n_test), protocol=2))
+    return root

@@ -355,3 +355,16 @@ def test_check_plugin_of_a_name_that_is_both_a_method_and_a_task_checks_both(tmp
     out = capsys.readouterr().out
     assert "method twin on task lenet5:" in out and "task twin:" in out
     assert "method twin on task mlp2" not in out  # --task chose the task the method is checked on
+
+
+def test_a_task_without_offline_data_is_checked_on_random_stand_in_inputs(tmp_path, monkeypatch) -> None:
+    """CIFAR-10 has no offline copy: the contract runs on random inputs and says so."""
+    from rankbench import contract
+
+    monkeypatch.setenv("RANKBENCH_DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(contract, "_DATA_CACHE", {})
+    checks = contract.check_method(Registry.discover(), "ours", "resnet32")
+    assert all(c.passed for c in checks), [(c.name, c.detail) for c in checks if not c.passed]
+    data = next(c for c in checks if c.name == "data")
+    assert data.detail.startswith("random stand-in data (warning: CIFAR-10 not found under")
+    assert "--download" in data.detail

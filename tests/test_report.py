@@ -971,3 +971,12 @@ def test_mlflow_ui_shows_consistent_runs_and_the_reported_means(mlflow_server, r
     rc, served, err = report(capsys, "--tracking-uri", mlflow_server, "--format", "csv")
     assert rc == 0, err
     assert served == out
+
+
+def test_format_ranks_lists_few_layers_and_summarises_deep_models() -> None:
+    from rankbench.report import format_ranks
+
+    assert format_ranks({}) == "dense"
+    assert format_ranks({"fc1": [1, 3, 2, 1], "fc2": [1, 4, 1]}) == "fc1:1-3-2-1  fc2:1-4-1"
+    deep = {f"blocks.{i}.conv1": [i + 2, 10, 4] for i in range(9)}
+    assert format_ranks(deep) == "9 layers, bond ranks 2-10 (mean 6.7; all in ranks.json)"  # (54 + 90 + 36) / 27

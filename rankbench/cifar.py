@@ -1,0 +1,223 @@
+"""CIFAR-10 from its standard python batches, with the usual crop-and-flip augmentation.
+
+The files are the ones the dataset's authors publish (``cifar-10-python.tar.gz``,
+unpacked to ``cifar-10-batches-py/``). They are pickles, so they are read with an
+unpickler that only admits the numpy array reconstructors the batches need:
+a tampered file cannot run code. No torchvision dependency.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+from http.client import HTTPException
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rankbench.data import DataSplits, Split, default_data_dir
+from rankbench.errors import RankbenchError
+
+__all__ = ["CIFAR10_NAME", "load_cifar10", "random_crop_flip"]
+
+CIFAR10_NAME = "cifar10"
+ARCHIVE = "cifar-10-python.tar.gz"
+ARCHIVE_URL = f"https://www.cs.toronto.edu/~kriz/{ARCHIVE}"
+ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
+BATCHES_DIR = "cifar-10-batches-py"
+TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
+TEST_BATCH = "test_batch"
+
+_MEAN = (0.4914, 0.4822, 0.4465)
+_STD = (0.2470, 0.2435, 0.2616)
+_PIXELS = 3 * 32 * 32
+_NUM_CLASSES = 10
+_DOWNLOAD_TIMEOUT_S = 60
+
+_NUMPY_CORE = "numpy._core" if hasattr(np, "_core") else "numpy.core"
+_ALLOWED = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+}
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Admits only what a CIFAR batch pickle holds: numpy arrays, dicts, lists, bytes."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _ALLOWED:
+            raise pickle.UnpicklingError(f"forbidden global {module}.{name}")
+        if module.startswith("numpy.core"):
+            module = module.replace("numpy.core", _NUMPY_CORE, 1)
+        return super().find_class(module, name)
+
+
+def _corrupt(path: Path, reason: str) -> RankbenchError:
+    return RankbenchError(
+        f"corrupt CIFAR-10 batch {path} ({reason}): delete {path.parent} and re-run with --download, "
+        f"or unpack the original {ARCHIVE} there"
+    )
+
+
+def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Images ``(N, 3, 32, 32)`` uint8 and labels ``(N,)`` int64 of one batch file."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise RankbenchError(f"could not read {path} ({exc.strerror or exc}): check the file's permissions") from exc
+    try:
+        batch = _BatchUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    except Exception as exc:  # a damaged pickle raises almost anything
+        raise _corrupt(path, f"{type(exc).__name__}: {exc}".strip().rstrip(":")) from exc
+    if not isinstance(batch, dict):
+        raise _corrupt(path, f"holds a {type(batch).__name__}, expected a dict")
+    batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    if "data" not in batch or "labels" not in batch:
+        raise _corrupt(path, f"keys {sorted(map(str, batch))}, expected 'data' and 'labels'")
+    data = np.asarray(batch["data"])
+    labels = np.asarray(batch["labels"], dtype=np.int64)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != _PIXELS:
+        raise _corrupt(path, f"data is {data.dtype} {data.shape}, expected uint8 (N, {_PIXELS})")
+    if labels.shape != (data.shape[0],):
+        raise _corrupt(path, f"{data.shape[0]} images but {labels.size} labels")
+    if labels.size and (labels.min() < 0 or labels.max() >= _NUM_CLASSES):
+        raise _corrupt(path, f"label outside 0..{_NUM_CLASSES - 1}")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _download(directory: Path) -> Path:
+    """Fetch the archive through a temp file + rename, and check its published MD5."""
+    target = directory / ARCHIVE
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RankbenchError(
+            f"could not create {directory} ({exc.strerror or exc}): set RANKBENCH_DATA_DIR to a writable directory"
+        ) from exc
+    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{ARCHIVE}.", suffix=".part")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(ARCHIVE_URL, timeout=_DOWNLOAD_TIMEOUT_S) as response:
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+        if (found := _md5(tmp)) != ARCHIVE_MD5:
+            raise RankbenchError(f"downloaded {ARCHIVE_URL} has MD5 {found}, expected {ARCHIVE_MD5}: re-run --download")
+        os.replace(tmp, target)
+    except (urllib.error.URLError, HTTPException, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+        raise RankbenchError(
+            f"could not download {ARCHIVE_URL} ({reason}): copy {ARCHIVE} to {directory} by hand"
+        ) from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def _extract(archive: Path, directory: Path) -> None:
+    """Unpack the batches (and nothing outside ``directory``) from the archive."""
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            members = [m for m in tar.getmembers() if m.name.startswith(f"{BATCHES_DIR}/") and m.isfile()]
+            tar.extractall(directory, members=members, filter="data")
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise RankbenchError(
+            f"could not unpack {archive} ({exc}): delete it and re-run with --download, or copy the original archive"
+        ) from exc
+
+
+def _batches_dir(data_dir: Path | None, download: bool) -> Path:
+    """Where the batch files are: ``DIR/cifar10/cifar-10-batches-py`` (or torchvision's
+    ``DIR/cifar-10-batches-py``), unpacking or downloading the archive when asked."""
+    root = Path(data_dir) if data_dir is not None else default_data_dir()
+    directory = root / CIFAR10_NAME
+    for candidate in (directory / BATCHES_DIR, root / BATCHES_DIR):
+        if candidate.is_dir():
+            return candidate
+    archive = directory / ARCHIVE
+    if not archive.is_file() and (root / ARCHIVE).is_file():
+        archive = root / ARCHIVE
+    if not archive.is_file():
+        if not download:
+            raise RankbenchError(
+                f"CIFAR-10 not found under {directory}: unpack {ARCHIVE} ({ARCHIVE_URL}) there "
+                f"(or copy the archive), or pass --download; CIFAR-10 has no embedded offline copy"
+            )
+        archive = _download(directory)
+    _extract(archive, directory)
+    return directory / BATCHES_DIR
+
+
+def _make_split(images: np.ndarray, labels: np.ndarray) -> Split:
+    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).div_(255.0)
+    mean = torch.tensor(_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(_STD).view(1, 3, 1, 1)
+    return Split(x=x.sub_(mean).div_(std), y=torch.from_numpy(np.ascontiguousarray(labels)))
+
+
+def load_cifar10(
+    data_dir: Path | None = None, *, split_seed: int = 0, val_size: int = 5000, download: bool = False
+) -> DataSplits:
+    """CIFAR-10: the five training batches less ``val_size`` held-out images (seeded
+    by ``split_seed``) for training and validation, the test batch untouched.
+    Images are normalised per channel, shaped ``(N, 3, 32, 32)``."""
+    directory = _batches_dir(data_dir, download)
+    missing = [name for name in (*TRAIN_BATCHES, TEST_BATCH) if not (directory / name).is_file()]
+    if missing:
+        raise RankbenchError(
+            f"CIFAR-10 is incomplete under {directory}: missing {', '.join(missing)}: "
+            f"unpack the original {ARCHIVE} there, or delete the folder and pass --download"
+        )
+    parts = [_read_batch(directory / name) for name in TRAIN_BATCHES]
+    train_x = np.concatenate([p[0] for p in parts])
+    train_y = np.concatenate([p[1] for p in parts])
+    test_x, test_y = _read_batch(directory / TEST_BATCH)
+    n_train = len(train_y)
+    if not 0 <= val_size < n_train:
+        raise RankbenchError(
+            f"val_size {val_size} does not fit the {n_train:,} CIFAR-10 training images: "
+            f"choose a validation size from 0 to {n_train - 1}"
+        )
+    perm = np.random.default_rng(split_seed).permutation(n_train)
+    val_idx, train_idx = perm[:val_size], perm[val_size:]
+    return DataSplits(
+        name=CIFAR10_NAME,
+        source=str(directory),
+        train=_make_split(train_x[train_idx], train_y[train_idx]),
+        val=_make_split(train_x[val_idx], train_y[val_idx]),
+        test=_make_split(test_x, test_y),
+        num_classes=_NUM_CLASSES,
+    )
+
+
+def random_crop_flip(x: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The standard CIFAR augmentation, per image: zero-pad by ``padding``, crop back
+    to the original size at a random offset, and flip horizontally with probability ½.
+    Drawn from ``generator`` so one seed gives one sequence of batches."""
+    n, c, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    flip = torch.rand(n, generator=generator) < 0.5
+    cols = dx[:, None] + torch.arange(w)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    rows = dy[:, None] + torch.arange(h)
+    idx = torch.arange(n)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[idx, rows[:, :, None], cols[:, None, :]]
+    return out.permute(0, 3, 1, 2).contiguous()
