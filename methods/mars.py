@@ -64,6 +64,8 @@ class Mars(Method):
         "gamma": Hyper(-0.1, "Hard-Concrete stretch lower end γ"),
         "zeta": Hyper(1.1, "Hard-Concrete stretch upper end ζ"),
         "core_prior_inv_std": Hyper(0.1, "s^-1 of the Gaussian prior on core entries", minimum=0.0),
+        "prior_n": Hyper(None, "N of the prior's 1/N weight (none: the training set's size)", type=int,
+                         minimum=1, nullable=True),
     }
 
     def __init__(self, params: Mapping) -> None:
@@ -91,7 +93,8 @@ class Mars(Method):
                       torch.zeros((), device=device))
         l2 = 0.5 * self.params["core_prior_inv_std"] ** 2 * squares
         assert self.context is not None, "attach() first"
-        return (prior + l2) / self.context.num_train
+        n = self.context.num_train if self.params["prior_n"] is None else self.params["prior_n"]
+        return (prior + l2) / n
 
     def on_epoch_end(self, model: nn.Module, epoch: int, metrics: Mapping[str, float]) -> None:
         self.temperature = max(self.params["tau_min"], self.params["tau_decay"] * self.temperature)

@@ -168,7 +168,8 @@ def run(
         torch.set_num_threads(config.threads)
     task_cls = registry.task(config.task)
     data = task_cls(config.task_params).load_data(config.data_dir, config.download)
-    recipe_name, task_params = task_cls.recipe_for(data, config.task_params, config.explicit)
+    recipe_name, task_params = task_cls.recipe_for(data, config.task_params, config.explicit, config.method)
+    method_params = task_cls.method_params_for(data, config.method, config.method_params, config.explicit)
     if config.budget_steps is not None:
         task_params["epochs"] = epochs_for_steps(config.budget_steps, len(data.train), task_params["batch_size"])
     task = task_cls(task_params)
@@ -177,14 +178,14 @@ def run(
     dense_parameters = count_parameters(task.dense_model())
     results = []
     for seed in config.seeds:
-        method = registry.method(config.method)(config.method_params)
+        method = registry.method(config.method)(method_params)
         context = MethodContext(num_train=len(data.train), device=device)
         model = build_model(task, method, seed, context, config.contraction)
         params = {
             "task": config.task, "method": config.method, "seed": seed, "recipe": recipe_name, **task.params,
             "budget_steps": config.budget_steps,
             "steps_per_epoch": math.ceil(len(data.train) / task.params["batch_size"]),
-            **config.method_params, "dataset": data.name, "dataset_source": data.source,
+            **method_params, "dataset": data.name, "dataset_source": data.source,
             "train_size": len(data.train), "val_size_used": len(data.val), "test_size": len(data.test),
             "initial_ranks": json.dumps(learned_ranks(model)),
             "contraction": json.dumps(contraction_choices(model, task.params["batch_size"])),

@@ -83,8 +83,14 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
     if "data" not in batch or "labels" not in batch:
         raise _corrupt(path, f"keys {sorted(map(str, batch))}, expected 'data' and 'labels'")
-    data = np.asarray(batch["data"])
-    labels = np.asarray(batch["labels"], dtype=np.int64)
+    try:
+        data = np.asarray(batch["data"])
+        raw_labels = np.asarray(batch["labels"])
+    except (ValueError, TypeError) as exc:
+        raise _corrupt(path, f"unreadable data or labels: {exc}") from exc
+    if raw_labels.dtype.kind not in "iu":
+        raise _corrupt(path, f"labels are {raw_labels.dtype}, expected integers")
+    labels = raw_labels.astype(np.int64)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != _PIXELS:
         raise _corrupt(path, f"data is {data.dtype} {data.shape}, expected uint8 (N, {_PIXELS})")
     if labels.shape != (data.shape[0],):

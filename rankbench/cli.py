@@ -130,9 +130,11 @@ def cmd_list(registry) -> None:
             print(f"  {name:14s} {plugin.description}")
             for key, hyper in plugin.hyperparameters.items():
                 print(f"      {key} = {hyper.describe():22s} {hyper.help}")
-            if getattr(plugin, "embedded_recipe", None):
-                text = ", ".join(f"{k}={v}" for k, v in plugin.embedded_recipe.items())
-                print(f"      (recipe on the embedded default data: {text}; {plugin.embedded_recipe_why})")
+            embedded = [f"{k}={v}" for k, v in getattr(plugin, "embedded_recipe", {}).items()]
+            embedded += [f"{method} {k}={v}" for method, values in getattr(plugin, "embedded_method_defaults", {}).items()
+                         for k, v in values.items()]
+            if embedded:
+                print(f"      (recipe on the embedded default data: {', '.join(embedded)}; {plugin.embedded_recipe_why})")
             for method, values in getattr(plugin, "method_defaults", {}).items():
                 text = ", ".join(f"{k}={v}" for k, v in values.items())
                 print(f"      (defaults for {method}: {text})")
@@ -167,7 +169,7 @@ def cmd_run(args, registry) -> None:
         if not bars:
             print(f"task {config.task}: " + ", ".join(f"{k}={params[k]}" for k in config.task_params))
             print(f"method {config.method}: "
-                  + (", ".join(f"{k}={v}" for k, v in config.method_params.items()) or "-"))
+                  + (", ".join(f"{k}={params[k]}" for k in config.method_params) or "-"))
             recipe = ", ".join(f"{k}={params[k]}" for k in task_cls.recipe_keys if k in params)
             why = f" ({task_cls.embedded_recipe_why})" if params["recipe"] == "embedded" else ""
             print(f"recipe {params['recipe']}: {recipe}{why}")

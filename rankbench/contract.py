@@ -246,9 +246,10 @@ def check_method(registry: Registry, name: str, task: str = "lenet5", *, prefix:
     def build() -> str:
         cfg = state["config"]
         loaded: DataSplits = state["data"]
-        _, task_params = state["task_cls"].recipe_for(loaded, cfg.task_params, cfg.explicit)
+        _, task_params = state["task_cls"].recipe_for(loaded, cfg.task_params, cfg.explicit, cfg.method)
         task_obj = state["task_cls"](task_params)
-        method = state["method_cls"](cfg.method_params)
+        method = state["method_cls"](state["task_cls"].method_params_for(loaded, cfg.method, cfg.method_params,
+                                                                         cfg.explicit))
         context = MethodContext(num_train=len(loaded.train), device=_CPU)
         model = build_model(task_obj, method, seed=0, context=context)
         _require(isinstance(model, nn.Module), f"build_model returned a {type(model).__name__}, not an nn.Module")
@@ -417,6 +418,9 @@ def check_task(registry: Registry, name: str) -> list[Check]:
         for method, values in task_cls.method_defaults.items():
             if method in registry.methods:
                 make_config(registry, name, method)  # the task's defaults for that method validate
+        for method, values in task_cls.embedded_method_defaults.items():
+            if method in registry.methods:
+                make_config(registry, name, method, values)  # and its embedded-data defaults
         params = _default_params(task_cls)
         state.update(task_cls=task_cls, task=task_cls(params))
         return ", ".join(f"{k}={v}" for k, v in params.items())

@@ -27,6 +27,7 @@ class Task:
     method_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
     recipe_keys: ClassVar[tuple[str, ...]] = ("epochs", "batch_size", "lr")
     embedded_recipe: ClassVar[dict[str, Any]] = {}
+    embedded_method_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
     embedded_recipe_why: ClassVar[str] = ""
     input_shape: ClassVar[tuple[int, ...] | None] = None
 
@@ -72,14 +73,29 @@ class Task:
         return {k: self.params[k] for k in self.recipe_keys if k in self.params}
 
     @classmethod
-    def recipe_for(cls, data: DataSplits, params: Mapping[str, Any], explicit: Iterable[str]) -> tuple[str, dict[str, Any]]:
+    def recipe_for(cls, data: DataSplits, params: Mapping[str, Any], explicit: Iterable[str],
+                   method: str | None = None) -> tuple[str, dict[str, Any]]:
         """The recipe's name and the parameters for the data actually loaded.
 
         The hyperparameter defaults are the paper's recipe, meant for the full
         dataset; on the small embedded default the task's ``embedded_recipe``
-        replaces them, except for keys the user set explicitly.
+        replaces them, except for keys the user set explicitly. The name is
+        ``embedded`` when the embedded data changes the task's or ``method``'s
+        parameters (``embedded_method_defaults``), else ``paper``.
         """
-        if not data.embedded or not cls.embedded_recipe:
+        adjusts = bool(cls.embedded_recipe) or (method is not None and method in cls.embedded_method_defaults)
+        if not data.embedded or not adjusts:
             return "paper", dict(params)
         chosen = set(explicit)
         return "embedded", {**params, **{k: v for k, v in cls.embedded_recipe.items() if k not in chosen}}
+
+    @classmethod
+    def method_params_for(cls, data: DataSplits, method: str, params: Mapping[str, Any],
+                          explicit: Iterable[str]) -> dict[str, Any]:
+        """``method``'s parameters for the data actually loaded: on the embedded default
+        the task's ``embedded_method_defaults[method]`` apply, except keys set explicitly."""
+        if not data.embedded:
+            return dict(params)
+        chosen = set(explicit)
+        overrides = cls.embedded_method_defaults.get(method, {})
+        return {**params, **{k: v for k, v in overrides.items() if k not in chosen}}

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from rankbench.config import Hyper
-from rankbench.data import DataSplits, load_mnist_family_from, mnist_family_hyperparameters
+from rankbench.data import (
+    EMBEDDED_PRIOR_N,
+    MARS_PRIOR_WHY,
+    DataSplits,
+    load_mnist_family_from,
+    mnist_family_hyperparameters,
+)
 from rankbench.task import Task
 from rankbench.tensorized import TensorizedLinear
 
@@ -33,6 +39,8 @@ class Mlp2Task(Task):
     name: ClassVar[str] = "mlp2"
     description: ClassVar[str] = "2-layer MLP (MARS 2FC-Net, 496,885 params) on MNIST-family digits, TT-matrix"
     recipe_keys: ClassVar[tuple[str, ...]] = ("epochs", "batch_size", "lr", "lr_decay")
+    embedded_method_defaults: ClassVar[dict[str, dict[str, Any]]] = {"mars": {"prior_n": EMBEDDED_PRIOR_N}}
+    embedded_recipe_why: ClassVar[str] = MARS_PRIOR_WHY
     input_shape: ClassVar[tuple[int, ...]] = (1, 28, 28)
     hyperparameters: ClassVar[dict[str, Hyper]] = {
         **mnist_family_hyperparameters(),

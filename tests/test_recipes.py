@@ -77,3 +77,51 @@ def test_cli_budget_conflicts_with_epochs(tmp_path, capsys):
     assert main(["run", "--method", "dense", "--task", "mlp2", "--budget", "steps=10", "--epochs", "2",
                  "--tracking-uri", uri]) == 2
     assert "--budget sets the epochs" in capsys.readouterr().err
+
+
+def test_mars_uses_full_mnist_prior_weight_on_the_embedded_digits_only(tmp_path):
+    """MARS's priors are weighted 1/N; the embedded recipe sets N to full MNIST's 60,000."""
+    from rankbench.data import EMBEDDED_PRIOR_N, load_mnist_family
+    from tests.helpers import make_tiny_mnist
+
+    task_cls = REGISTRY.task("mlp2")
+    embedded = task_cls(make_config(REGISTRY, "mlp2", "mars").task_params).load_data(None, False)
+    full = load_mnist_family("mnist", make_tiny_mnist(tmp_path), val_size=40)
+    assert embedded.embedded and not full.embedded
+    config = make_config(REGISTRY, "mlp2", "mars")
+    assert config.method_params["prior_n"] is None
+    assert task_cls.method_params_for(embedded, "mars", config.method_params, config.explicit)["prior_n"] \
+        == EMBEDDED_PRIOR_N == 60000
+    assert task_cls.method_params_for(full, "mars", config.method_params, config.explicit)["prior_n"] is None
+    assert task_cls.recipe_for(embedded, config.task_params, config.explicit, "mars")[0] == "embedded"
+    assert task_cls.recipe_for(full, config.task_params, config.explicit, "mars")[0] == "paper"
+    ours = make_config(REGISTRY, "mlp2", "ours")
+    assert task_cls.method_params_for(embedded, "ours", ours.method_params, ours.explicit) == ours.method_params
+    assert task_cls.recipe_for(embedded, ours.task_params, ours.explicit, "ours")[0] == "paper"
+    chosen = make_config(REGISTRY, "mlp2", "mars", {"prior_n": 4000})
+    assert task_cls.method_params_for(embedded, "mars", chosen.method_params, chosen.explicit)["prior_n"] == 4000
+
+
+def test_mars_penalty_is_divided_by_prior_n_when_set():
+    config = make_config(REGISTRY, "mlp2", "mars", {"prior_n": 60000})
+    task = REGISTRY.task("mlp2")(config.task_params)
+    penalties = {}
+    for prior_n in (None, 60000):
+        method = REGISTRY.method("mars")({**config.method_params, "prior_n": prior_n})
+        model = build_model(task, method, 0, MethodContext(4000, torch.device("cpu")))
+        penalties[prior_n] = float(method.penalty(model).detach())
+    assert penalties[60000] == pytest.approx(penalties[None] * 4000 / 60000, rel=1e-6)
+
+
+def test_the_embedded_mars_run_records_and_prints_its_prior_n(tmp_path, capsys):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    assert main(["run", "--task", "mlp2", "--method", "mars", "--epochs", "1", "--tracking-uri", uri,
+                 "--no-progress"]) in (0, None)
+    out = capsys.readouterr().out
+    assert "prior_n=60000" in out.splitlines()[1]  # the method line shows the value used
+    assert out.splitlines()[2].startswith("recipe embedded:") and "1/N" in out.splitlines()[2]
+    (found,) = mlflow.MlflowClient(uri).search_runs(
+        [mlflow.MlflowClient(uri).get_experiment_by_name("mlp2").experiment_id])
+    assert found.data.params["prior_n"] == "60000" and found.data.params["recipe"] == "embedded"
