@@ -17,7 +17,8 @@ def test_wheel_ships_builtin_methods_and_tasks(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     for path in ("rankbench/methods/ours.py", "rankbench/methods/dense.py", "rankbench/methods/trn.py",
                  "rankbench/methods/mars.py", "rankbench/methods/reinforce_l0.py", "rankbench/tasks/lenet5.py",
-                 "rankbench/tasks/mlp2.py", "rankbench/tensorized.py"):
+                 "rankbench/tasks/mlp2.py", "rankbench/tasks/resnet.py", "rankbench/cifar.py",
+                 "rankbench/tensorized.py"):
         assert path in names
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
@@ -27,4 +28,4 @@ def test_wheel_ships_builtin_methods_and_tasks(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(target), "PATH": ""},
                          check=True, capture_output=True, text=True).stdout
     assert str(target) in out.splitlines()[0]
-    assert "['dense', 'mars', 'ours', 'reinforce_l0', 'trn'] ['lenet5', 'mlp2']" in out
+    assert "['dense', 'mars', 'ours', 'reinforce_l0', 'trn'] ['lenet5', 'mlp2', 'resnet110', 'resnet32']" in out
