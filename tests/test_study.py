@@ -575,12 +575,13 @@ def test_a_killed_worker_trial_goes_stale_and_is_retried(env, capsys):
     # the same study again, in-process; shorter training keeps the test fast (resuming depends on the storage only)
     assert main(env.argv(path, *TINY)) == 0, capsys.readouterr().err
     trials = trials_of(env.storage, "killed")
+    seen = [(t.number, t.state.name, t.params, t.system_attrs.get("failed_trial")) for t in trials]
     done = complete(trials)
-    assert len(done) == 3
-    assert len({point(t) for t in done}) == 3
+    assert len(done) == 3, (killed_number, seen)
+    assert len({point(t) for t in done}) == 3, seen
     killed = trials[killed_number]
-    assert killed.state.name == "FAIL"
-    assert [t.number for t in trials if t.state.name != "COMPLETE"] == [killed_number]
+    assert killed.state.name == "FAIL", (killed_number, seen)
+    assert [t.number for t in trials if t.state.name != "COMPLETE"] == [killed_number], seen
     (retry,) = [t for t in done if t.system_attrs.get("failed_trial") == killed_number]
     assert retry.params == killed.params
 
