@@ -30,7 +30,7 @@ import pytest
 
 import rankbench.study
 import rankbench.tracking
-from helpers import assert_one_line_error, make_tiny_mnist
+from helpers import assert_one_line_error, make_tiny_cifar10, make_tiny_mnist
 from rankbench.cli import main
 from rankbench.registry import Registry
 from rankbench.studyspec import load_study_file
@@ -50,8 +50,9 @@ TINY = ["--set", "epochs=1", "--seeds", "0"]
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    """Random IDX files under ``<dir>/mnist`` (train 160 / val 40 / test 40 with val_size=40)."""
-    return make_tiny_mnist(tmp_path_factory.mktemp("data"))
+    """Random IDX files under ``<dir>/mnist`` (train 160 / val 40 / test 40 with val_size=40) and
+    CIFAR-10 batches under ``<dir>/cifar10`` (train 80 / val 40 / test 24)."""
+    return make_tiny_cifar10(make_tiny_mnist(tmp_path_factory.mktemp("data")))
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +221,7 @@ def sqlite_trial_states(db: Path) -> list[tuple[int, str, bool]]:
 def test_every_shipped_study_file_loads_and_validates():
     registry = Registry.discover()
     names = {p.stem for p in STUDIES}
-    assert names == {"lenet5_methods", "lenet5_pareto", "lenet5_sensitivity", "mlp2_ranks"}
+    assert names == {"lenet5_methods", "lenet5_pareto", "lenet5_sensitivity", "mlp2_ranks", "resnet32_methods"}
     for path in STUDIES:
         spec = load_study_file(path, registry)
         assert spec.name == path.stem
