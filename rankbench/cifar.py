@@ -8,21 +8,15 @@ a tampered file cannot run code. No torchvision dependency.
 
 from __future__ import annotations
 
-import hashlib
 import io
-import os
 import pickle
 import tarfile
-import tempfile
-import urllib.error
-import urllib.request
-from http.client import HTTPException
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from rankbench.data import DataSplits, Split, default_data_dir
+from rankbench.data import DataSplits, Split, default_data_dir, download_file, holdout_split
 from rankbench.errors import RankbenchError
 
 __all__ = ["CIFAR10_NAME", "load_cifar10", "random_crop_flip"]
@@ -100,40 +94,9 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data.reshape(-1, 3, 32, 32), labels
 
 
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _download(directory: Path) -> Path:
-    """Fetch the archive through a temp file + rename, and check its published MD5."""
-    target = directory / ARCHIVE
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise RankbenchError(
-            f"could not create {directory} ({exc.strerror or exc}): set RANKBENCH_DATA_DIR to a writable directory"
-        ) from exc
-    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{ARCHIVE}.", suffix=".part")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(ARCHIVE_URL, timeout=_DOWNLOAD_TIMEOUT_S) as response:
-            while chunk := response.read(1 << 20):
-                out.write(chunk)
-        if (found := _md5(tmp)) != ARCHIVE_MD5:
-            raise RankbenchError(f"downloaded {ARCHIVE_URL} has MD5 {found}, expected {ARCHIVE_MD5}: re-run --download")
-        os.replace(tmp, target)
-    except (urllib.error.URLError, HTTPException, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
-        raise RankbenchError(
-            f"could not download {ARCHIVE_URL} ({reason}): copy {ARCHIVE} to {directory} by hand"
-        ) from exc
-    finally:
-        tmp.unlink(missing_ok=True)
-    return target
+    """Fetch the archive and check its published MD5."""
+    return download_file(ARCHIVE_URL, directory / ARCHIVE, _DOWNLOAD_TIMEOUT_S, md5=ARCHIVE_MD5)
 
 
 def _extract(archive: Path, directory: Path) -> None:
@@ -194,14 +157,7 @@ def load_cifar10(
     train_x = np.concatenate([p[0] for p in parts])
     train_y = np.concatenate([p[1] for p in parts])
     test_x, test_y = _read_batch(directory / TEST_BATCH)
-    n_train = len(train_y)
-    if not 0 <= val_size < n_train:
-        raise RankbenchError(
-            f"val_size {val_size} does not fit the {n_train:,} CIFAR-10 training images: "
-            f"choose a validation size from 0 to {n_train - 1}"
-        )
-    perm = np.random.default_rng(split_seed).permutation(n_train)
-    val_idx, train_idx = perm[:val_size], perm[val_size:]
+    train_idx, val_idx = holdout_split(len(train_y), val_size, split_seed, "CIFAR-10 training images")
     return DataSplits(
         name=CIFAR10_NAME,
         source=str(directory),

