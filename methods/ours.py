@@ -6,13 +6,14 @@ Probabilistic ℓ0-Regularized Rank Selection for Model Compression", IJCAI 2024
 
 from __future__ import annotations
 
+import weakref
 from typing import ClassVar, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from rankbench.config import Hyper, Search
-from rankbench.method import SELECTOR_HYPERPARAMETERS, Method
+from rankbench.method import SELECTOR_HYPERPARAMETERS, Method, StepLoss, TaskLoss
 from rankbench.tensorized import Bond, RankSelector
 
 
@@ -31,11 +32,14 @@ class GaussianGate(RankSelector):
         self.mu = nn.Parameter(torch.randn(size - 1) * 0.01)
         self.register_buffer("mu_fixed", torch.randn(1) * 0.01)
         self.fixed = False
+        self.drawn: Tensor | None = None
 
     def _location(self) -> Tensor:
         return torch.cat([self.mu, self.mu_fixed])
 
     def sample(self) -> Tensor:
+        if self.drawn is not None:
+            return self.drawn
         if self.fixed:
             return self.deterministic()
         z = self._location() + self.sigma * torch.randn(self.size, device=self.mu_fixed.device)
@@ -79,22 +83,61 @@ class ProbabilisticL0(Method):
     def __init__(self, params: Mapping) -> None:
         super().__init__(params)
         self.fixed = False
+        self._gates: tuple[weakref.ref, list[GaussianGate]] | None = None
+        self._weights: tuple[tuple, Tensor] | None = None
 
     def selector(self, bond: Bond) -> RankSelector | None:
         return GaussianGate(bond.size, self.params["sigma"], self.params["offset"])
 
     def gates(self, model: nn.Module) -> list[GaussianGate]:
-        return [m for m in model.modules() if isinstance(m, GaussianGate)]
+        """The model's gates in forward order (modules are registered in the order they run)."""
+        cached = self._gates
+        if cached is None or cached[0]() is not model:
+            self._gates = cached = (weakref.ref(model), [m for m in model.modules() if isinstance(m, GaussianGate)])
+        return cached[1]
+
+    def _penalty_weights(self, gates: list[GaussianGate], device: torch.device) -> Tensor:
+        """Per-entry weights of Φ: 1/(R−1) for a bond's mean, 1 for its sum."""
+        key = (tuple(g.mu.numel() for g in gates), self.params["penalty_reduction"], device)
+        if self._weights is None or self._weights[0] != key:
+            mean = self.params["penalty_reduction"] == "mean"
+            parts = [torch.full((g.mu.numel(),), 1.0 / g.mu.numel() if mean else 1.0) for g in gates]
+            self._weights = (key, torch.cat(parts).to(device))
+        return self._weights[1]
 
     def penalty(self, model: nn.Module) -> Tensor:
-        total = torch.zeros((), device=next(model.parameters()).device)
-        if self.fixed:
-            return total
-        reduce = torch.mean if self.params["penalty_reduction"] == "mean" else torch.sum
-        for gate in self.gates(model):
-            if gate.mu.numel() > 0:
-                total = total + reduce(gate.open_probability())
-        return self.params["lambda"] * total
+        """λ·Σ_bonds mean_j Φ((μ_j + b)/σ), computed over all bonds' μ at once."""
+        gates = [g for g in self.gates(model) if g.mu.numel() > 0]
+        if self.fixed or not gates:
+            return torch.zeros((), device=next(model.parameters()).device)
+        mu = torch.cat([g.mu for g in gates])
+        phi = torch.special.ndtr((mu + self.params["offset"]) / self.params["sigma"])
+        return self.params["lambda"] * (phi * self._penalty_weights(gates, mu.device)).sum()
+
+    def draw(self, gates: list[GaussianGate]) -> list[Tensor]:
+        """Every gate's training multipliers in one pass: ε drawn per gate in forward
+        order (the same numbers as drawing gate by gate), the rest fused over the model."""
+        location = torch.cat([t for g in gates for t in (g.mu, g.mu_fixed)])
+        if self.fixed or all(g.fixed for g in gates):
+            z = location
+        else:
+            noise = torch.cat([torch.randn(g.size, device=location.device) for g in gates])
+            z = location + self.params["sigma"] * noise
+        return list(torch.clamp(z + self.params["offset"], 0.0, 1.0).split([g.size for g in gates]))
+
+    def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor], task_loss: TaskLoss) -> StepLoss:
+        """The default task loss + penalty, with all gates drawn at once: per-bond
+        gate arithmetic costs a few kernel launches per bond, and ResNet-32 has 219."""
+        gates = self.gates(model)
+        if not model.training or not gates or any(g.fixed != gates[0].fixed for g in gates):
+            return super().loss(model, batch, task_loss)
+        for gate, value in zip(gates, self.draw(gates)):
+            gate.drawn = value
+        try:
+            return super().loss(model, batch, task_loss)
+        finally:
+            for gate in gates:
+                gate.drawn = None
 
     def on_epoch_end(self, model: nn.Module, epoch: int, metrics: Mapping[str, float]) -> None:
         target = self.params["target_compression"]

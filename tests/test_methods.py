@@ -192,3 +192,66 @@ def test_tiny_training_run_learns(name):
     assert history[-1]["val_accuracy"] > 60.0
     if name == "ours":
         assert history[-1]["penalty"] > 0
+
+
+def _ours_model(**params):
+    ours, task = method("ours", **params)
+    model = build_model(task, ours, 0, CPU)
+    model.train()
+    return ours, task, model
+
+
+def test_draw_gives_the_numbers_gate_by_gate_sampling_gives():
+    """All gates drawn in one pass = each gate sampled in forward order, bit for bit."""
+    ours, _, model = _ours_model()
+    gates = ours.gates(model)
+    assert len(gates) == 20 and gates == [m for m in model.modules() if m in gates]
+    torch.manual_seed(5)
+    one_by_one = [g.sample() for g in gates]
+    torch.manual_seed(5)
+    together = ours.draw(gates)
+    for a, b in zip(one_by_one, together, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_batched_loss_equals_the_gate_by_gate_loss_and_its_gradients():
+    from rankbench.method import Method
+
+    ours, task, model = _ours_model(**{"lambda": 0.7})
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    results = []
+    for loss in (Method.loss, type(ours).loss):  # the base path samples gate by gate
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(11)
+        step = loss(ours, model, (x, y), task.loss)
+        step.total.backward()
+        results.append((step, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (base, base_grads), (batched, batched_grads) = results
+    assert torch.equal(base.outputs, batched.outputs)
+    torch.testing.assert_close(batched.penalty, base.penalty, rtol=1e-6, atol=0)
+    assert len(base_grads) == len(batched_grads)
+    for a, b in zip(base_grads, batched_grads):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    assert all(g.drawn is None for g in ours.gates(model))
+
+
+def test_drawn_gates_are_cleared_when_the_step_fails():
+    ours, _, model = _ours_model()
+
+    def failing_loss(outputs, targets):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        ours.loss(model, (torch.randn(2, 1, 28, 28), torch.zeros(2, dtype=torch.long)), failing_loss)
+    assert all(g.drawn is None for g in ours.gates(model))
+
+
+def test_fixed_gates_are_drawn_deterministic_and_the_gate_list_follows_the_model():
+    ours, task, model = _ours_model(target_compression=1.0)
+    ours.on_epoch_end(model, 1, {"compression": 4.25})
+    gates = ours.gates(model)
+    for drawn, gate in zip(ours.draw(gates), gates):
+        assert torch.equal(drawn, gate.deterministic())
+    other = build_model(task, ours, 1, CPU)
+    assert ours.gates(other) is not gates and len(ours.gates(other)) == len(gates)
+    assert not set(map(id, ours.gates(other))) & set(map(id, gates))
