@@ -209,12 +209,37 @@ class TensorizedLayer(nn.Module):
         terms, modes = _ring_terms(self.core_modes, reserved)
         return terms, [modes[k][j] for k, j in self.weight_order]
 
+    def _full_equation(self) -> str:
+        """Einsum equation reconstructing the weight from the cores."""
+        terms, order = self._weight_letters()
+        return ",".join(terms) + "->" + "".join(order)
+
     def full_tensor(self) -> Tensor:
         """The weight as a tensor whose axes follow ``weight_order`` (gated when selectors exist)."""
-        terms, order = self._weight_letters()
         cores = self.gated_cores()
-        expr = self._expression("full", ",".join(terms) + "->" + "".join(order), *(tuple(c.shape) for c in cores))
+        expr = self._expression("full", self._full_equation(), *(tuple(c.shape) for c in cores))
         return expr(*cores, backend="torch")
+
+    def _reconstruction_cost(self) -> int:
+        """opt_einsum's FLOP count of reconstructing the weight."""
+        shapes = [tuple(c.shape) for c in self.cores]
+        _, info = oe.contract_path(self._full_equation(), *shapes, shapes=True, optimize="auto")
+        return int(info.opt_cost)
+
+    def _costs(self, batch: int) -> dict[str, int]:
+        """FLOP count of each training contraction for a batch, ``weight`` first."""
+        raise NotImplementedError
+
+    def choose_strategy(self, batch: int) -> str:
+        """The training contraction for this batch size: ``strategy`` unless it is
+        ``auto``, else the cheapest by ``_costs`` (``weight`` on a tie)."""
+        if self.strategy != "auto":
+            return self.strategy
+        key = ("choice", batch)
+        if key not in self._expr_cache:
+            costs = self._costs(batch)
+            self._expr_cache[key] = min(costs, key=costs.get)
+        return self._expr_cache[key]
 
     def _cache_key(self) -> tuple:
         tensors = list(self.cores) + [t for s in self.selectors.values() for t in (*s.parameters(), *s.buffers())]
@@ -345,26 +370,13 @@ class TensorizedLinear(TensorizedLayer):
 
     def _costs(self, batch: int) -> dict[str, int]:
         shapes = [tuple(c.shape) for c in self.cores]
-        terms, order = self._weight_letters()
-        _, info_w = oe.contract_path(",".join(terms) + "->" + "".join(order), *shapes, shapes=True,
-                                     optimize="auto")
         _, info_x = oe.contract_path(
             self._input_equation(), (batch, *self.in_modes), *shapes, shapes=True, optimize="auto"
         )
         return {
-            "weight": int(info_w.opt_cost) + 2 * batch * self.in_features * self.out_features,
+            "weight": self._reconstruction_cost() + 2 * batch * self.in_features * self.out_features,
             "input": int(info_x.opt_cost),
         }
-
-    def choose_strategy(self, batch: int) -> Literal["weight", "input"]:
-        """The training contraction for this batch size (fixed unless ``auto``)."""
-        if self.strategy != "auto":
-            return self.strategy
-        key = ("choice", batch)
-        if key not in self._expr_cache:
-            costs = self._costs(batch)
-            self._expr_cache[key] = "input" if costs["input"] < costs["weight"] else "weight"
-        return self._expr_cache[key]
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
@@ -450,18 +462,10 @@ class TensorizedEmbedding(TensorizedLayer):
             shapes.append(tuple(shape))
         return ",".join(new_terms) + "->" + out, shapes
 
-    def choose_strategy(self, batch: int) -> Literal["weight", "gather"]:
-        if self.strategy != "auto":
-            return self.strategy
-        key = ("choice", batch)
-        if key not in self._expr_cache:
-            terms, order = self._weight_letters()
-            full = [tuple(c.shape) for c in self.cores]
-            _, info_w = oe.contract_path(",".join(terms) + "->" + "".join(order), *full, shapes=True, optimize="auto")
-            equation, shapes = self._gather_plan(batch)
-            _, info_g = oe.contract_path(equation, *shapes, shapes=True, optimize="auto")
-            self._expr_cache[key] = "gather" if info_g.opt_cost < info_w.opt_cost else "weight"
-        return self._expr_cache[key]
+    def _costs(self, batch: int) -> dict[str, int]:
+        equation, shapes = self._gather_plan(batch)
+        _, info_g = oe.contract_path(equation, *shapes, shapes=True, optimize="auto")
+        return {"weight": self._reconstruction_cost(), "gather": int(info_g.opt_cost)}
 
     def forward(self, indices: Tensor) -> Tensor:
         flat = indices.reshape(-1)
