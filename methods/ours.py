@@ -107,8 +107,8 @@ class ProbabilisticL0(Method):
 
     def penalty(self, model: nn.Module) -> Tensor:
         """λ·Σ_bonds mean_j Φ((μ_j + b)/σ), computed over all bonds' μ at once."""
-        gates = [g for g in self.gates(model) if g.mu.numel() > 0]
-        if self.fixed or not gates:
+        gates = [] if self.fixed else [g for g in self.gates(model) if g.mu.numel() > 0]
+        if not gates:
             return torch.zeros((), device=next(model.parameters()).device)
         mu = torch.cat([g.mu for g in gates])
         phi = torch.special.ndtr((mu + self.params["offset"]) / self.params["sigma"])
@@ -118,7 +118,7 @@ class ProbabilisticL0(Method):
         """Every gate's training multipliers in one pass: ε drawn per gate in forward
         order (the same numbers as drawing gate by gate), the rest fused over the model."""
         location = torch.cat([t for g in gates for t in (g.mu, g.mu_fixed)])
-        if self.fixed or all(g.fixed for g in gates):
+        if all(g.fixed for g in gates):  # the method fixes every gate at once
             z = location
         else:
             noise = torch.cat([torch.randn(g.size, device=location.device) for g in gates])

@@ -23,8 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from rankbench.config import Hyper, resolve
-from rankbench.errors import RankbenchError
 from rankbench.data import DataSplits, Split, default_data_dir
+from rankbench.errors import RankbenchError
 from rankbench.method import Method, MethodContext, StepLoss
 from rankbench.registry import Registry
 from rankbench.task import Task

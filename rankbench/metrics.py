@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 
@@ -92,9 +93,7 @@ def recalibrate_batchnorm(model: nn.Module, split: Split, batch_size: int, devic
         m.reset_running_stats()
         m.momentum = None
         m.train()
-    for i, (x, _) in enumerate(iterate_batches(split, batch_size, shuffle=False)):
-        if i >= batches:
-            break
+    for x, _ in itertools.islice(iterate_batches(split, batch_size, shuffle=False), batches):
         model(x.to(device))
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
