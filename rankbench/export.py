@@ -15,6 +15,7 @@ from rankbench.registry import Registry
 from rankbench.task import Task
 from rankbench.tensorized import (
     TensorizedConv2d,
+    TensorizedEmbedding,
     TensorizedLinear,
     count_parameters,
     learned_ranks,
@@ -64,7 +65,7 @@ def rebuild(run_id: str, registry: Registry, tracking_uri: str | None = None) ->
 
 
 def materialise(model: nn.Module) -> nn.Module:
-    """Replace each tensorized layer by the plain ``nn.Linear``/``nn.Conv2d`` of its weight."""
+    """Replace each tensorized layer by the plain ``nn.Linear``/``nn.Conv2d``/``nn.Embedding`` of its weight."""
     for name, layer in list(tensorized_layers(model)):
         with torch.no_grad():
             weight = layer.dense_weight()
@@ -75,9 +76,11 @@ def materialise(model: nn.Module) -> nn.Module:
                 dense = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
                                   padding=layer.padding, bias=layer.bias is not None)
                 dense.weight.copy_(weight)
+            elif isinstance(layer, TensorizedEmbedding):
+                dense = nn.Embedding(layer.num_embeddings, layer.embedding_dim, _weight=weight.clone())
             else:
                 continue
-            if layer.bias is not None:
+            if getattr(layer, "bias", None) is not None:
                 dense.bias.copy_(layer.bias)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, dense)

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 from rankbench.api import build_model, make_config, run
 from rankbench.cli import main
@@ -96,3 +97,16 @@ def test_contraction_option_sets_the_layer_strategy():
     method = REGISTRY.method("trn")(config.method_params)
     model = build_model(task, method, 0, MethodContext(10, torch.device("cpu")), contraction="weight")
     assert {layer.strategy for _, layer in tensorized_layers(model) if isinstance(layer, TensorizedLinear)} == {"weight"}
+
+
+def test_materialise_turns_a_tensorized_embedding_into_nn_embedding():
+    from rankbench.tensorized import TensorRingEmbedding
+
+    torch.manual_seed(0)
+    model = nn.Sequential(TensorRingEmbedding(60, 12, (3, 4, 5), (2, 2, 3), 4)).eval()
+    indices = torch.randint(0, 60, (7, 5))
+    with torch.no_grad():
+        expected = model(indices)
+        plain = materialise(model)
+        assert isinstance(plain[0], nn.Embedding) and plain[0].weight.shape == (60, 12)
+        torch.testing.assert_close(plain(indices), expected, rtol=0, atol=1e-6)
