@@ -162,8 +162,20 @@ class StudyRun:
 
 # ---------------------------------------------------------------------------- one trial
 def trial_assignments(trial, spec: StudySpec, registry: Registry) -> tuple[str, dict[str, Any]]:
-    """The method and the ``--set`` values of one trial."""
-    method = spec.methods[0] if len(spec.methods) == 1 else trial.suggest_categorical("method", list(spec.methods))
+    """The method and the ``--set`` values of one trial.
+
+    A grid study with ``[method_search]`` suggests one ``point`` (a method and its
+    own values); other samplers suggest the method, then that method's own keys
+    (a conditional search space, which TPE, random and NSGA-II sample natively)."""
+    own: dict[str, Any] = {}
+    if spec.sampler == "grid" and spec.method_search:
+        method, own = spec.points()[trial.suggest_categorical("point", list(spec.points()))]
+    elif len(spec.methods) == 1:
+        method = spec.methods[0]
+    else:
+        method = trial.suggest_categorical("method", list(spec.methods))
+    if not own:
+        own = {name: param.suggest(trial) for name, param in spec.method_search.get(method, {}).items()}
     keys = set(registry.task(spec.task).hyperparameters) | set(registry.method(method).hyperparameters)
     values = {k: v for k, v in spec.fixed.items() if k in keys}
     values.update(spec.method_fixed.get(method, {}))
@@ -171,6 +183,7 @@ def trial_assignments(trial, spec: StudySpec, registry: Registry) -> tuple[str, 
         value = param.suggest(trial)
         if name in keys:
             values[name] = value
+    values.update(own)
     return method, values
 
 
@@ -189,6 +202,7 @@ def run_trial(trial, run: StudyRun, registry: Registry, tracker: Tracker) -> lis
     config = make_config(
         registry, spec.task, method, values, seeds=spec.seeds, device=run.device, data_dir=run.data_dir,
         tracking_uri=run.tracking_uri, progress=False,
+        budget_steps=None if "epochs" in values else spec.budget_steps,  # --set epochs=N wins (smoke runs)
         tags={"mlflow.parentRunId": run.parent_run_id, "study": spec.name, "trial": str(trial.number)},
     )
     trial.set_user_attr("method", method)
@@ -328,6 +342,9 @@ def ensure_parent_run(study, spec: StudySpec, tracker: Tracker, storage_url: str
         "objectives": json.dumps(spec.objectives), "search": json.dumps({k: v.__dict__ for k, v in spec.search.items()},
                                                                         default=str),
         "fixed": json.dumps(spec.fixed, default=str), "storage": storage_url,
+        "method_search": json.dumps({m: {k: v.__dict__ for k, v in p.items()} for m, p in spec.method_search.items()},
+                                    default=str),
+        "budget_steps": spec.budget_steps,
     }
     run_id = tracker.start(spec.task, f"study {spec.name}", params,
                            {"rankbench.role": "study", "study": spec.name, "task": spec.task})

@@ -52,6 +52,8 @@ class StudySpec:
     search: dict[str, SearchParam]
     fixed: dict[str, Any] = field(default_factory=dict)
     method_fixed: dict[str, dict[str, Any]] = field(default_factory=dict)
+    method_search: dict[str, dict[str, SearchParam]] = field(default_factory=dict)
+    budget_steps: int | None = None
     seeds: tuple[int, ...] = (0,)
     sampler: str = "tpe"
     sampler_seed: int = 0
@@ -68,12 +70,32 @@ class StudySpec:
         return list(self.objectives.values())
 
     def grid(self) -> dict[str, list[Any]]:
-        """The GridSampler search space (the method too, when several are compared)."""
+        """The GridSampler search space (the method too, when several are compared).
+
+        With ``[method_search.NAME]`` tables the methods search different keys, so
+        the grid is one categorical ``point`` over every method's own grid points
+        (see ``points``), crossed with the shared ``[search]`` grids."""
         space: dict[str, list[Any]] = {}
-        if len(self.methods) > 1:
+        if self.method_search:
+            space["point"] = list(self.points())
+        elif len(self.methods) > 1:
             space["method"] = list(self.methods)
         space.update({name: list(p.choices) for name, p in self.search.items()})
         return space
+
+    def points(self) -> dict[str, tuple[str, dict[str, Any]]]:
+        """Label → (method, values) of every method's own grid (``[method_search]``), e.g.
+        ``"trn rank=5"`` → ``("trn", {"rank": 5})``; a method without a table is one point."""
+        out: dict[str, tuple[str, dict[str, Any]]] = {}
+        for method in self.methods:
+            params = self.method_search.get(method, {})
+            combos: list[dict[str, Any]] = [{}]
+            for name, param in params.items():
+                combos = [{**c, name: v} for c in combos for v in param.choices]
+            for values in combos:
+                label = " ".join([method, *(f"{k}={v}" for k, v in values.items())])
+                out[label] = (method, values)
+        return out
 
     def grid_size(self) -> int:
         size = 1
@@ -170,11 +192,11 @@ def load_study_file(path: Path, registry: Registry) -> StudySpec:
 
 def parse_study(raw: dict, registry: Registry, where: str = "study", source: str = "") -> StudySpec:
     allowed = {"name", "task", "methods", "method", "seeds", "description", "fixed", "method_fixed", "search",
-               "objectives", "sampler", "pruner", "budget", "workers"}
+               "method_search", "objectives", "sampler", "pruner", "budget", "workers", "budget_steps"}
     unknown = set(raw) - allowed
     if unknown:
         raise RankbenchError(f"{where}: unknown top-level keys {sorted(unknown)}: allowed are {sorted(allowed)}")
-    for table in ("fixed", "method_fixed", "search", "objectives", "sampler", "pruner", "budget", "workers"):
+    for table in ("fixed", "method_fixed", "search", "method_search", "objectives", "sampler", "pruner", "budget", "workers"):
         if table in raw and not isinstance(raw[table], dict):
             raise RankbenchError(f"{where}: {table} must be a table: write [{table}] and then key = value lines")
     for key in ("name", "task", "objectives"):
@@ -207,6 +229,25 @@ def parse_study(raw: dict, registry: Registry, where: str = "study", source: str
         _check_keys(registry, task, methods, [key], f"{where} [search]")
         search[key] = _search_param(key, value, declared, f"{where} [search]")
 
+    method_search: dict[str, dict[str, SearchParam]] = {}
+    for method, values in raw.get("method_search", {}).items():
+        if method not in methods:
+            raise RankbenchError(f"{where} [method_search.{method}]: {method} is not in methods")
+        if not isinstance(values, dict) or not values:
+            raise RankbenchError(f"{where} [method_search.{method}]: give key = {{ grid = [...] }} lines")
+        own = _declared(registry, task, (method,))
+        _check_keys(registry, task, (method,), values, f"{where} [method_search.{method}]")
+        shared = set(values) & set(search)
+        if shared:
+            raise RankbenchError(f"{where} [method_search.{method}]: {sorted(shared)[0]} is also in [search]: keep one")
+        method_search[method] = {key: _search_param(key, value, own, f"{where} [method_search.{method}]")
+                                 for key, value in values.items()}
+
+    budget_steps = raw.get("budget_steps")
+    if budget_steps is not None and (not isinstance(budget_steps, int) or isinstance(budget_steps, bool)
+                                     or budget_steps < 1):
+        raise RankbenchError(f"{where}: budget_steps must be a positive integer (optimizer steps per run)")
+
     objectives = raw["objectives"]
     if not isinstance(objectives, dict) or not objectives:
         raise RankbenchError(f"{where} [objectives]: give e.g. val_accuracy = \"maximize\"")
@@ -229,6 +270,7 @@ def parse_study(raw: dict, registry: Registry, where: str = "study", source: str
         raise RankbenchError(f"{where} [sampler]: unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
     if sampler == "grid":
         ranged = [p.name for p in search.values() if p.kind in ("float", "int")]
+        ranged += [p.name for params in method_search.values() for p in params.values() if p.kind in ("float", "int")]
         if ranged:
             raise RankbenchError(f"{where}: the grid sampler needs grid = [...] for {', '.join(ranged)}")
     pruner = raw.get("pruner", {}).get("name", "none")
@@ -255,7 +297,7 @@ def parse_study(raw: dict, registry: Registry, where: str = "study", source: str
     workers = raw.get("workers", {})
     spec = StudySpec(
         name=name, task=task, methods=methods, objectives=dict(objectives), search=search, fixed=fixed,
-        method_fixed=method_fixed, seeds=tuple(seeds), sampler=sampler,
+        method_fixed=method_fixed, method_search=method_search, budget_steps=budget_steps, seeds=tuple(seeds), sampler=sampler,
         sampler_seed=int(raw.get("sampler", {}).get("seed", 0)), pruner=pruner, n_trials=n_trials,
         timeout_s=timeout, heartbeat_interval=int(workers.get("heartbeat_interval", 10)),
         grace_period=int(workers.get("grace_period", 30)), description=raw.get("description", ""),

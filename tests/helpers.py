@@ -12,11 +12,12 @@ def write_idx(path: Path, magic: int, array: np.ndarray) -> None:
     path.write_bytes(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
 
 
-def make_tiny_mnist(root: Path, n_train: int = 200, n_test: int = 40, *, bad_magic: str | None = None) -> Path:
-    """Random IDX files under ``root/mnist`` (train 160 / val 40 / test 40 with val_size=40);
+def make_tiny_mnist(root: Path, n_train: int = 200, n_test: int = 40, *, bad_magic: str | None = None,
+                    name: str = "mnist") -> Path:
+    """Random IDX files under ``root/name`` (train 160 / val 40 / test 40 with val_size=40);
     ``bad_magic`` names one file written with a wrong magic number."""
     rng = np.random.default_rng(0)
-    folder = root / "mnist"
+    folder = root / name
     folder.mkdir(parents=True, exist_ok=True)
     files = {
         "train-images-idx3-ubyte": (2051, rng.integers(0, 256, (n_train, 28, 28))),

@@ -33,7 +33,8 @@ import rankbench.tracking
 from helpers import assert_one_line_error, make_tiny_cifar10, make_tiny_mnist
 from rankbench.cli import main
 from rankbench.registry import Registry
-from rankbench.studyspec import load_study_file
+from rankbench.errors import RankbenchError
+from rankbench.studyspec import load_study_file, parse_study
 
 REPO = Path(__file__).resolve().parent.parent
 STUDIES = sorted((REPO / "studies").glob("*.toml"))
@@ -50,9 +51,10 @@ TINY = ["--set", "epochs=1", "--seeds", "0"]
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    """Random IDX files under ``<dir>/mnist`` (train 160 / val 40 / test 40 with val_size=40) and
-    CIFAR-10 batches under ``<dir>/cifar10`` (train 80 / val 40 / test 24)."""
-    return make_tiny_cifar10(make_tiny_mnist(tmp_path_factory.mktemp("data")))
+    """Random IDX files under ``<dir>/mnist`` and ``<dir>/fashion-mnist`` (train 160 / val 40 / test 40
+    with val_size=40) and CIFAR-10 batches under ``<dir>/cifar10`` (train 80 / val 40 / test 24)."""
+    root = make_tiny_mnist(tmp_path_factory.mktemp("data"))
+    return make_tiny_cifar10(make_tiny_mnist(root, name="fashion-mnist"))
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +223,8 @@ def sqlite_trial_states(db: Path) -> list[tuple[int, str, bool]]:
 def test_every_shipped_study_file_loads_and_validates():
     registry = Registry.discover()
     names = {p.stem for p in STUDIES}
-    assert names == {"lenet5_methods", "lenet5_pareto", "lenet5_sensitivity", "mlp2_ranks", "resnet32_methods"}
+    assert names == {"fmnist_tradeoff", "fmnist_tradeoff_cpu", "lenet5_methods", "lenet5_pareto",
+                     "lenet5_sensitivity", "mlp2_ranks", "resnet32_methods"}
     for path in STUDIES:
         spec = load_study_file(path, registry)
         assert spec.name == path.stem
@@ -291,6 +294,67 @@ def test_trial_attrs_hold_per_seed_metrics_equal_to_the_child_runs_and_objective
                                               statistics.mean(s["compression"] for s in seeds)])
         assert trial.user_attrs["mean_test_accuracy"] == pytest.approx(
             statistics.mean(s["test_accuracy"] for s in seeds))
+
+
+PER_METHOD = """name = "per_method"
+task = "mlp2"
+methods = ["trn", "ours"]
+budget_steps = 3
+
+[method_search.trn]
+rank = { grid = [2, 3] }
+
+[method_search.ours]
+lambda = { grid = [0.1, 0.5, 1.0] }
+
+[objectives]
+val_accuracy = "maximize"
+compression = "maximize"
+
+[sampler]
+name = "grid"
+"""
+
+
+def test_method_search_grids_each_method_over_its_own_keys_only():
+    spec = parse_study(__import__("tomllib").loads(PER_METHOD), Registry.discover())
+    assert spec.points() == {
+        "trn rank=2": ("trn", {"rank": 2}), "trn rank=3": ("trn", {"rank": 3}),
+        "ours lambda=0.1": ("ours", {"lambda": 0.1}), "ours lambda=0.5": ("ours", {"lambda": 0.5}),
+        "ours lambda=1.0": ("ours", {"lambda": 1.0}),
+    }
+    assert spec.budget() == 5  # 2 + 3 points, not 2 x 2 x 3
+
+
+def test_a_method_search_study_runs_every_point_once_with_its_own_values_and_the_step_budget(env, capsys):
+    path = env.root / "per_method.toml"
+    path.write_text(PER_METHOD)
+    assert main(env.argv(path, "--seeds", "0")) == 0, capsys.readouterr().err
+    trials = trials_of(env.storage, "per_method")
+    assert states(trials) == ["COMPLETE"] * 5
+    assert sorted(t.params["point"] for t in trials) == sorted(
+        ["trn rank=2", "trn rank=3", "ours lambda=0.1", "ours lambda=0.5", "ours lambda=1.0"])
+    runs = {r.info.run_id: r for r in all_runs(env.uri)}
+    for trial in trials:
+        method, _, setting = trial.params["point"].partition(" ")
+        key, _, value = setting.partition("=")
+        (seed,) = trial.user_attrs["seeds"]
+        params = runs[seed["run_id"]].data.params
+        assert params["method"] == method and float(params[key]) == float(value)
+        assert ("rank" in params) == (method == "trn")  # ours never receives trn's key
+        assert (params["budget_steps"], params["steps_per_epoch"], params["epochs"]) == ("3", "2", "2")  # 160/128
+
+
+@pytest.mark.parametrize("text, words", [
+    (PER_METHOD.replace("[method_search.ours]", "[method_search.mars]"), ["mars is not in methods"]),
+    (PER_METHOD.replace("lambda = { grid", "rank = { grid"), ["'rank'"]),
+    (PER_METHOD.replace("rank = { grid = [2, 3] }", "rank = { low = 2, high = 5 }"), ["grid sampler", "rank"]),
+    (PER_METHOD.replace("budget_steps = 3", "budget_steps = 0"), ["budget_steps", "positive"]),
+])
+def test_bad_method_search_tables_are_one_line_errors(text, words):
+    with pytest.raises(RankbenchError) as info:
+        parse_study(__import__("tomllib").loads(text), Registry.discover())
+    assert all(w in str(info.value) for w in words), str(info.value)
 
 
 # ---------------------------------------------------------------------------- 3. validation errors
