@@ -17,11 +17,11 @@ import time
 import torch
 from tabulate import tabulate
 
-from rankbench.api import build_model, make_config, resolve_device
-from rankbench.method import MethodContext
-from rankbench.registry import Registry
-from rankbench.tensorized import TensorRingConv2d, TensorRingLinear
-from rankbench.trainer import fit
+from rankbench.run.experiment import build_model, make_config, resolve_device
+from rankbench.plugins.method import MethodContext
+from rankbench.plugins.registry import Registry
+from rankbench.layers.tensorized import TensorRingConv2d, TensorRingLinear
+from rankbench.run.trainer import fit
 
 
 @torch.no_grad()

@@ -4,7 +4,7 @@
 
 Runs the same configuration three ways, side by side (best of ``--repeat``): the bare loop (load the
 data, build the model, ``fit``);
-``rankbench.api.run`` (MLflow run, per-epoch metrics, ranks and weights
+``rankbench.run.experiment.run`` (MLflow run, per-epoch metrics, ranks and weights
 artifacts); and a one-trial study (Optuna storage, parent and child MLflow runs,
 plots). Prints each wall time and the overhead as a share of the tracked run.
 """
@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
-from rankbench.api import build_model, make_config, run
-from rankbench.method import MethodContext
-from rankbench.registry import Registry
-from rankbench.study import run_study
-from rankbench.studyspec import parse_study
-from rankbench.trainer import fit
+from rankbench.run.experiment import build_model, make_config, run
+from rankbench.plugins.method import MethodContext
+from rankbench.plugins.registry import Registry
+from rankbench.study.runner import run_study
+from rankbench.study.spec import parse_study
+from rankbench.run.trainer import fit
 
 
 def main() -> None:
@@ -69,7 +69,7 @@ def main() -> None:
         run_study(spec, storage_url=f"sqlite:///{Path(folder) / 'optuna.db'}", tracking_uri=uri,
                   out_dir=Path(folder) / "plots")
         studied = time.perf_counter() - start
-        from rankbench.tracking import Tracker
+        from rankbench.run.tracking import Tracker
 
         tracker = Tracker(uri)  # the per-epoch cost a tracked run adds: one metrics batch per epoch
         run_id = tracker.start("overhead", "per-epoch logging", {}, {})

@@ -16,8 +16,8 @@ from tabulate import tabulate
 from torch import nn
 from torch.utils import benchmark
 
-from rankbench.api import resolve_device
-from rankbench.tensorized import TensorizedConv2d, TensorizedEmbedding, TensorizedLinear
+from rankbench.run.experiment import resolve_device
+from rankbench.layers.tensorized import TensorizedConv2d, TensorizedEmbedding, TensorizedLinear
 
 # name, tensorized factory, dense factory, input shape without the batch dimension
 LAYERS = [

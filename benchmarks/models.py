@@ -20,12 +20,12 @@ import time
 import torch
 from tabulate import tabulate
 
-from rankbench.api import build_model, make_config, resolve_device
+from rankbench.run.experiment import build_model, make_config, resolve_device
 from rankbench.export import materialise
-from rankbench.method import MethodContext
-from rankbench.registry import Registry
-from rankbench.tensorized import count_parameters, prune_model
-from rankbench.trainer import param_groups
+from rankbench.plugins.method import MethodContext
+from rankbench.plugins.registry import Registry
+from rankbench.layers.tensorized import count_parameters, prune_model
+from rankbench.run.trainer import param_groups
 
 
 def sync(device: torch.device) -> None:

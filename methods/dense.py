@@ -2,7 +2,7 @@
 
 from typing import ClassVar
 
-from rankbench.method import Method
+from rankbench.plugin import Method
 
 
 class Dense(Method):

@@ -8,9 +8,15 @@ from typing import ClassVar, Mapping
 import torch
 from torch import Tensor, nn
 
-from rankbench.config import Hyper, Search
-from rankbench.method import SELECTOR_HYPERPARAMETERS, Method
-from rankbench.tensorized import Bond, RankSelector, tensorized_layers
+from rankbench.plugin import (
+    Bond,
+    Hyper,
+    Method,
+    RankSelector,
+    SELECTOR_HYPERPARAMETERS,
+    Search,
+    tensorized_layers,
+)
 
 MODES = {"soft": {"prior": 0.1, "alpha": -1.5}, "hard": {"prior": 0.01, "alpha": -1.75}}
 

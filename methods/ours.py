@@ -12,9 +12,16 @@ from typing import ClassVar, Mapping
 import torch
 from torch import Tensor, nn
 
-from rankbench.config import Hyper, Search
-from rankbench.method import SELECTOR_HYPERPARAMETERS, Method, StepLoss, TaskLoss
-from rankbench.tensorized import Bond, RankSelector
+from rankbench.plugin import (
+    Bond,
+    Hyper,
+    Method,
+    RankSelector,
+    SELECTOR_HYPERPARAMETERS,
+    Search,
+    StepLoss,
+    TaskLoss,
+)
 
 
 class GaussianGate(RankSelector):

@@ -2,8 +2,7 @@
 
 from typing import ClassVar
 
-from rankbench.config import Hyper, Search
-from rankbench.method import Method
+from rankbench.plugin import Hyper, Method, Search
 
 
 class UniformRank(Method):

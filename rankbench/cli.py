@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_export(args, registry) -> None:
     from rankbench.export import export_run
-    from rankbench.report import format_ranks
+    from rankbench.report.tables import format_ranks
 
     result = export_run(args.run_id, args.out, registry, args.tracking_uri, materialised=args.materialise)
     print(f"wrote {args.out}: {result.parameters} parameters (pruned), ranks {format_ranks(result.ranks)}; "
@@ -98,7 +98,7 @@ def cmd_export(args, registry) -> None:
 
 
 def cmd_report(args) -> None:
-    from rankbench.reporting import build_report, render
+    from rankbench.report.build import build_report, render
 
     group_by = [g.strip() for g in args.group_by.split(",") if g.strip()] if args.group_by else None
     rows = build_report(args.tracking_uri, task=args.task, method=args.method, study=args.study,
@@ -106,7 +106,7 @@ def cmd_report(args) -> None:
     text = render(rows, args.format)
     print(text)
     if args.out is not None:
-        from rankbench.figures import write_figures
+        from rankbench.report.figures import write_figures
 
         args.out.mkdir(parents=True, exist_ok=True)
         suffix = {"csv": "csv", "tsv": "tsv", "latex": "tex", "latex_raw": "tex", "latex_booktabs": "tex",
@@ -144,14 +144,14 @@ def cmd_list(registry) -> None:
 def cmd_run(args, registry) -> None:
     from tqdm import tqdm
 
-    from rankbench.api import make_config, run
-    from rankbench.report import results_table
+    from rankbench.run.experiment import make_config, run
+    from rankbench.report.tables import results_table
 
     if args.epochs is not None and args.epochs < 1:
         raise RankbenchError("--epochs must be >= 1")
     if args.threads is not None and args.threads < 1:
         raise RankbenchError("--threads must be >= 1")
-    from rankbench.config import parse_budget
+    from rankbench.run.config import parse_budget
 
     budget_steps = parse_budget(args.budget)
     if budget_steps is not None and (args.epochs is not None or any(a.startswith("epochs=") for a in args.assignments)):
@@ -188,7 +188,7 @@ def cmd_run(args, registry) -> None:
         if epoch == bar.total:
             bar.close()
 
-    from rankbench.tracking import Tracker
+    from rankbench.run.tracking import Tracker
 
     tracker = Tracker(config.tracking_uri)
     results = run(config, registry, tracker=tracker, on_start=on_start, on_epoch=on_epoch)
@@ -200,7 +200,7 @@ def cmd_run(args, registry) -> None:
 def cmd_check_plugin(args, registry) -> int:
     from tabulate import tabulate
 
-    from rankbench.contract import check_method, check_task
+    from rankbench.plugins.contract import check_method, check_task
 
     name = args.name
     is_method, is_task = name in registry.methods, name in registry.tasks
@@ -232,8 +232,8 @@ def cmd_check_plugin(args, registry) -> int:
 def cmd_study(args, registry) -> None:
     from tabulate import tabulate
 
-    from rankbench import study as studies
-    from rankbench.config import parse_assignments
+    from rankbench.study import runner as studies
+    from rankbench.plugins.hyper import parse_assignments
 
     if args.list:
         rows = [[s["name"], s["trials"], ", ".join(s["directions"]),
@@ -257,7 +257,7 @@ def cmd_study(args, registry) -> None:
         return
     if len(args.target) != 1:
         raise RankbenchError("give one study file, e.g. rankbench study studies/lenet5_sensitivity.toml")
-    from rankbench.studyspec import load_study_file
+    from rankbench.study.spec import load_study_file
 
     spec = load_study_file(Path(args.target[0]), registry).with_overrides(
         n_trials=args.n_trials, seeds=args.seeds, fixed=parse_assignments(args.assignments), registry=registry)
@@ -279,7 +279,7 @@ def cmd_study(args, registry) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from rankbench.registry import Registry
+        from rankbench.plugins.registry import Registry
 
         registry = Registry.discover(plugin_dirs=args.plugin_dir)
         if args.command == "list":

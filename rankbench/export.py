@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from rankbench.errors import RankbenchError
-from rankbench.method import MethodContext
-from rankbench.registry import Registry
-from rankbench.task import Task
-from rankbench.tensorized import (
+from rankbench.plugins.method import MethodContext
+from rankbench.plugins.registry import Registry
+from rankbench.plugins.task import Task
+from rankbench.layers.tensorized import (
     TensorizedConv2d,
     TensorizedEmbedding,
     TensorizedLinear,
@@ -34,8 +34,8 @@ class Exported:
 
 def rebuild(run_id: str, registry: Registry, tracking_uri: str | None = None) -> tuple[nn.Module, Task]:
     """The run's trained model (selectors included), in eval mode on the CPU."""
-    from rankbench.api import build_model, make_config
-    from rankbench.tracking import Tracker
+    from rankbench.run.experiment import build_model, make_config
+    from rankbench.run.tracking import Tracker
 
     client = Tracker(tracking_uri).client
     try:

@@ -9,16 +9,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rankbench.config import Hyper
-from rankbench.data import (
-    EMBEDDED_PRIOR_N,
-    MARS_PRIOR_WHY,
+from rankbench.plugin import (
     DataSplits,
+    Hyper,
+    Task,
+    TensorizedConv2d,
+    TensorizedLinear,
     load_mnist_family_from,
     mnist_family_hyperparameters,
 )
-from rankbench.task import Task
-from rankbench.tensorized import TensorizedConv2d, TensorizedLinear
+from rankbench.tasks._digits import EMBEDDED_PRIOR_N, MARS_PRIOR_WHY
 
 
 class LeNet5(nn.Module):

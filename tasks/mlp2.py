@@ -8,16 +8,15 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from rankbench.config import Hyper
-from rankbench.data import (
-    EMBEDDED_PRIOR_N,
-    MARS_PRIOR_WHY,
+from rankbench.plugin import (
     DataSplits,
+    Hyper,
+    Task,
+    TensorizedLinear,
     load_mnist_family_from,
     mnist_family_hyperparameters,
 )
-from rankbench.task import Task
-from rankbench.tensorized import TensorizedLinear
+from rankbench.tasks._digits import EMBEDDED_PRIOR_N, MARS_PRIOR_WHY
 
 
 class TwoLayerMLP(nn.Module):

@@ -9,12 +9,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rankbench.cifar import load_cifar10, random_crop_flip
-from rankbench.config import Hyper
-from rankbench.data import DataSplits, Split
-from rankbench.metrics import recalibrate_batchnorm
-from rankbench.task import Task
-from rankbench.tensorized import TensorizedConv2d, TensorizedLinear
+from rankbench.plugin import (
+    DataSplits,
+    Hyper,
+    Split,
+    Task,
+    TensorizedConv2d,
+    TensorizedLinear,
+    load_cifar10,
+    random_crop_flip,
+    recalibrate_batchnorm,
+)
 
 ConvFactory = Callable[[int, int, int, str], nn.Module]
 """(in_channels, out_channels, stride, name) -> a 3×3 convolution without bias, padding 1."""

@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from rankbench.api import make_config
-from rankbench.method import MethodContext
-from rankbench.registry import Registry
-from rankbench.tensorized import TensorRingLinear, TensorTrainLinear
+from rankbench.run.experiment import make_config
+from rankbench.plugins.method import MethodContext
+from rankbench.plugins.registry import Registry
+from rankbench.layers.tensorized import TensorRingLinear, TensorTrainLinear
 
 REGISTRY = Registry.discover(entry_point_groups=False)
 

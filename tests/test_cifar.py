@@ -1,4 +1,4 @@
-"""Tests for rankbench.cifar: reading the python batches (safely), splits, normalisation,
+"""Tests for rankbench.data.cifar: reading the python batches (safely), splits, normalisation,
 layouts, archive extraction, download and the crop-and-flip augmentation."""
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from helpers import assert_one_line_error, make_tiny_cifar10
-from rankbench import cifar
-from rankbench.cifar import load_cifar10, random_crop_flip
+from rankbench.data import cifar
+from rankbench.data.cifar import load_cifar10, random_crop_flip
 from rankbench.cli import main
 from rankbench.errors import RankbenchError
 

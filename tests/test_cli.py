@@ -22,8 +22,8 @@ import torch
 from helpers import assert_one_line_error, make_tiny_mnist
 from rankbench.cli import main
 from rankbench.errors import RankbenchError
-from rankbench.registry import Registry
-from rankbench.tensorized import TensorizedLinear
+from rankbench.plugins.registry import Registry
+from rankbench.layers.tensorized import TensorizedLinear
 
 PLUGINS = Path(__file__).parent / "plugins_example"
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -238,7 +238,7 @@ def test_ctrl_c_exits_130_and_marks_the_run_killed(tiny, tmp_path, capsys):
     plugins = tmp_path / "plugins"
     plugins.mkdir()
     (plugins / "interrupting.py").write_text(
-        "from rankbench.method import Method\n"
+        "from rankbench.plugins.method import Method\n"
         "class Interrupting(Method):\n"
         "    name = 'interrupting'\n"
         "    def penalty(self, model):\n"
@@ -301,7 +301,7 @@ def test_missing_plugin_dir_exits_2(tmp_path, capsys):
 
 
 PLUGIN_TEMPLATE = (
-    "from rankbench.method import Method\n"
+    "from rankbench.plugins.method import Method\n"
     "class {cls}(Method):\n"
     "    name = {name!r}\n"
     "    description = 'duplicate'\n"

@@ -1,4 +1,4 @@
-"""The plugin contract (``rankbench.contract``) and ``rankbench check-plugin``.
+"""The plugin contract (``rankbench.plugins.contract``) and ``rankbench check-plugin``.
 
 Every built-in method passes the contract on every built-in task; broken plugins,
 written into ``tmp_path``, fail the check that should catch them; the plugin
@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from rankbench import contract
+from rankbench.plugins import contract
 from rankbench.cli import main
-from rankbench.contract import Check, check_method, check_task
-from rankbench.registry import Registry
+from rankbench.plugins.contract import Check, check_method, check_task
+from rankbench.plugins.registry import Registry
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILTIN_METHODS = ("dense", "trn", "ours", "reinforce_l0", "mars")
@@ -84,8 +84,8 @@ def test_trn_is_checked_at_its_own_small_rank(registry):
 BROKEN = '''
 import torch
 from torch import nn
-from rankbench.method import Method
-from rankbench.tensorized import RankSelector
+from rankbench.plugins.method import Method
+from rankbench.layers.tensorized import RankSelector
 
 
 class Short(RankSelector):
@@ -344,7 +344,7 @@ def test_check_plugin_of_a_task_checks_the_task_and_the_builtins_on_it(docs_plug
 
 def test_check_plugin_of_a_name_that_is_both_a_method_and_a_task_checks_both(tmp_path, capsys):
     (tmp_path / "twin.py").write_text(
-        "from rankbench.method import Method\n"
+        "from rankbench.plugins.method import Method\n"
         "from rankbench.tasks.lenet5 import LeNet5Task\n"
         "class TwinMethod(Method):\n"
         "    name = 'twin'\n"
@@ -361,7 +361,7 @@ def test_check_plugin_of_a_name_that_is_both_a_method_and_a_task_checks_both(tmp
 
 def test_a_task_without_offline_data_is_checked_on_random_stand_in_inputs(tmp_path, monkeypatch) -> None:
     """CIFAR-10 has no offline copy: the contract runs on random inputs and says so."""
-    from rankbench import contract
+    from rankbench.plugins import contract
 
     monkeypatch.setenv("RANKBENCH_DATA_DIR", str(tmp_path))
     monkeypatch.setattr(contract, "_DATA_CACHE", {})

@@ -13,15 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from rankbench import data
-from rankbench.data import (
-    DATASETS,
-    DataSplits,
-    Split,
-    default_data_dir,
-    iterate_batches,
-    load_mnist_family,
-)
+from rankbench.data import mnist as data
+from rankbench.data import DataSplits, Split, default_data_dir, iterate_batches
+from rankbench.data.mnist import DATASETS, load_mnist_family
 from rankbench.errors import RankbenchError
 
 N_TRAIN, N_TEST = 50, 20

@@ -38,8 +38,8 @@ MODULE = '''\
 
 import torch
 
-from rankbench.method import Method
-from rankbench.tensorized import RankSelector
+from rankbench.plugins.method import Method
+from rankbench.layers.tensorized import RankSelector
 
 
 class Half(RankSelector):

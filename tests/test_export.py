@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from rankbench.api import build_model, make_config, run
+from rankbench.run.experiment import build_model, make_config, run
 from rankbench.cli import main
 from rankbench.export import export, export_run, materialise, rebuild
-from rankbench.method import MethodContext
-from rankbench.registry import Registry
-from rankbench.tensorized import TensorizedLinear, count_parameters, selectors, tensorized_layers
+from rankbench.plugins.method import MethodContext
+from rankbench.plugins.registry import Registry
+from rankbench.layers.tensorized import TensorizedLinear, count_parameters, selectors, tensorized_layers
 
 REGISTRY = Registry.discover(entry_point_groups=False)
 
@@ -100,7 +100,7 @@ def test_contraction_option_sets_the_layer_strategy():
 
 
 def test_materialise_turns_a_tensorized_embedding_into_nn_embedding():
-    from rankbench.tensorized import TensorRingEmbedding
+    from rankbench.layers.tensorized import TensorRingEmbedding
 
     torch.manual_seed(0)
     model = nn.Sequential(TensorRingEmbedding(60, 12, (3, 4, 5), (2, 2, 3), 4)).eval()

@@ -6,13 +6,13 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from rankbench.api import build_model, make_config
+from rankbench.run.experiment import build_model, make_config
 from rankbench.data import DataSplits, Split
 from rankbench.errors import RankbenchError
-from rankbench.method import MethodContext
-from rankbench.metrics import compression_ratio
-from rankbench.registry import Registry
-from rankbench.tensorized import (
+from rankbench.plugins.method import MethodContext
+from rankbench.run.metrics import compression_ratio
+from rankbench.plugins.registry import Registry
+from rankbench.layers.tensorized import (
     TensorRingLinear,
     TensorTrainLinear,
     bonds,
@@ -21,7 +21,7 @@ from rankbench.tensorized import (
     prune_model,
     selector_parameters,
 )
-from rankbench.trainer import fit, param_groups
+from rankbench.run.trainer import fit, param_groups
 
 REGISTRY = Registry.discover(entry_point_groups=False)
 CPU = MethodContext(num_train=100, device=torch.device("cpu"))
@@ -215,7 +215,7 @@ def test_draw_gives_the_numbers_gate_by_gate_sampling_gives():
 
 
 def test_batched_loss_equals_the_gate_by_gate_loss_and_its_gradients():
-    from rankbench.method import Method
+    from rankbench.plugins.method import Method
 
     ours, task, model = _ours_model(**{"lambda": 0.7})
     x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))

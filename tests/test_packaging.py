@@ -17,13 +17,13 @@ def test_wheel_ships_builtin_methods_and_tasks(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     for path in ("rankbench/methods/ours.py", "rankbench/methods/dense.py", "rankbench/methods/trn.py",
                  "rankbench/methods/mars.py", "rankbench/methods/reinforce_l0.py", "rankbench/tasks/lenet5.py",
-                 "rankbench/tasks/mlp2.py", "rankbench/tasks/resnet.py", "rankbench/cifar.py",
-                 "rankbench/tensorized.py"):
+                 "rankbench/tasks/mlp2.py", "rankbench/tasks/resnet.py", "rankbench/data/cifar.py",
+                 "rankbench/layers/tensorized.py", "rankbench/plugin.py", "rankbench/report/published.toml"):
         assert path in names
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
                    check=True, capture_output=True)
-    code = ("import rankbench, sys; from rankbench.registry import Registry; r = Registry.discover(); "
+    code = ("import rankbench, sys; from rankbench.plugins.registry import Registry; r = Registry.discover(); "
             "print(rankbench.__file__); print(sorted(r.methods), sorted(r.tasks))")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(target), "PATH": ""},
                          check=True, capture_output=True, text=True).stdout

@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from rankbench.api import build_model, epochs_for_steps, make_config, run
+from rankbench.run.experiment import build_model, epochs_for_steps, make_config, run
 from rankbench.cli import main
-from rankbench.config import parse_budget
+from rankbench.run.config import parse_budget
 from rankbench.errors import RankbenchError
-from rankbench.method import MethodContext
-from rankbench.registry import Registry
-from rankbench.trainer import fit
+from rankbench.plugins.method import MethodContext
+from rankbench.plugins.registry import Registry
+from rankbench.run.trainer import fit
 
 REGISTRY = Registry.discover(entry_point_groups=False)
 
@@ -81,7 +81,8 @@ def test_cli_budget_conflicts_with_epochs(tmp_path, capsys):
 
 def test_mars_uses_full_mnist_prior_weight_on_the_embedded_digits_only(tmp_path):
     """MARS's priors are weighted 1/N; the embedded recipe sets N to full MNIST's 60,000."""
-    from rankbench.data import EMBEDDED_PRIOR_N, load_mnist_family
+    from rankbench.data.mnist import load_mnist_family
+    from rankbench.tasks._digits import EMBEDDED_PRIOR_N
     from helpers import make_tiny_mnist
 
     task_cls = REGISTRY.task("mlp2")

@@ -8,12 +8,12 @@ from typing import ClassVar
 
 import pytest
 
-import rankbench.registry as registry_module
-from rankbench.config import Hyper
+import rankbench.plugins.registry as registry_module
+from rankbench.plugins.hyper import Hyper
 from rankbench.errors import RankbenchError
-from rankbench.method import Method
-from rankbench.registry import METHOD_GROUP, TASK_GROUP, Registry
-from rankbench.task import Task
+from rankbench.plugins.method import Method
+from rankbench.plugins.registry import METHOD_GROUP, TASK_GROUP, Registry
+from rankbench.plugins.task import Task
 
 PLUGINS = Path(__file__).parent / "plugins_example"
 

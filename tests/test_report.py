@@ -3,9 +3,9 @@
 Tracking stores are filled with KNOWN numbers directly through ``MlflowClient``
 (no training): each fake run carries exactly the params, tags, metrics (final
 values and per-epoch histories with steps), run name and ``ranks.json``
-artifact that ``rankbench.api.run`` records (the params come from
-``make_config``, ``Task.recipe_for`` and ``rankbench.api.run_name``, so they
-follow the code). One real tiny run through ``rankbench.api.run`` (mlp2, one
+artifact that ``rankbench.run.experiment.run`` records (the params come from
+``make_config``, ``Task.recipe_for`` and ``rankbench.run.experiment.run_name``, so they
+follow the code). One real tiny run through ``rankbench.run.experiment.run`` (mlp2, one
 epoch, initial rank 3) proves the report reads what rankbench really writes,
 and that the fake runs have the real runs' shape. The last test serves a store
 with ``mlflow server`` and reads it back through the REST API.
@@ -36,12 +36,12 @@ from scipy import stats
 from tabulate import tabulate_formats
 
 import rankbench
-import rankbench.config
+import rankbench.run.config
 from helpers import write_idx
-from rankbench.api import make_config, run, run_name
+from rankbench.run.experiment import make_config, run, run_name
 from rankbench.cli import main
-from rankbench.registry import Registry
-from rankbench.reporting import HEADERS, RunRecord, build_report, compare, group_rows, load_runs, render
+from rankbench.plugins.registry import Registry
+from rankbench.report.build import HEADERS, RunRecord, build_report, compare, group_rows, load_runs, render
 
 EMBEDDED = "mnist-embedded-5k"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -64,7 +64,7 @@ OURS_INFER = [0.038, 0.041, 0.036]
 TRN_ACC = [95.25]
 # Hyperparameters that name a configuration: a row's settings column shows them even when
 # they do not tell rows apart (empty where the code has no such list).
-KEYS = tuple(getattr(rankbench.config, "KEY_HYPERPARAMETERS", ()))
+KEYS = tuple(getattr(rankbench.run.config, "KEY_HYPERPARAMETERS", ()))
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -94,7 +94,7 @@ class _Started(Exception):
 
 
 class _CaptureTracker:
-    """Stands in for ``rankbench.tracking.Tracker`` and keeps what ``rankbench.api.run`` would record."""
+    """Stands in for ``rankbench.run.tracking.Tracker`` and keeps what ``rankbench.run.experiment.run`` would record."""
 
     uri = "capture://"
 
@@ -110,7 +110,7 @@ class _CaptureTracker:
 
 
 class RankbenchRecords:
-    """The experiment, run name, params and tags ``rankbench.api.run`` records for a configuration,
+    """The experiment, run name, params and tags ``rankbench.run.experiment.run`` records for a configuration,
     taken from the code itself: ``run`` is called with an ``on_start`` that stops it before training.
     Datasets: the embedded digits, or tiny random IDX files for ``mnist`` and ``fashion-mnist``
     (same sizes, so only the dataset name tells them apart)."""
@@ -172,7 +172,7 @@ def records(tmp_path_factory, registry) -> RankbenchRecords:
 
 
 class Store:
-    """Writes runs as ``rankbench.api.run`` does (its experiment, run name, params and tags), with chosen
+    """Writes runs as ``rankbench.run.experiment.run`` does (its experiment, run name, params and tags), with chosen
     final numbers, per-epoch histories and a ``ranks.json`` artifact."""
 
     def __init__(self, uri: str, records: RankbenchRecords) -> None:
@@ -624,7 +624,7 @@ def filter_store(tmp_path_factory, store_template, records) -> tuple[str, dict[s
         "ours": store.add_seeds("ours", [96.0, 96.4]),
         "mlp2": store.add_seeds("ours", [93.0, 93.5], task="mlp2"),
     }
-    # a study: its parent run (as rankbench.study.ensure_parent_run makes it) and its trial runs
+    # a study: its parent run (as rankbench.study.runner.ensure_parent_run makes it) and its trial runs
     client = store.client
     parent = client.create_run(store.experiment("lenet5"), run_name="study s1",
                                tags={"rankbench.role": "study", "study": "s1", "task": "lenet5"}).info.run_id
@@ -713,7 +713,7 @@ def test_the_default_store_empty_or_only_failed_is_the_same_error(tmp_path, stor
 
 
 def published_entries() -> list[dict]:
-    return tomllib.loads((Path(rankbench.__file__).parent / "published.toml").read_text())["row"]
+    return tomllib.loads((Path(rankbench.__file__).parent / "report" / "published.toml").read_text())["row"]
 
 
 def test_published_rows_only_for_the_tasks_present(main_store, capsys):
@@ -796,7 +796,7 @@ def test_out_skips_the_sensitivity_figure_without_a_grid(main_store, tmp_path, c
 
 @pytest.fixture(scope="module")
 def real_store(tmp_path_factory, store_template, registry, records):
-    """Fake lenet5 runs and one real tiny mlp2 run (rankbench.api.run) in one store: (uri, folder, RunResult)."""
+    """Fake lenet5 runs and one real tiny mlp2 run (rankbench.run.experiment.run) in one store: (uri, folder, RunResult)."""
     folder = tmp_path_factory.mktemp("real")
     uri = fresh_uri(folder, store_template)
     store = Store(uri, records)
@@ -974,7 +974,7 @@ def test_mlflow_ui_shows_consistent_runs_and_the_reported_means(mlflow_server, r
 
 
 def test_format_ranks_lists_few_layers_and_summarises_deep_models() -> None:
-    from rankbench.report import format_ranks
+    from rankbench.report.tables import format_ranks
 
     assert format_ranks({}) == "dense"
     assert format_ranks({"fc1": [1, 3, 2, 1], "fc2": [1, 4, 1]}) == "fc1:1-3-2-1  fc2:1-4-1"

@@ -18,16 +18,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from helpers import make_tiny_cifar10
-from rankbench.api import build_model, make_config
-from rankbench.cifar import load_cifar10
+from rankbench.run.experiment import build_model, make_config
+from rankbench.data.cifar import load_cifar10
 from rankbench.cli import main
 from rankbench.data import Split
-from rankbench.method import MethodContext
-from rankbench.metrics import recalibrate_batchnorm
-from rankbench.registry import Registry
+from rankbench.plugins.method import MethodContext
+from rankbench.run.metrics import recalibrate_batchnorm
+from rankbench.plugins.registry import Registry
 from rankbench.tasks.resnet import CHANNEL_MODES, BasicBlock
-from rankbench.tensorized import TensorizedConv2d, count_parameters, learned_ranks, prune_model, tensorized_layers
-from rankbench.trainer import fit
+from rankbench.layers.tensorized import TensorizedConv2d, count_parameters, learned_ranks, prune_model, tensorized_layers
+from rankbench.run.trainer import fit
 
 tl.set_backend("pytorch")
 

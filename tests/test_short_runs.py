@@ -4,11 +4,11 @@
 import pytest
 import torch
 
-from rankbench.api import build_model, make_config
-from rankbench.method import MethodContext
-from rankbench.registry import Registry
-from rankbench.tensorized import learned_ranks
-from rankbench.trainer import fit
+from rankbench.run.experiment import build_model, make_config
+from rankbench.plugins.method import MethodContext
+from rankbench.plugins.registry import Registry
+from rankbench.layers.tensorized import learned_ranks
+from rankbench.run.trainer import fit
 
 REGISTRY = Registry.discover(entry_point_groups=False)
 

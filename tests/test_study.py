@@ -28,13 +28,13 @@ from pathlib import Path
 
 import pytest
 
-import rankbench.study
-import rankbench.tracking
+import rankbench.study.runner
+import rankbench.run.tracking
 from helpers import assert_one_line_error, make_tiny_cifar10, make_tiny_mnist
 from rankbench.cli import main
-from rankbench.registry import Registry
+from rankbench.plugins.registry import Registry
 from rankbench.errors import RankbenchError
-from rankbench.studyspec import load_study_file, parse_study
+from rankbench.study.spec import load_study_file, parse_study
 
 REPO = Path(__file__).resolve().parent.parent
 STUDIES = sorted((REPO / "studies").glob("*.toml"))
@@ -549,21 +549,21 @@ def resumed(tmp_path_factory, data_dir, mlflow_template):
         mp.chdir(root)
         store = Env(root, data_dir, mlflow_template)
         argv = store.argv(write_study(root, "resume"), *TINY)
-        real = rankbench.study.run_trial
+        real = rankbench.study.runner.run_trial
         calls = []
 
         def interrupting(trial, run, registry, tracker):
             calls.append(1)
             if len(calls) == 2:  # Ctrl-C once the trial has its configuration, as during training
-                rankbench.study.trial_assignments(trial, run.spec, registry)
+                rankbench.study.runner.trial_assignments(trial, run.spec, registry)
                 raise KeyboardInterrupt
             return real(trial, run, registry, tracker)
 
-        mp.setattr(rankbench.study, "run_trial", interrupting)
+        mp.setattr(rankbench.study.runner, "run_trial", interrupting)
         result["rc_interrupted"] = main(argv)
         result["after_interrupt"] = trials_of(store.storage, "resume")
         result["parents_after_interrupt"] = parent_and_children(store.uri, "resume")[0]
-        mp.setattr(rankbench.study, "run_trial", real)
+        mp.setattr(rankbench.study.runner, "run_trial", real)
         result["rc_resumed"] = main(argv)
         result["after_resume"] = trials_of(store.storage, "resume")
         result["store"] = store
@@ -656,7 +656,7 @@ def test_a_worker_killed_before_its_first_heartbeat_interval_is_retried(env, cap
     path.write_text(path.read_text() + "\n[budget]\ntimeout_s = 6\n")  # the rerun gives up after 6 s
     argv = env.argv(path, *TINY)
     # the worker dies (SIGKILL, no clean-up) 0.3 s into its first trial
-    prelude = ("import os, signal, time\nimport rankbench.study as s\n"
+    prelude = ("import os, signal, time\nimport rankbench.study.runner as s\n"
                "def die(*a, **k):\n    time.sleep(0.3)\n    os.kill(os.getpid(), signal.SIGKILL)\n"
                "s.run_trial = die")
     proc, log = start_cli(argv, env.root, "early", prelude=prelude)
@@ -707,7 +707,7 @@ def test_two_independent_commands_on_one_storage_finish_exactly_the_grid(env):
 def test_two_commands_starting_together_share_one_parent_run(env, capsys):
     path = write_study(env.root, "race", grid={"lambda": [0.1, 1.0]}, objectives={"val_accuracy": "maximize"})
     argv = env.argv(path, *TINY)
-    real_start = rankbench.tracking.Tracker.start
+    real_start = rankbench.run.tracking.Tracker.start
     started, other, threads = [], [], []
 
     def start(self, experiment, run_name, params, tags):
@@ -721,7 +721,7 @@ def test_two_commands_starting_together_share_one_parent_run(env, capsys):
         return real_start(self, experiment, run_name, params, tags)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(rankbench.tracking.Tracker, "start", start)
+        mp.setattr(rankbench.run.tracking.Tracker, "start", start)
         assert main(argv) == 0
         threads[0].join(timeout=120)
     assert other == [0]
@@ -738,12 +738,12 @@ def test_two_commands_starting_together_on_fresh_stores_both_succeed(env, monkey
     ready, go = env.root / "ready", env.root / "go"
     # Only opening the stores matters here: both commands skip the trials (worker_loop does nothing). One runs
     # in a subprocess, which imports everything, says so, and waits for the signal; the other runs in-process.
-    prelude = ("import time, pathlib, optuna, mlflow.tracking, rankbench.study, rankbench.api, rankbench.study_plots\n"
+    prelude = ("import time, pathlib, optuna, mlflow.tracking, rankbench.study.runner, rankbench.run.experiment, rankbench.study.plots\n"
                "import matplotlib.pyplot, optuna.visualization, optuna.visualization.matplotlib\n"
-               "rankbench.study.worker_loop = lambda run, deadline=None: 0\n"
+               "rankbench.study.runner.worker_loop = lambda run, deadline=None: 0\n"
                f"pathlib.Path({str(ready)!r}).touch()\n"
                f"while not pathlib.Path({str(go)!r}).exists():\n    time.sleep(0.002)")
-    monkeypatch.setattr(rankbench.study, "worker_loop", lambda run, deadline=None: 0)
+    monkeypatch.setattr(rankbench.study.runner, "worker_loop", lambda run, deadline=None: 0)
     proc, log = start_cli(argv, env.root, "fresh", prelude=prelude)
     try:
         deadline = time.time() + 60
@@ -870,8 +870,8 @@ def test_rerunning_a_finished_study_runs_no_trial(finished, monkeypatch, capsys)
     before = [(t.number, t.state.name, t.values) for t in trials_of(finished.storage, "pareto")]
     runs_before = sorted(r.info.run_id for r in all_runs(finished.uri))
     calls = []
-    real = rankbench.study.run_trial
-    monkeypatch.setattr(rankbench.study, "run_trial", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = rankbench.study.runner.run_trial
+    monkeypatch.setattr(rankbench.study.runner, "run_trial", lambda *a, **k: calls.append(1) or real(*a, **k))
     capsys.readouterr()
     assert main(finished.argv(finished.root / "pareto.toml", *TINY)) == 0
     assert "3 trials finished, 0 failed" in capsys.readouterr().out

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rankbench.errors import RankbenchError
-from rankbench.tensorized import (
+from rankbench.layers.tensorized import (
     RankSelector,
     TensorizedConv2d,
     TensorizedLinear,
@@ -221,7 +221,7 @@ def test_tt_matrix_counts_and_prunes():
 def test_embedding_equals_reference_table(layout, decomposition, ranks, strategy):
     from tensorly.tt_matrix import tt_matrix_to_tensor
 
-    from rankbench.tensorized import TensorizedEmbedding
+    from rankbench.layers.tensorized import TensorizedEmbedding
 
     torch.manual_seed(8)
     layer = TensorizedEmbedding(60, 12, (3, 4, 5), (2, 2, 3), ranks, decomposition, strategy=strategy,
@@ -239,7 +239,7 @@ def test_embedding_equals_reference_table(layout, decomposition, ranks, strategy
 
 
 def test_embedding_prunes_counts_and_picks_gather_for_a_large_vocabulary():
-    from rankbench.tensorized import TensorRingEmbedding
+    from rankbench.layers.tensorized import TensorRingEmbedding
 
     torch.manual_seed(9)
     layer = TensorRingEmbedding(60, 12, (3, 4, 5), (2, 2, 3), 4).double()

@@ -17,9 +17,9 @@ import torch
 
 import rankbench
 from helpers import make_tiny_mnist
-from rankbench.api import make_config, resolve_device, run
+from rankbench.run.experiment import make_config, resolve_device, run
 from rankbench.cli import main
-from rankbench.registry import Registry
+from rankbench.plugins.registry import Registry
 
 TIMING_KEYS = {"train_seconds_per_batch"}
 PER_EPOCH = ("val_accuracy", "compression", "train_loss", "penalty")

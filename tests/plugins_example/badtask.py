@@ -11,7 +11,7 @@ from typing import ClassVar
 from torch import nn
 
 from rankbench.tasks.lenet5 import LeNet5Task
-from rankbench.tensorized import TensorizedLinear
+from rankbench.plugin import TensorizedLinear
 
 
 class BadTask(LeNet5Task):

@@ -10,8 +10,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from rankbench.method import Method
-from rankbench.tensorized import Bond, RankSelector
+from rankbench.plugin import Bond, Method, RankSelector
 
 
 class OnesSelector(RankSelector):

@@ -2,7 +2,7 @@
 
 ``fail_seed`` picks the seed that diverges (-1: every seed); other seeds train
 normally. The seed is read from torch's default generator, which
-``rankbench.api.build_model`` seeds with the run's seed just before ``attach``.
+``rankbench.run.experiment.build_model`` seeds with the run's seed just before ``attach``.
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from rankbench.config import Hyper
-from rankbench.method import Method, MethodContext
+from rankbench.plugin import Hyper, Method, MethodContext
 
 
 class NanMethod(Method):

@@ -11,8 +11,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from rankbench.config import Hyper
-from rankbench.method import Method
+from rankbench.plugin import Hyper, Method
 
 
 class NanWhenBig(Method):

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from rankbench.errors import RankbenchError
-from rankbench.registry import Registry
-from rankbench.studyspec import OBJECTIVE_METRICS, RECORDED_ONLY, StudySpec
-from rankbench.tracking import DEFAULT_DIR, Tracker
+from rankbench.plugins.registry import Registry
+from rankbench.study.spec import OBJECTIVE_METRICS, RECORDED_ONLY, StudySpec
+from rankbench.run.tracking import DEFAULT_DIR, Tracker
 
 FINISHED_STATES = ("COMPLETE", "PRUNED")
 
@@ -191,8 +191,8 @@ def run_trial(trial, run: StudyRun, registry: Registry, tracker: Tracker) -> lis
     """Train the trial's configuration on every seed; return the objectives (means over seeds)."""
     import optuna
 
-    from rankbench.api import make_config
-    from rankbench.api import run as run_experiment
+    from rankbench.run.experiment import make_config
+    from rankbench.run.experiment import run as run_experiment
 
     spec = run.spec
     if trial.user_attrs.get("interrupted"):  # a retry: Optuna copied the failed trial's attributes
@@ -279,7 +279,7 @@ def worker_loop(run: StudyRun, deadline: float | None = None) -> int:
     import optuna
     from optuna.trial import TrialState
 
-    from rankbench.trainer import TrainingDiverged
+    from rankbench.run.trainer import TrainingDiverged
 
     registry = Registry.discover(plugin_dirs=run.plugin_dirs)
     storage = open_storage(run.storage_url, run.spec)
@@ -405,7 +405,7 @@ def run_study(
         tracker.client.set_terminated(parent, "FAILED")
         raise
     outcome = summarise(study, spec)
-    from rankbench.study_plots import write_plots
+    from rankbench.study.plots import write_plots
 
     folder = out_dir or DEFAULT_DIR / "studies" / spec.name
     outcome.plots = write_plots(study, spec, folder)

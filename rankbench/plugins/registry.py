@@ -19,8 +19,8 @@ from types import ModuleType
 from typing import Iterable, Sequence
 
 from rankbench.errors import RankbenchError
-from rankbench.method import Method
-from rankbench.task import Task
+from rankbench.plugins.method import Method
+from rankbench.plugins.task import Task
 
 METHOD_GROUP = "rankbench.methods"
 TASK_GROUP = "rankbench.tasks"

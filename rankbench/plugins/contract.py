@@ -22,13 +22,13 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from rankbench.config import Hyper, resolve
+from rankbench.plugins.hyper import Hyper, resolve
 from rankbench.data import DataSplits, Split, default_data_dir
 from rankbench.errors import RankbenchError
-from rankbench.method import Method, MethodContext, StepLoss
-from rankbench.registry import Registry
-from rankbench.task import Task
-from rankbench.tensorized import (
+from rankbench.plugins.method import Method, MethodContext, StepLoss
+from rankbench.plugins.registry import Registry
+from rankbench.plugins.task import Task
+from rankbench.layers.tensorized import (
     RankSelector,
     TensorizedLayer,
     bonds,
@@ -212,8 +212,8 @@ def _small_rank_overrides(method_cls: type[Method], method_params: dict, task_cl
 
 def check_method(registry: Registry, name: str, task: str = "lenet5", *, prefix: str = "") -> list[Check]:
     """Checks of method ``name`` on ``task``: config, data, build, train, ranks, export, compression."""
-    from rankbench.api import build_model, make_config
-    from rankbench.trainer import param_groups
+    from rankbench.run.experiment import build_model, make_config
+    from rankbench.run.trainer import param_groups
 
     runner = _Runner(prefix)
     state: dict[str, Any] = {}
@@ -225,7 +225,7 @@ def check_method(registry: Registry, name: str, task: str = "lenet5", *, prefix:
         _require(isinstance(method_cls.hyperparameters, dict), "hyperparameters must be a dict of name -> Hyper")
         for key, hyper in method_cls.hyperparameters.items():
             _require(isinstance(hyper, Hyper),
-                     f"hyperparameter {key!r} is declared as {type(hyper).__name__}, not rankbench.config.Hyper")
+                     f"hyperparameter {key!r} is declared as {type(hyper).__name__}, not rankbench.plugin.Hyper")
             hyper.validate(key, hyper.default)
         defaults = make_config(registry, task, name)
         overrides = _small_rank_overrides(method_cls, defaults.method_params, task_cls)
@@ -395,7 +395,7 @@ def check_method(registry: Registry, name: str, task: str = "lenet5", *, prefix:
 def check_task(registry: Registry, name: str) -> list[Check]:
     """Checks of task ``name``: hyperparameters, data, dense and tensorized model outputs,
     then ``check_method`` of the built-ins dense, trn and ours on it (names prefixed ``"<method>: "``)."""
-    from rankbench.api import make_config
+    from rankbench.run.experiment import make_config
 
     runner = _Runner()
     state: dict[str, Any] = {}
@@ -405,7 +405,7 @@ def check_task(registry: Registry, name: str) -> list[Check]:
         _require(isinstance(task_cls, type) and issubclass(task_cls, Task), f"{name!r} is not a Task subclass")
         for key, hyper in task_cls.hyperparameters.items():
             _require(isinstance(hyper, Hyper),
-                     f"hyperparameter {key!r} is declared as {type(hyper).__name__}, not rankbench.config.Hyper")
+                     f"hyperparameter {key!r} is declared as {type(hyper).__name__}, not rankbench.plugin.Hyper")
             hyper.validate(key, hyper.default)
         absent = [k for k in REQUIRED_TASK_KEYS if k not in task_cls.hyperparameters]
         _require(not absent, f"hyperparameters {', '.join(absent)} are not declared (a task declares "

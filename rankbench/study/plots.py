@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from rankbench.studyspec import StudySpec
+from rankbench.study.spec import StudySpec
 
 
 def _figures(study, spec: StudySpec) -> dict[str, tuple[str, dict]]:

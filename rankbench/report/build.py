@@ -81,7 +81,7 @@ def load_runs(tracking_uri: str | None = None, *, task: str | None = None, metho
     """Every FINISHED rankbench run (not study parents) in the store, filtered."""
     from mlflow.entities import ViewType
 
-    from rankbench.tracking import Tracker
+    from rankbench.run.tracking import Tracker
 
     client = Tracker(tracking_uri).client
     experiments = client.search_experiments(view_type=ViewType.ACTIVE_ONLY)
@@ -140,7 +140,7 @@ def group_rows(records: Iterable[RunRecord], group_by: Sequence[str] | None = No
 def _distinguishing(settings: dict[str, str], key: tuple, all_settings: dict[tuple, dict[str, str]]) -> dict[str, str]:
     """The method's key hyperparameters (rank, λ, ...) and the settings that differ between rows
     of the same task and method (short labels)."""
-    from rankbench.config import KEY_HYPERPARAMETERS
+    from rankbench.run.config import KEY_HYPERPARAMETERS
 
     peers = [s for k, s in all_settings.items() if k[0] == key[0] and k[1] == key[1] and k[2] == key[2]]
     return {k: v for k, v in settings.items()
@@ -181,8 +181,8 @@ def _shared(row: Row, base: Row) -> int:
 
 
 def published_rows(tasks: Iterable[str]) -> list[Row]:
-    """Numbers published by the papers (rankbench/published.toml), each with its source."""
-    text = resources.files("rankbench").joinpath("published.toml").read_text()
+    """Numbers published by the papers (rankbench/report/published.toml), each with its source."""
+    text = resources.files("rankbench.report").joinpath("published.toml").read_text()
     data = tomllib.loads(text)
     rows = []
     for entry in data["row"]:
@@ -193,7 +193,7 @@ def published_rows(tasks: Iterable[str]) -> list[Row]:
 
 
 def _fmt(values: list[float], digits: int) -> str:
-    from rankbench.report import mean_std
+    from rankbench.report.tables import mean_std
 
     return mean_std(values, digits) if values else ""
 
@@ -263,7 +263,7 @@ def render(rows: list[Row], tablefmt: str) -> str:
             notes.append("p (Welch): Welch's t-test on test accuracy against the baseline row; mean±std uses the "
                          "sample standard deviation")
         if any(r.source == "published" for r in group):
-            notes.append("published rows come from the papers (rankbench/published.toml); their data and "
+            notes.append("published rows come from the papers (rankbench/report/published.toml); their data and "
                          "compression definitions may differ from this run's")
         blocks.append("\n".join([title, tabulate(body, headers=HEADERS, tablefmt=tablefmt, disable_numparse=True),
                                  *notes]))
@@ -292,7 +292,7 @@ def build_report(tracking_uri: str | None = None, *, task: str | None = None, me
 
 def ranks_of(tracking_uri: str | None, run_id: str) -> dict[str, list[int]] | None:
     """The learned ranks artifact of a run."""
-    from rankbench.tracking import Tracker
+    from rankbench.run.tracking import Tracker
 
     client = Tracker(tracking_uri).client
     try:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rankbench.config import Hyper
+from rankbench.plugins.hyper import Hyper
 from rankbench.data import DataSplits, Split
 
 

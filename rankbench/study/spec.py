@@ -7,9 +7,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from rankbench.config import Hyper
+from rankbench.plugins.hyper import Hyper
 from rankbench.errors import RankbenchError
-from rankbench.registry import Registry
+from rankbench.plugins.registry import Registry
 
 # Metrics a trial records, mean over its seeds; studies may optimise these.
 OBJECTIVE_METRICS = (

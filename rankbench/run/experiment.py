@@ -13,15 +13,16 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 import rankbench
-from rankbench.config import KEY_HYPERPARAMETERS, RunConfig, parse_assignments, resolve
+from rankbench.plugins.hyper import parse_assignments, resolve
+from rankbench.run.config import KEY_HYPERPARAMETERS, RunConfig
 from rankbench.errors import RankbenchError
-from rankbench.method import Method, MethodContext
-from rankbench.metrics import evaluate, inference_seconds, total_rank
-from rankbench.registry import Registry
-from rankbench.task import Task
-from rankbench.tensorized import TensorizedLinear, count_parameters, learned_ranks, tensorized_layers
-from rankbench.tracking import Tracker
-from rankbench.trainer import fit
+from rankbench.plugins.method import Method, MethodContext
+from rankbench.run.metrics import evaluate, inference_seconds, total_rank
+from rankbench.plugins.registry import Registry
+from rankbench.plugins.task import Task
+from rankbench.layers.tensorized import TensorizedLinear, count_parameters, learned_ranks, tensorized_layers
+from rankbench.run.tracking import Tracker
+from rankbench.run.trainer import fit
 
 
 @dataclass

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from rankbench.data import Split, iterate_batches
-from rankbench.tensorized import count_parameters, learned_ranks
+from rankbench.layers.tensorized import count_parameters, learned_ranks
 
 
 @dataclass(frozen=True)

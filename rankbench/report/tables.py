@@ -7,7 +7,7 @@ from typing import Sequence
 
 from tabulate import tabulate
 
-from rankbench.api import RunResult
+from rankbench.run.experiment import RunResult
 
 
 def mean_std(values: Sequence[float], digits: int = 2) -> str:

@@ -1,0 +1,143 @@
+"""Datasets as in-memory tensors: the split types every task loads into, seeded
+train/validation hold-outs, batching, and a safe download helper."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.client import HTTPException
+from pathlib import Path
+
+import numpy as np
+import platformdirs
+import torch
+
+from rankbench.errors import RankbenchError
+
+__all__ = ["DataSplits", "Split", "default_data_dir", "download_file", "holdout_split", "iterate_batches"]
+
+
+@dataclass(frozen=True, eq=False)
+class Split:
+    """One split: normalised inputs ``x`` (N, ...) float32, e.g. (N, 1, 28, 28), and labels ``y`` (N,) int64.
+
+    ``eq=False`` because element-wise tensor comparison has no single truth value.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.y.ndim != 1 or self.x.shape[0] != self.y.shape[0]:
+            raise ValueError(
+                f"Split needs x with N rows and 1-D y of length N, got x {tuple(self.x.shape)} "
+                f"and y {tuple(self.y.shape)}"
+            )
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+
+@dataclass(frozen=True, eq=False)
+class DataSplits:
+    """A dataset split three ways, with where it came from so results can record it."""
+
+    name: str
+    source: str
+    train: Split
+    val: Split
+    test: Split
+    num_classes: int
+    embedded: bool = False
+    note: str = ""
+
+    def describe(self) -> str:
+        """One line for logs and reports, e.g. ``mnist (DIR (...)): train 55,000 / val 5,000 / test 10,000``."""
+        origin = f"{self.source}, {self.note}" if self.note else self.source
+        return (
+            f"{self.name} ({origin}): train {len(self.train):,} / "
+            f"val {len(self.val):,} / test {len(self.test):,}"
+        )
+
+
+def default_data_dir() -> Path:
+    """Where datasets live: ``$RANKBENCH_DATA_DIR`` if set, else the user cache dir, so
+    downloads are shared between runs and checkouts."""
+    override = os.environ.get("RANKBENCH_DATA_DIR")
+    if override:
+        return Path(override).expanduser()
+    return Path(platformdirs.user_cache_dir("rankbench")) / "data"
+
+
+def holdout_split(n_train: int, val_size: int, split_seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Train and validation indices: a seeded random hold-out of ``val_size`` of the
+    ``n_train`` official training examples, so the official test set stays untouched."""
+    if not 0 <= val_size < n_train:
+        raise RankbenchError(
+            f"val_size {val_size} does not fit the {n_train:,} {what}: "
+            f"choose a validation size from 0 to {n_train - 1}"
+        )
+    perm = np.random.default_rng(split_seed).permutation(n_train)
+    return perm[val_size:], perm[:val_size]
+
+
+def iterate_batches(
+    split: Split,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    generator: torch.Generator | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(x, y)`` mini-batches covering every example once, last partial batch included.
+
+    Shuffling draws ``torch.randperm`` from ``generator`` so a seeded generator gives a
+    reproducible order without touching torch's global RNG.
+    """
+    if batch_size < 1:
+        raise RankbenchError(f"batch size must be at least 1, got {batch_size}: pass a positive batch size")
+    n = len(split)
+    if shuffle:
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            yield split.x[idx], split.y[idx]
+    else:
+        for start in range(0, n, batch_size):
+            yield split.x[start : start + batch_size], split.y[start : start + batch_size]
+
+
+def download_file(url: str, target: Path, timeout_s: float, md5: str | None = None, what: str | None = None) -> Path:
+    """Fetch ``url`` to ``target`` via a temp file + rename, so an interrupted download never
+    leaves a half-written file that looks complete; with ``md5``, a file whose digest differs
+    is discarded with an error. ``what`` names what to copy by hand if it fails (default: the file's name)."""
+    directory = target.parent
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RankbenchError(
+            f"could not create {directory} ({exc.strerror or exc}): set RANKBENCH_DATA_DIR to a writable directory"
+        ) from exc
+    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=".part")
+    tmp = Path(tmp_name)
+    try:
+        digest = hashlib.md5()
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout_s) as response:
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+                digest.update(chunk)
+        if md5 is not None and digest.hexdigest() != md5:
+            raise RankbenchError(f"downloaded {url} has MD5 {digest.hexdigest()}, expected {md5}: re-run --download")
+        os.replace(tmp, target)
+    except (urllib.error.URLError, HTTPException, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+        raise RankbenchError(
+            f"could not download {url} ({reason}): copy {what or target.name} to {directory} by hand"
+        ) from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target

@@ -1,0 +1,52 @@
+"""The public surface for plugin authors: everything a method or task file needs.
+
+A method subclasses :class:`Method` (and usually a :class:`RankSelector`); a task
+subclasses :class:`Task` and builds its models from the tensorized layers. Import
+from here, not from the modules behind it: they may move, this list stays.
+"""
+
+from rankbench.data import DataSplits, Split, default_data_dir, download_file, holdout_split, iterate_batches
+from rankbench.data.cifar import load_cifar10, random_crop_flip
+from rankbench.data.mnist import DATASETS, load_mnist_family, load_mnist_family_from, mnist_family_hyperparameters
+from rankbench.errors import RankbenchError
+from rankbench.layers.tensorized import (
+    Bond,
+    RankSelector,
+    TensorizedConv2d,
+    TensorizedEmbedding,
+    TensorizedLayer,
+    TensorizedLinear,
+    TensorRingConv2d,
+    TensorRingEmbedding,
+    TensorRingLinear,
+    TensorTrainConv2d,
+    TensorTrainEmbedding,
+    TensorTrainLinear,
+    bonds,
+    selectors,
+    tensorized_layers,
+)
+from rankbench.plugins.hyper import Hyper, Search
+from rankbench.plugins.contract import Check, check_method, check_task
+from rankbench.plugins.method import SELECTOR_HYPERPARAMETERS, Method, MethodContext, StepLoss, TaskLoss
+from rankbench.plugins.registry import Registry
+from rankbench.plugins.task import Task
+from rankbench.run.metrics import recalibrate_batchnorm
+
+__all__ = [
+    # method interface
+    "Method", "MethodContext", "StepLoss", "TaskLoss", "SELECTOR_HYPERPARAMETERS", "RankSelector", "Bond",
+    # declared hyperparameters
+    "Hyper", "Search",
+    # task interface and data
+    "Task", "DataSplits", "Split", "DATASETS", "default_data_dir", "download_file", "holdout_split",
+    "iterate_batches", "load_mnist_family", "load_mnist_family_from", "mnist_family_hyperparameters",
+    "load_cifar10", "random_crop_flip", "recalibrate_batchnorm",
+    # tensorized layers and model helpers
+    "TensorizedLayer", "TensorizedLinear", "TensorizedConv2d", "TensorizedEmbedding",
+    "TensorRingLinear", "TensorTrainLinear", "TensorRingConv2d", "TensorTrainConv2d",
+    "TensorRingEmbedding", "TensorTrainEmbedding", "bonds", "selectors", "tensorized_layers",
+    "RankbenchError",
+    # discovery and the contract suite (for a plugin package's own tests)
+    "Registry", "Check", "check_method", "check_task",
+]

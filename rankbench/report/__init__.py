@@ -1,0 +1,1 @@
+"""Reading tracked runs back: run tables (``tables``), mean±std reports with statistics (``build``), figures."""

@@ -1,0 +1,1 @@
+"""One experiment, in data-flow order: config → prepare → trainer → metrics → tracking."""

@@ -1,0 +1,1 @@
+"""Optuna studies: study files (``spec``), workers and trials (``runner``), plots (``plots``)."""
