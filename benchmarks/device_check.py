@@ -17,7 +17,8 @@ import time
 import torch
 from tabulate import tabulate
 
-from rankbench.run.experiment import build_model, make_config, resolve_device
+from rankbench.run.config import make_config, resolve_device
+from rankbench.run.prepare import build_model
 from rankbench.plugins.method import MethodContext
 from rankbench.plugins.registry import Registry
 from rankbench.layers.tensorized import TensorRingConv2d, TensorRingLinear

@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
-from rankbench.run.experiment import build_model, make_config, run
-from rankbench.plugins.method import MethodContext
+from rankbench.run.config import make_config
+from rankbench.run.experiment import run
+from rankbench.run.prepare import prepare
 from rankbench.plugins.registry import Registry
 from rankbench.study.runner import run_study
 from rankbench.study.spec import parse_study
@@ -45,21 +46,19 @@ def main() -> None:
                                  progress=False)
 
             def bare_run() -> None:
-                data = task_cls(config.task_params).load_data(None, False)
-                _, params = task_cls.recipe_for(data, config.task_params, config.explicit)
-                task, method = task_cls(params), registry.method(args.method)(config.method_params)
-                model = build_model(task, method, 0, MethodContext(len(data.train), torch.device("cpu")))
-                fit(model, method, task, data, epochs=epochs, seed=0, device=torch.device("cpu"),
-                    dense_parameters=1)
+                prepared = prepare(config, registry)
+                model, method = prepared.build(seed=0)
+                fit(model, method, prepared.task, prepared.data, epochs=prepared.epochs, seed=0,
+                    device=prepared.device, dense_parameters=prepared.dense_parameters)
 
-            run(config, registry)  # warm-up: creates the store and its tables
+            run(prepare(config, registry))  # warm-up: creates the store and its tables
             bare[epochs] = tracked[epochs] = float("inf")
             for _ in range(args.repeat):  # interleaved, best of each, so load changes hit both
                 start = time.perf_counter()
                 bare_run()
                 bare[epochs] = min(bare[epochs], time.perf_counter() - start)
                 start = time.perf_counter()
-                run(config, registry)
+                run(prepare(config, registry))
                 tracked[epochs] = min(tracked[epochs], time.perf_counter() - start)
 
         spec = parse_study({"name": "overhead", "task": args.task, "methods": [args.method],

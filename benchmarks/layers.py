@@ -16,7 +16,7 @@ from tabulate import tabulate
 from torch import nn
 from torch.utils import benchmark
 
-from rankbench.run.experiment import resolve_device
+from rankbench.run.config import resolve_device
 from rankbench.layers.tensorized import TensorizedConv2d, TensorizedEmbedding, TensorizedLinear
 
 # name, tensorized factory, dense factory, input shape without the batch dimension

@@ -10,4 +10,6 @@ class Dense(Method):
 
     name: ClassVar[str] = "dense"
     description: ClassVar[str] = "uncompressed reference model (1x), the task's ordinary layers"
+    role: ClassVar[str] = "reference"
+    checks_tasks: ClassVar[bool] = True
     tensorized: ClassVar[bool] = False

@@ -60,7 +60,8 @@ class Mars(Method):
     description: ClassVar[str] = "MARS: Hard-Concrete rank masks with a Bernoulli prior (relaxed MAP)"
     hyperparameters: ClassVar[dict[str, Hyper]] = {
         **SELECTOR_HYPERPARAMETERS,
-        "mode": Hyper("soft", "soft: prior 0.1, alpha -1.5; hard: prior 0.01, alpha -1.75", choices=tuple(MODES)),
+        "mode": Hyper("soft", "soft: prior 0.1, alpha -1.5; hard: prior 0.01, alpha -1.75", choices=tuple(MODES),
+                      label=True),
         "prior": Hyper(None, "prior probability π that a slice is on (none: by mode)", type=float,
                        minimum=1e-9, maximum=1 - 1e-9, nullable=True, search=Search(1e-3, 0.5, log=True)),
         "alpha": Hyper(None, "initial mean of the logits θ (none: by mode)", type=float, nullable=True),
@@ -85,7 +86,8 @@ class Mars(Method):
         return HardConcreteMask(bond.size, self.alpha, self.temperature, self.params["gamma"], self.params["zeta"])
 
     def masks(self, model: nn.Module) -> list[HardConcreteMask]:
-        return [m for m in model.modules() if isinstance(m, HardConcreteMask)]
+        """The masks ``attach`` put on ``model``, in bond order (read from the registry)."""
+        return [m for m in self.selectors.values() if isinstance(m, HardConcreteMask)]
 
     def penalty(self, model: nn.Module) -> Tensor:
         """(1/N)·[−Σ (φ log π + (1−φ) log(1−π)) + ½ s⁻² Σ_cores ‖G‖²]."""

@@ -6,7 +6,6 @@ Probabilistic ℓ0-Regularized Rank Selection for Model Compression", IJCAI 2024
 
 from __future__ import annotations
 
-import weakref
 from typing import ClassVar, Mapping
 
 import torch
@@ -29,8 +28,9 @@ class GaussianGate(RankSelector):
 
     ``μ`` has ``size − 1`` trainable entries plus one frozen slot placed last,
     so a bond never loses its last slice. The noise ε is drawn afresh at every
-    forward pass and shared by the whole batch. In eval mode (or once the gates
-    are fixed) the gate is ``clamp(μ + b, 0, 1)``.
+    forward pass and shared by the whole batch (unless the method supplies the
+    values, see ``RankSelector.supplied``). In eval mode (or once the gates are
+    fixed) the gate is ``clamp(μ + b, 0, 1)``.
     """
 
     def __init__(self, size: int, sigma: float, offset: float) -> None:
@@ -39,14 +39,11 @@ class GaussianGate(RankSelector):
         self.mu = nn.Parameter(torch.randn(size - 1) * 0.01)
         self.register_buffer("mu_fixed", torch.randn(1) * 0.01)
         self.fixed = False
-        self.drawn: Tensor | None = None
 
     def _location(self) -> Tensor:
         return torch.cat([self.mu, self.mu_fixed])
 
     def sample(self) -> Tensor:
-        if self.drawn is not None:
-            return self.drawn
         if self.fixed:
             return self.deterministic()
         z = self._location() + self.sigma * torch.randn(self.size, device=self.mu_fixed.device)
@@ -75,33 +72,31 @@ class ProbabilisticL0(Method):
 
     name: ClassVar[str] = "ours"
     description: ClassVar[str] = "probabilistic l0 rank selection with Gaussian (approximate Bernoulli) gates"
+    checks_tasks: ClassVar[bool] = True
     hyperparameters: ClassVar[dict[str, Hyper]] = {
         **SELECTOR_HYPERPARAMETERS,
-        "lambda": Hyper(1.0, "weight λ of the expected-l0 penalty", minimum=0.0, search=Search(1e-3, 10.0, log=True)),
-        "sigma": Hyper(0.5, "std σ of the gate noise", minimum=1e-6, search=Search(0.1, 1.0)),
+        "lambda": Hyper(1.0, "weight λ of the expected-l0 penalty", minimum=0.0, search=Search(1e-3, 10.0, log=True),
+                        label=True),
+        "sigma": Hyper(0.5, "std σ of the gate noise", minimum=1e-6, search=Search(0.1, 1.0), label=True),
         "offset": Hyper(1.2, "gate offset b: gate = clamp(mu + sigma*eps + b, 0, 1)"),
         "penalty_reduction": Hyper("mean", "per-bond reduction of the penalty", choices=("mean", "sum")),
         "target_compression": Hyper(
             None, "fix the gates once the compression ratio reaches this (none: never)",
-            type=float, minimum=1.0, nullable=True,
+            type=float, minimum=1.0, nullable=True, label=True,
         ),
     }
 
     def __init__(self, params: Mapping) -> None:
         super().__init__(params)
         self.fixed = False
-        self._gates: tuple[weakref.ref, list[GaussianGate]] | None = None
         self._weights: tuple[tuple, Tensor] | None = None
 
     def selector(self, bond: Bond) -> RankSelector | None:
         return GaussianGate(bond.size, self.params["sigma"], self.params["offset"])
 
     def gates(self, model: nn.Module) -> list[GaussianGate]:
-        """The model's gates in forward order (modules are registered in the order they run)."""
-        cached = self._gates
-        if cached is None or cached[0]() is not model:
-            self._gates = cached = (weakref.ref(model), [m for m in model.modules() if isinstance(m, GaussianGate)])
-        return cached[1]
+        """The gates ``attach`` put on ``model``, in forward order (read from the registry)."""
+        return [g for g in self.selectors.values() if isinstance(g, GaussianGate)]
 
     def _penalty_weights(self, gates: list[GaussianGate], device: torch.device) -> Tensor:
         """Per-entry weights of Φ: 1/(R−1) for a bond's mean, 1 for its sum."""
@@ -133,18 +128,14 @@ class ProbabilisticL0(Method):
         return list(torch.clamp(z + self.params["offset"], 0.0, 1.0).split([g.size for g in gates]))
 
     def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor], task_loss: TaskLoss) -> StepLoss:
-        """The default task loss + penalty, with all gates drawn at once: per-bond
-        gate arithmetic costs a few kernel launches per bond, and ResNet-32 has 219."""
+        """The default task loss + penalty, with all gates drawn at once and supplied
+        to them (``RankSelector.supplied``): per-bond gate arithmetic costs a few
+        kernel launches per bond, and ResNet-32 has 219."""
         gates = self.gates(model)
         if not model.training or not gates or any(g.fixed != gates[0].fixed for g in gates):
             return super().loss(model, batch, task_loss)
-        for gate, value in zip(gates, self.draw(gates)):
-            gate.drawn = value
-        try:
+        with RankSelector.supplied(dict(zip(gates, self.draw(gates), strict=True))):
             return super().loss(model, batch, task_loss)
-        finally:
-            for gate in gates:
-                gate.drawn = None
 
     def on_epoch_end(self, model: nn.Module, epoch: int, metrics: Mapping[str, float]) -> None:
         target = self.params["target_compression"]

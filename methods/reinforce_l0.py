@@ -28,29 +28,34 @@ class BernoulliGate(RankSelector):
     """Gates ``Z_j ~ Bernoulli(π_j)``, ``π = clamp(μ + 0.55, ε, 1−ε)``, plus one
     frozen always-on slot (last) so a bond keeps rank ≥ 1.
 
-    Each training forward draws a new sample and keeps it in ``last_sample`` for
-    the score-function term; eval rounds: ``Z = 1[π ≥ 0.5]``.
+    The method draws ``Z`` itself (``draw``), since the score-function term needs
+    the sample again, and supplies ``with_fixed_slot(Z)`` to the forward pass
+    (``RankSelector.supplied``); a training forward without one draws its own.
+    Eval rounds: ``Z = 1[π ≥ 0.5]``.
     """
 
     def __init__(self, size: int, init_probability: float = 0.55, eps: float = 1e-6) -> None:
         super().__init__(size)
         self.init_probability, self.eps = init_probability, eps
         self.mu = nn.Parameter(torch.randn(size - 1) * 0.01)
-        self.last_sample: Tensor | None = None
 
     def probability(self) -> Tensor:
         return torch.clamp(self.mu + self.init_probability, self.eps, 1.0 - self.eps)
 
-    def _with_fixed_slot(self, z: Tensor) -> Tensor:
+    def with_fixed_slot(self, z: Tensor) -> Tensor:
+        """The bond's multipliers for gates ``z``: ``z`` and the always-on slot."""
         return torch.cat([z, torch.ones(1, device=z.device, dtype=z.dtype)])
 
+    @torch.no_grad()
+    def draw(self) -> Tensor:
+        """``Z ~ Bernoulli(π)`` for the trainable entries (no gradient: REINFORCE differentiates ``log_prob``)."""
+        return torch.bernoulli(self.probability())
+
     def sample(self) -> Tensor:
-        with torch.no_grad():
-            self.last_sample = torch.bernoulli(self.probability())
-        return self._with_fixed_slot(self.last_sample)
+        return self.with_fixed_slot(self.draw())
 
     def deterministic(self) -> Tensor:
-        return self._with_fixed_slot((self.probability() >= 0.5).to(self.mu.dtype)).detach()
+        return self.with_fixed_slot((self.probability() >= 0.5).to(self.mu.dtype)).detach()
 
     def log_prob(self, z: Tensor) -> Tensor:
         """log P(Z = z) of the trainable entries (differentiable in μ)."""
@@ -66,8 +71,9 @@ class ReinforceL0(Method):
     description: ClassVar[str] = "discrete Bernoulli rank gates trained by REINFORCE (score-function) gradients"
     hyperparameters: ClassVar[dict[str, Hyper]] = {
         **SELECTOR_HYPERPARAMETERS,
-        "lambda": Hyper(0.2, "weight λ of the l0 norm in the cost", minimum=0.0, search=Search(1e-3, 10.0, log=True)),
-        "samples": Hyper(5, "gate samples M per training step", minimum=1),
+        "lambda": Hyper(0.2, "weight λ of the l0 norm in the cost", minimum=0.0, search=Search(1e-3, 10.0, log=True),
+                        label=True),
+        "samples": Hyper(5, "gate samples M per training step", minimum=1, label=True),
         "baseline": Hyper("none", "variance reduction: subtract the mean cost of the M samples",
                           choices=("none", "mean")),
         "init_probability": Hyper(0.55, "initial gate probability π (μ + this)", minimum=0.0, maximum=1.0),
@@ -77,16 +83,21 @@ class ReinforceL0(Method):
         return BernoulliGate(bond.size, self.params["init_probability"])
 
     def gates(self, model: nn.Module) -> list[BernoulliGate]:
-        return [m for m in model.modules() if isinstance(m, BernoulliGate)]
+        """The gates ``attach`` put on ``model``, in forward order (read from the registry)."""
+        return [g for g in self.selectors.values() if isinstance(g, BernoulliGate)]
 
     def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor], task_loss: TaskLoss) -> StepLoss:
+        """M forward passes, each with fresh gates drawn here (per gate, forward order:
+        the numbers the gates would draw in the forward pass) and supplied to the model."""
         x, y = batch
         gates = self.gates(model)
         losses, log_probs, l0 = [], [], []
         for _ in range(self.params["samples"]):
-            losses.append(task_loss(model(x), y))
-            log_probs.append(sum((g.log_prob(g.last_sample) for g in gates), torch.zeros((), device=x.device)))
-            l0.append(sum(float(g.last_sample.sum()) + 1.0 for g in gates))
+            drawn = [g.draw() for g in gates]
+            with RankSelector.supplied({g: g.with_fixed_slot(z) for g, z in zip(gates, drawn)}):
+                losses.append(task_loss(model(x), y))
+            log_probs.append(sum((g.log_prob(z) for g, z in zip(gates, drawn)), torch.zeros((), device=x.device)))
+            l0.append(sum(float(z.sum()) + 1.0 for z in drawn))
         task = torch.stack(losses)
         norm = torch.tensor(l0, device=x.device)
         cost = (task + self.params["lambda"] * norm).detach()

@@ -11,8 +11,10 @@ class UniformRank(Method):
 
     name: ClassVar[str] = "trn"
     description: ClassVar[str] = "uniform-rank tensor ring/train, every bond rank r, no selection"
+    role: ClassVar[str] = "uniform"
+    checks_tasks: ClassVar[bool] = True
     hyperparameters: ClassVar[dict[str, Hyper]] = {
-        "rank": Hyper(10, "rank of every bond", minimum=1, search=Search(2, 30)),
+        "rank": Hyper(10, "rank of every bond", minimum=1, search=Search(2, 30), label=True),
     }
 
     def initial_rank(self, task_rank: int) -> int:

@@ -97,15 +97,17 @@ def cmd_export(args, registry) -> None:
           f"max |exported - gated| on a random batch: {result.max_abs_difference:.2e}")
 
 
-def cmd_report(args) -> None:
+def cmd_report(args, registry) -> None:
     from rankbench.report.build import build_report, render
 
     group_by = [g.strip() for g in args.group_by.split(",") if g.strip()] if args.group_by else None
     rows = build_report(args.tracking_uri, task=args.task, method=args.method, study=args.study,
-                        group_by=group_by, baseline=args.baseline, with_published=args.with_published)
+                        group_by=group_by, baseline=args.baseline, with_published=args.with_published,
+                        registry=registry)
     text = render(rows, args.format)
     print(text)
     if args.out is not None:
+        from rankbench.report.build import MethodDeclarations
         from rankbench.report.figures import write_figures
 
         args.out.mkdir(parents=True, exist_ok=True)
@@ -114,7 +116,7 @@ def cmd_report(args) -> None:
                   "rst": "rst", "mediawiki": "wiki", "jira": "jira", "textile": "textile",
                   "asciidoc": "adoc", "orgtbl": "org"}.get(args.format, "txt")
         (args.out / f"report.{suffix}").write_text(text + "\n")
-        written, skipped = write_figures(rows, args.tracking_uri, args.out)
+        written, skipped = write_figures(rows, args.tracking_uri, args.out, MethodDeclarations.of(registry))
         print(f"wrote {args.out / f'report.{suffix}'}")
         for path in written:
             print(f"wrote {path}")
@@ -144,54 +146,48 @@ def cmd_list(registry) -> None:
 def cmd_run(args, registry) -> None:
     from tqdm import tqdm
 
-    from rankbench.run.experiment import make_config, run
     from rankbench.report.tables import results_table
+    from rankbench.run import records
+    from rankbench.run.config import make_config, parse_budget
+    from rankbench.run.experiment import run
+    from rankbench.run.prepare import prepare
+    from rankbench.run.tracking import Tracker
 
-    if args.epochs is not None and args.epochs < 1:
-        raise RankbenchError("--epochs must be >= 1")
-    if args.threads is not None and args.threads < 1:
-        raise RankbenchError("--threads must be >= 1")
-    from rankbench.run.config import parse_budget
-
-    budget_steps = parse_budget(args.budget)
-    if budget_steps is not None and (args.epochs is not None or any(a.startswith("epochs=") for a in args.assignments)):
-        raise RankbenchError("--budget sets the epochs: drop --epochs / --set epochs")
     config = make_config(
         registry, args.task, args.method, args.assignments, epochs=args.epochs, seeds=args.seeds,
         device=args.device, data_dir=args.data_dir, download=args.download, tracking_uri=args.tracking_uri,
         experiment=args.experiment, threads=args.threads, progress=not args.no_progress,
-        contraction=args.contraction, budget_steps=budget_steps,
+        contraction=args.contraction, budget_steps=parse_budget(args.budget),
     )
-    task_cls = registry.task(config.task)
+    prepared = prepare(config, registry)
     bars: dict[int, tqdm] = {}
 
     def on_start(run_id: str, seed: int, params: dict) -> None:
         if not bars:
-            print(f"task {config.task}: " + ", ".join(f"{k}={params[k]}" for k in config.task_params))
+            task_cls = type(prepared.task)
+            print(f"task {config.task}: " + ", ".join(f"{k}={params[k]}" for k in prepared.task.params))
             print(f"method {config.method}: "
-                  + (", ".join(f"{k}={params[k]}" for k in config.method_params) or "-"))
-            recipe = ", ".join(f"{k}={params[k]}" for k in task_cls.recipe_keys if k in params)
-            why = f" ({task_cls.embedded_recipe_why})" if params["recipe"] == "embedded" else ""
-            print(f"recipe {params['recipe']}: {recipe}{why}")
-            print(f"data: {params['dataset']} ({params['dataset_source']}): train {params['train_size']}"
-                  f" / val {params['val_size_used']} / test {params['test_size']}")
-            print(f"device: {params['device']}, threads: {params['threads']}", flush=True)
+                  + (", ".join(f"{k}={params[k]}" for k in prepared.method_params) or "-"))
+            recipe = ", ".join(f"{k}={v}" for k, v in prepared.task.recipe().items())
+            why = f" ({task_cls.embedded_recipe_why})" if prepared.recipe == "embedded" else ""
+            print(f"recipe {prepared.recipe}: {recipe}{why}")
+            print(f"data: {prepared.data.name} ({prepared.data.source}): train {len(prepared.data.train)}"
+                  f" / val {len(prepared.data.val)} / test {len(prepared.data.test)}")
+            print(f"device: {params[records.DEVICE]}, threads: {params[records.THREADS]}", flush=True)
         print(f"run {run_id} (seed {seed})", file=sys.stderr)
-        bars[seed] = tqdm(total=params["epochs"], desc=f"seed {seed}", unit="epoch",
+        bars[seed] = tqdm(total=prepared.epochs, desc=f"seed {seed}", unit="epoch",
                           disable=not config.progress, file=sys.stderr, dynamic_ncols=True)
 
     def on_epoch(seed: int, epoch: int, m: dict) -> None:
         bar = bars[seed]
-        bar.set_postfix(loss=f"{m['train_loss']:.3f}", val_acc=f"{m['val_accuracy']:.2f}",
-                        cr=f"{m['compression']:.2f}x", rank=int(m["total_rank"]), refresh=False)
+        bar.set_postfix(loss=f"{m[records.TRAIN_LOSS]:.3f}", val_acc=f"{m[records.VAL_ACCURACY]:.2f}",
+                        cr=f"{m[records.COMPRESSION]:.2f}x", rank=int(m[records.TOTAL_RANK]), refresh=False)
         bar.update(1)
         if epoch == bar.total:
             bar.close()
 
-    from rankbench.run.tracking import Tracker
-
     tracker = Tracker(config.tracking_uri)
-    results = run(config, registry, tracker=tracker, on_start=on_start, on_epoch=on_epoch)
+    results = run(prepared, tracker=tracker, on_start=on_start, on_epoch=on_epoch)
     print(results_table(results, tablefmt=args.format))
     print(f"tracking: {tracker.uri} (experiment {config.experiment or config.task}); "
           f"open it with: mlflow ui --backend-store-uri {tracker.uri}")
@@ -245,15 +241,8 @@ def cmd_study(args, registry) -> None:
     if args.target[:1] == ["show"]:
         if len(args.target) != 2:
             raise RankbenchError("write: rankbench study show NAME")
-        study = studies.load_existing(args.target[1], args.storage)
-        rows = [[t.number, t.state.name, t.user_attrs.get("method", ""),
-                 ", ".join(f"{k}={v}" for k, v in t.params.items() if k != "method"),
-                 ", ".join(f"{v:.4g}" for v in (t.values or [])),
-                 f"{t.user_attrs['mean_test_accuracy']:.2f}" if "mean_test_accuracy" in t.user_attrs else "",
-                 ("" if t.state.name == "COMPLETE"
-                  else t.user_attrs.get("failure_reason") or t.user_attrs.get("pruned_reason", ""))[:60]]
-                for t in study.get_trials(deepcopy=False)]
-        print(tabulate(rows, headers=["trial", "state", "method", "params", "objectives", "test acc", "note"]))
+        rows = studies.trial_rows(studies.load_existing(args.target[1], args.storage))
+        print(tabulate(rows, headers=studies.TRIAL_HEADERS, disable_numparse=True))
         return
     if len(args.target) != 1:
         raise RankbenchError("give one study file, e.g. rankbench study studies/lenet5_sensitivity.toml")
@@ -261,7 +250,7 @@ def cmd_study(args, registry) -> None:
 
     spec = load_study_file(Path(args.target[0]), registry).with_overrides(
         n_trials=args.n_trials, seeds=args.seeds, fixed=parse_assignments(args.assignments), registry=registry)
-    print(f"study {spec.name}: task {spec.task}, methods {', '.join(spec.methods)}, {spec.budget()} trials x "
+    print(f"study {spec.name}: task {', '.join(spec.tasks)}, methods {', '.join(spec.methods)}, {spec.budget()} trials x "
           f"{len(spec.seeds)} seed(s), sampler {spec.sampler}, objectives "
           + ", ".join(f"{k} ({v})" for k, v in spec.objectives.items()), flush=True)
     outcome = studies.run_study(spec, storage_url=args.storage, workers=args.workers, tracking_uri=args.tracking_uri,
@@ -291,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "study":
             cmd_study(args, registry)
         elif args.command == "report":
-            cmd_report(args)
+            cmd_report(args, registry)
         elif args.command == "export":
             cmd_export(args, registry)
         return 0

@@ -14,9 +14,6 @@ from rankbench.plugins.method import MethodContext
 from rankbench.plugins.registry import Registry
 from rankbench.plugins.task import Task
 from rankbench.layers.tensorized import (
-    TensorizedConv2d,
-    TensorizedEmbedding,
-    TensorizedLinear,
     count_parameters,
     learned_ranks,
     prune_model,
@@ -34,15 +31,12 @@ class Exported:
 
 def rebuild(run_id: str, registry: Registry, tracking_uri: str | None = None) -> tuple[nn.Module, Task]:
     """The run's trained model (selectors included), in eval mode on the CPU."""
-    from rankbench.run.experiment import build_model, make_config
+    from rankbench.run.config import make_config
+    from rankbench.run.prepare import build_model
     from rankbench.run.tracking import Tracker
 
-    client = Tracker(tracking_uri).client
-    try:
-        run = client.get_run(run_id)
-    except Exception:
-        raise RankbenchError(f"no run {run_id!r} in {Tracker(tracking_uri).uri}: check the run id and --tracking-uri") from None
-    params = run.data.params
+    tracker = Tracker(tracking_uri)
+    params = tracker.get_run(run_id).data.params
     if "task" not in params or "method" not in params:
         raise RankbenchError(f"run {run_id} is not a rankbench training run")
     task_cls, method_cls = registry.task(params["task"]), registry.method(params["method"])
@@ -56,8 +50,8 @@ def rebuild(run_id: str, registry: Registry, tracking_uri: str | None = None) ->
     context = MethodContext(num_train=int(params.get("train_size", 1)), device=torch.device("cpu"))
     model = build_model(task, method, int(params.get("seed", 0)), context)
     try:
-        path = client.download_artifacts(run_id, "model/state_dict.pt")
-    except Exception:
+        path = tracker.download_artifact(run_id, "model/state_dict.pt")
+    except RankbenchError:
         raise RankbenchError(f"run {run_id} has no model/state_dict.pt artifact (runs before rankbench 0.1 "
                              "did not save weights): train it again") from None
     model.load_state_dict(torch.load(path, map_location="cpu"))
@@ -65,25 +59,11 @@ def rebuild(run_id: str, registry: Registry, tracking_uri: str | None = None) ->
 
 
 def materialise(model: nn.Module) -> nn.Module:
-    """Replace each tensorized layer by the plain ``nn.Linear``/``nn.Conv2d``/``nn.Embedding`` of its weight."""
+    """Replace each tensorized layer by its dense twin (``layer.to_dense()``: the plain
+    ``nn.Linear``/``nn.Conv2d``/``nn.Embedding`` of its weight)."""
     for name, layer in list(tensorized_layers(model)):
-        with torch.no_grad():
-            weight = layer.dense_weight()
-            if isinstance(layer, TensorizedLinear):
-                dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
-                dense.weight.copy_(weight.T)
-            elif isinstance(layer, TensorizedConv2d):
-                dense = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
-                                  padding=layer.padding, bias=layer.bias is not None)
-                dense.weight.copy_(weight)
-            elif isinstance(layer, TensorizedEmbedding):
-                dense = nn.Embedding(layer.num_embeddings, layer.embedding_dim, _weight=weight.clone())
-            else:
-                continue
-            if getattr(layer, "bias", None) is not None:
-                dense.bias.copy_(layer.bias)
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, dense)
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.to_dense())
     return model
 
 

@@ -22,7 +22,8 @@ from rankbench.plugin import (
 )
 
 ConvFactory = Callable[[int, int, int, str], nn.Module]
-"""(in_channels, out_channels, stride, name) -> a 3×3 convolution without bias, padding 1."""
+"""(in_channels, out_channels, stride, name) -> a 3×3 convolution without bias, padding 1;
+``name`` is the module path the convolution will have (``blocks.0.conv1``)."""
 
 CHANNEL_MODES: dict[int, tuple[int, ...]] = {3: (3,), 16: (4, 2, 2), 32: (4, 4, 2), 64: (4, 4, 4)}
 """The paper's tensorization of each channel count (METHODS.md)."""
@@ -31,7 +32,7 @@ CHANNEL_MODES: dict[int, tuple[int, ...]] = {3: (3,), 16: (4, 2, 2), 32: (4, 4, 
 class BasicBlock(nn.Module):
     """Two 3×3 conv + BN layers with an identity shortcut; where the block halves the
     resolution and widens the channels, the shortcut subsamples and zero-pads
-    (He et al.'s option A for CIFAR, no parameters)."""
+    (He et al.'s option A for CIFAR, no parameters). ``name`` is the block's module path."""
 
     def __init__(self, conv: ConvFactory, in_planes: int, planes: int, stride: int, name: str) -> None:
         super().__init__()
@@ -57,7 +58,8 @@ class BasicBlock(nn.Module):
 class CifarResNet(nn.Module):
     """He et al.'s CIFAR ResNet of depth 6n+2: conv 3→16, three stages of ``n`` blocks
     (16, 32, 64 channels; the second and third start with stride 2), global average
-    pooling, fc 64→10."""
+    pooling, fc 64→10. The blocks form one sequence, ``blocks.0`` … ``blocks.{3n-1}``,
+    and the layers are named by these module paths."""
 
     def __init__(self, n: int, conv: ConvFactory, fc: nn.Module) -> None:
         super().__init__()
@@ -68,7 +70,7 @@ class CifarResNet(nn.Module):
         for stage, planes in enumerate((16, 32, 64), start=1):
             for b in range(n):
                 stride = 2 if stage > 1 and b == 0 else 1
-                blocks.append(BasicBlock(conv, in_planes, planes, stride, f"stage{stage}.{b}"))
+                blocks.append(BasicBlock(conv, in_planes, planes, stride, f"blocks.{len(blocks)}"))
                 in_planes = planes
         self.blocks = nn.Sequential(*blocks)
         self.fc = fc

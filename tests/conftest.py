@@ -57,6 +57,17 @@ def _one_torch_thread():
     yield
     torch.set_num_threads(before)
 
+
+@pytest.fixture(autouse=True)
+def _no_system_datasets(tmp_path_factory, monkeypatch):
+    """Tests see only the data they write: system-installed datasets (Debian's
+    ``/usr/share/datasets``, e.g. the real Fashion-MNIST) are hidden unless a test asks
+    for them (``real_system_datasets``)."""
+    from rankbench.data import splits
+
+    monkeypatch.setattr(splits, "SYSTEM_DATA_DIRS", (tmp_path_factory.getbasetemp() / "no-system-datasets",))
+
+
 POSTGRES_URL_ENV = "RANKBENCH_TEST_POSTGRES_URL"
 POSTGRES_ROOT = Path("/usr/lib/postgresql")
 POSTGRES_DB = "rankbench_test"

@@ -273,6 +273,7 @@ def test_cli_data_errors_exit_2_with_one_line(tmp_path: Path, uri: str, capsys, 
     extra: tuple[str, ...] = ()
     if case != "absent":
         make_tiny_cifar10(root)
+    root.mkdir(exist_ok=True)  # a data folder without CIFAR-10 (a missing folder is its own error)
     folder = batches_dir(root)
     if case == "missing-file":
         (folder / "test_batch").unlink()

@@ -131,9 +131,14 @@ def test_console_script_list_subprocess(tmp_path):
         (["--method", "trn", "--task", "lenet5", "--set", "rank=0"], ["rank", ">= 1"]),
         (["--method", "ours", "--task", "lenet5", "--epochs", "0"], ["--epochs"]),
         (["--method", "ours", "--task", "lenet5", "--seeds", "0,-1"], ["--seeds"]),
+        (["--method", "ours", "--task", "lenet5", "--data-dir", "/nonexistent/rankbench"],
+         ["--data-dir /nonexistent/rankbench", "no such folder"]),
+        (["--method", "ours", "--task", "lenet5", "--threads", "0"], ["--threads"]),
+        (["--method", "ours", "--task", "lenet5", "--epochs", "2", "--budget", "steps=10"], ["--budget sets the epochs"]),
     ],
     ids=["unknown-method", "unknown-task", "unknown-key", "ill-typed", "negative-lambda", "negative-sigma",
-         "no-equals", "zero-rank", "zero-epochs", "negative-seed"],
+         "no-equals", "zero-rank", "zero-epochs", "negative-seed", "missing-data-dir", "zero-threads",
+         "budget-and-epochs"],
 )
 def test_bad_input_exits_2_with_one_line_and_no_run(argv, expected, uri, capsys):
     assert main(["run", *argv, "--tracking-uri", uri, "--no-progress"]) == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import struct
 import urllib.error
@@ -408,3 +409,60 @@ def test_split_rejects_mismatched_lengths() -> None:
 def test_module_has_no_mutable_globals() -> None:
     for key, value in vars(data).items():
         assert key.startswith("__") or not isinstance(value, (list, dict, set)), key
+
+
+# ------------------------------------------------------------------------ system-installed datasets
+
+REAL_SYSTEM = Path("/usr/share/datasets")
+
+
+def test_a_system_installed_dataset_is_used_when_the_data_folder_has_none(tmp_path, monkeypatch) -> None:
+    from rankbench.data import splits
+
+    system = tmp_path / "system"
+    folder = write_dataset(system, "fashion-mnist", gz=True)
+    monkeypatch.setattr(splits, "SYSTEM_DATA_DIRS", (system,))
+    ds = load_mnist_family("fashion-mnist", tmp_path / "empty", val_size=10)
+    assert (len(ds.train), len(ds.val), len(ds.test)) == (40, 10, 20)
+    assert ds.source.startswith(str(folder))
+    expected = hashlib.sha256(b"".join((folder / f"{base}.gz").read_bytes() for base in FILES)).hexdigest()
+    assert ds.digest == expected
+
+
+def test_the_data_folder_wins_over_a_system_copy_and_a_partial_one_is_an_error(tmp_path, monkeypatch) -> None:
+    from rankbench.data import splits
+
+    write_dataset(tmp_path / "system", "fashion-mnist")
+    monkeypatch.setattr(splits, "SYSTEM_DATA_DIRS", (tmp_path / "system",))
+    mine = write_dataset(tmp_path / "mine", "fashion-mnist", overrides={FILES[2]: idx_images(N_TEST, seed=7)})
+    assert load_mnist_family("fashion-mnist", tmp_path / "mine", val_size=10).source.startswith(str(mine))
+    write_dataset(tmp_path / "partial", "fashion-mnist", skip=(FILES[0],))
+    with pytest.raises(RankbenchError, match="incomplete under .*partial"):
+        load_mnist_family("fashion-mnist", tmp_path / "partial")
+
+
+def test_a_missing_dataset_names_every_folder_searched_and_the_package(tmp_path, monkeypatch) -> None:
+    from rankbench.data import splits
+
+    monkeypatch.setattr(splits, "SYSTEM_DATA_DIRS", (tmp_path / "system",))
+    with pytest.raises(RankbenchError) as info:
+        load_mnist_family("fashion-mnist", tmp_path / "mine")
+    message = str(info.value)
+    assert str(tmp_path / "mine" / "fashion-mnist") in message and str(tmp_path / "system" / "fashion-mnist") in message
+    assert "apt-get install dataset-fashion-mnist" in message
+
+
+@pytest.mark.skipif(not (REAL_SYSTEM / "fashion-mnist").is_dir(),
+                    reason="Debian's dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)")
+def test_the_real_fashion_mnist_from_the_debian_package(tmp_path, monkeypatch) -> None:
+    from rankbench.data import splits
+
+    monkeypatch.setattr(splits, "SYSTEM_DATA_DIRS", (REAL_SYSTEM,))
+    ds = load_mnist_family("fashion-mnist", tmp_path)
+    assert ds.source.startswith(str(REAL_SYSTEM / "fashion-mnist"))
+    assert (len(ds.train), len(ds.val), len(ds.test)) == (55000, 5000, 10000)
+    train_and_val = torch.cat([ds.train.y, ds.val.y])
+    assert torch.bincount(train_and_val, minlength=10).tolist() == [6000] * 10
+    assert torch.bincount(ds.test.y, minlength=10).tolist() == [1000] * 10
+    files = [REAL_SYSTEM / "fashion-mnist" / f"{base}.gz" for base in FILES]
+    assert ds.digest == hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()

@@ -6,7 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from rankbench.run.experiment import build_model, make_config, run
+from rankbench.run.config import make_config
+from rankbench.run.experiment import run
+from rankbench.run.prepare import build_model
+from rankbench.run.prepare import prepare
 from rankbench.cli import main
 from rankbench.export import export, export_run, materialise, rebuild
 from rankbench.plugins.method import MethodContext
@@ -24,7 +27,7 @@ def tracked(tmp_path_factory):
     uri = f"sqlite:///{folder / 'm.db'}"
     config = make_config(REGISTRY, "mlp2", "ours", {"epochs": 2, "lambda": 5.0}, tracking_uri=uri, progress=False,
                          contraction="input")
-    (result,) = run(config, REGISTRY)
+    (result,) = run(prepare(config, REGISTRY))
     return uri, result, folder
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from rankbench.run.experiment import build_model, make_config
+from rankbench.run.config import make_config
+from rankbench.run.prepare import build_model
 from rankbench.data import DataSplits, Split
 from rankbench.errors import RankbenchError
 from rankbench.plugins.method import MethodContext
@@ -95,7 +96,8 @@ def test_penalty_is_lambda_times_mean_open_probability_per_bond():
     )
     assert math.isclose(float(ours.penalty(layer).detach()), 0.3 * expected_mean, rel_tol=1e-5)
     summed, _ = method("ours", **{"lambda": 0.3, "sigma": 0.7, "penalty_reduction": "sum"})
-    expected_sum = sum(norm.cdf((g.mu.detach().numpy() + 1.2) / 0.7).sum() for g in ours.gates(layer))
+    summed.attach(layer, CPU)  # a method reads the gates it attached: summed's replace ours's
+    expected_sum = sum(norm.cdf((g.mu.detach().numpy() + 1.2) / 0.7).sum() for g in summed.gates(layer))
     assert math.isclose(float(summed.penalty(layer).detach()), 0.3 * expected_sum, rel_tol=1e-5)
 
 
@@ -194,6 +196,17 @@ def test_tiny_training_run_learns(name):
         assert history[-1]["penalty"] > 0
 
 
+def _sample_afresh(gates) -> bool:
+    """Each training-mode gate calls ``sample()`` again: no supplied value is left over."""
+    for gate in gates:
+        torch.manual_seed(7)
+        forward = gate()
+        torch.manual_seed(7)
+        if not torch.equal(forward, gate.sample()):
+            return False
+    return True
+
+
 def _ours_model(**params):
     ours, task = method("ours", **params)
     model = build_model(task, ours, 0, CPU)
@@ -232,7 +245,7 @@ def test_batched_loss_equals_the_gate_by_gate_loss_and_its_gradients():
     assert len(base_grads) == len(batched_grads)
     for a, b in zip(base_grads, batched_grads):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
-    assert all(g.drawn is None for g in ours.gates(model))
+    assert _sample_afresh(ours.gates(model))
 
 
 def test_drawn_gates_are_cleared_when_the_step_fails():
@@ -243,7 +256,7 @@ def test_drawn_gates_are_cleared_when_the_step_fails():
 
     with pytest.raises(RuntimeError, match="boom"):
         ours.loss(model, (torch.randn(2, 1, 28, 28), torch.zeros(2, dtype=torch.long)), failing_loss)
-    assert all(g.drawn is None for g in ours.gates(model))
+    assert _sample_afresh(ours.gates(model))
 
 
 def test_fixed_gates_are_drawn_deterministic_and_the_gate_list_follows_the_model():

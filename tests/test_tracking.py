@@ -17,7 +17,9 @@ import torch
 
 import rankbench
 from helpers import make_tiny_mnist
-from rankbench.run.experiment import make_config, resolve_device, run
+from rankbench.run.config import make_config, resolve_device
+from rankbench.run.experiment import run
+from rankbench.run.prepare import prepare
 from rankbench.cli import main
 from rankbench.plugins.registry import Registry
 
@@ -63,7 +65,7 @@ def embedded_run(tmp_path_factory, registry, store_template):
     uri = f"sqlite:///{folder / 'm.db'}"
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(folder)
-        (result,) = run(tiny_config(registry, uri), registry)
+        (result,) = run(prepare(tiny_config(registry, uri), registry))
     return uri, result
 
 
@@ -119,8 +121,8 @@ def test_final_metrics_match_the_run_result(embedded_run):
     uri, result = embedded_run
     metrics = client_for(uri).get_run(result.run_id).data.metrics
     assert metrics["test_accuracy"] == pytest.approx(result.test_accuracy)
-    assert metrics["compression_ratio"] == pytest.approx(result.compression)
-    assert metrics["compression_ratio"] == pytest.approx(result.dense_parameters / result.parameters)
+    assert metrics["compression"] == pytest.approx(result.compression)
+    assert metrics["compression"] == pytest.approx(result.dense_parameters / result.parameters)
     assert metrics["parameters"] == result.parameters
     assert metrics["train_seconds_per_batch"] == pytest.approx(result.train_seconds_per_batch)
     assert metrics["inference_seconds"] == pytest.approx(result.inference_seconds)
@@ -143,7 +145,7 @@ def test_ranks_artifact_equals_the_run_result(embedded_run, tmp_path):
 
 def test_same_seed_gives_identical_results(embedded_run, registry, uri):
     _, first = embedded_run
-    (second,) = run(tiny_config(registry, uri), registry)
+    (second,) = run(prepare(tiny_config(registry, uri), registry))
     assert second.run_id != first.run_id
     assert second.test_accuracy == first.test_accuracy
     assert second.ranks == first.ranks
@@ -237,7 +239,7 @@ def test_a_failing_on_start_callback_does_not_leave_a_running_run(registry, uri,
         raise RuntimeError("listener failed")
 
     with pytest.raises(RuntimeError, match="listener failed"):
-        run(config, registry, on_start=on_start)
+        run(prepare(config, registry), on_start=on_start)
     statuses = [r.info.status for r in all_runs(uri)]
     assert statuses and "RUNNING" not in statuses
 
@@ -246,10 +248,10 @@ def test_a_failing_on_start_callback_does_not_leave_a_running_run(registry, uri,
 
 
 def test_full_data_uses_the_paper_recipe_and_explicit_keys_win(registry, uri, tiny_data):
-    (paper,) = run(replace(tiny_config(registry, uri, val_size=40), data_dir=tiny_data), registry)
+    (paper,) = run(prepare(replace(tiny_config(registry, uri, val_size=40), data_dir=tiny_data), registry))
     params = client_for(uri).get_run(paper.run_id).data.params
     assert (params["recipe"], params["lr"]) == ("paper", "0.0005")
-    (explicit,) = run(tiny_config(registry, uri, lr=2e-3), registry)
+    (explicit,) = run(prepare(tiny_config(registry, uri, lr=2e-3), registry))
     params = client_for(uri).get_run(explicit.run_id).data.params
     assert (params["recipe"], params["lr"]) == ("embedded", "0.002")
 
@@ -260,3 +262,82 @@ def test_cli_prints_the_recipe_it_used(uri, capsys):
     out = capsys.readouterr().out
     line = next(l for l in out.splitlines() if l.startswith("recipe "))
     assert line.startswith("recipe embedded: epochs=1, batch_size=128, lr=0.001 (")
+
+
+# ---------------------------------------------------------------------------- Tracker reads
+
+
+def test_tracker_reads_back_a_run_of_the_python_api(embedded_run, tmp_path):
+    from rankbench.run.tracking import Tracker
+
+    uri, result = embedded_run
+    tracker = Tracker(uri)
+    stored = tracker.get_run(result.run_id)
+    assert stored.info.status == "FINISHED"
+    assert (stored.data.params["task"], stored.data.tags["method"]) == ("lenet5", "ours")
+    assert stored.data.metrics["test_accuracy"] == pytest.approx(result.test_accuracy)
+    assert "lenet5" in [e.name for e in tracker.experiments()]
+    assert [r.info.run_id for r in tracker.runs(task="lenet5", method="ours")] == [result.run_id]
+    assert tracker.runs(task="lenet5", method="dense") == []
+    assert tracker.runs(study="none-such") == []
+    history = tracker.metric_history(result.run_id, "val_accuracy")
+    assert [(m.step, m.value) for m in history] == [(1, pytest.approx(result.history[0]["val_accuracy"]))]
+    local = tracker.download_artifact(result.run_id, "ranks.json", tmp_path)
+    assert local.parent == tmp_path and json.loads(local.read_text()) == result.ranks
+
+
+def test_tracker_writes_and_reads_a_run_of_its_own(uri, tmp_path):
+    from rankbench.run.tracking import Tracker
+
+    tracker = Tracker(uri)
+    run_id = tracker.start("exp", "a run", {"task": "t", "n": 3, "none": None}, {"study": "s", "method": "m"})
+    assert tracker.get_run(run_id).info.status == "RUNNING"
+    tracker.log_metrics(run_id, {"loss": 2.0}, step=2)
+    tracker.log_metrics(run_id, {"loss": 3.0}, step=1)
+    tracker.log_text(run_id, "hello", "notes/a.txt")
+    (tmp_path / "plot.png").write_bytes(b"png")
+    tracker.log_artifact(run_id, tmp_path / "plot.png", "plots")
+    tracker.terminate(run_id, "KILLED")
+    stored = tracker.get_run(run_id)
+    assert stored.info.status == "KILLED"
+    assert stored.data.params == {"task": "t", "n": "3", "none": "none"}
+    assert [(m.step, m.value) for m in tracker.metric_history(run_id, "loss")] == [(1, 3.0), (2, 2.0)]
+    assert tracker.download_artifact(run_id, "notes/a.txt").read_text() == "hello"
+    assert tracker.download_artifact(run_id, "plots/plot.png").read_bytes() == b"png"
+    assert tracker.runs(study="s") == []  # only FINISHED runs
+    assert [r.info.run_id for r in tracker.runs(study="s", status="KILLED")] == [run_id]
+    tracker.reopen(run_id)
+    assert tracker.get_run(run_id).info.status == "RUNNING"
+    tracker.finish(run_id)
+    assert [r.info.run_id for r in tracker.runs(study="s", method="m")] == [run_id]
+
+
+def test_tracker_read_failures_are_one_line_errors_naming_the_store(uri):
+    from rankbench.errors import RankbenchError
+    from rankbench.run.tracking import Tracker
+
+    tracker = Tracker(uri)
+    with pytest.raises(RankbenchError) as missing:
+        tracker.get_run("nope")
+    assert str(missing.value) == f"no run 'nope' in {uri}: check the run id and --tracking-uri"
+    with pytest.raises(RankbenchError, match="no run 'nope'"):
+        tracker.reopen("nope")
+    run_id = tracker.start("exp", "a run", {}, {})
+    with pytest.raises(RankbenchError) as artifact:
+        tracker.download_artifact(run_id, "ranks.json")
+    assert "ranks.json" in str(artifact.value) and uri in str(artifact.value)
+    assert "\n" not in str(artifact.value)
+    with pytest.raises(RankbenchError, match="names contain no quotes"):
+        tracker.runs(task="it's")
+
+
+def test_only_the_tracker_talks_to_mlflow():
+    """Every MLflow read and write goes through ``rankbench.run.tracking.Tracker``."""
+    import re
+
+    package = Path(rankbench.__file__).parent
+    pattern = re.compile(r"MlflowClient|mlflow\.tracking|(?<!http)\.client\b|\._client\b")
+    offenders = [f"{path.relative_to(package.parent)}:{number}: {line.strip()}"
+                 for path in sorted(package.rglob("*.py")) if path != package / "run" / "tracking.py"
+                 for number, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    assert offenders == []

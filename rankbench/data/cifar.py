@@ -16,7 +16,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rankbench.data import DataSplits, Split, default_data_dir, download_file, holdout_split
+from rankbench.data.splits import (
+    DataSplits,
+    Split,
+    dataset_folders,
+    default_data_dir,
+    download_file,
+    file_digest,
+    holdout_split,
+)
 from rankbench.errors import RankbenchError
 
 __all__ = ["CIFAR10_NAME", "load_cifar10", "random_crop_flip"]
@@ -113,10 +121,10 @@ def _extract(archive: Path, directory: Path) -> None:
 
 def _batches_dir(data_dir: Path | None, download: bool) -> Path:
     """Where the batch files are: ``DIR/cifar10/cifar-10-batches-py`` (or torchvision's
-    ``DIR/cifar-10-batches-py``), unpacking or downloading the archive when asked."""
+    ``DIR/cifar-10-batches-py``, or a system-installed copy), unpacking or downloading the archive when asked."""
     root = Path(data_dir) if data_dir is not None else default_data_dir()
-    directory = root / CIFAR10_NAME
-    for candidate in (directory / BATCHES_DIR, root / BATCHES_DIR):
+    directory, *system = dataset_folders(data_dir, CIFAR10_NAME)
+    for candidate in (directory / BATCHES_DIR, root / BATCHES_DIR, *(folder / BATCHES_DIR for folder in system)):
         if candidate.is_dir():
             return candidate
     archive = directory / ARCHIVE
@@ -165,6 +173,7 @@ def load_cifar10(
         val=_make_split(train_x[val_idx], train_y[val_idx]),
         test=_make_split(test_x, test_y),
         num_classes=_NUM_CLASSES,
+        digest=file_digest(directory / name for name in (*TRAIN_BATCHES, TEST_BATCH)),
     )
 
 

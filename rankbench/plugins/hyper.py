@@ -32,6 +32,8 @@ class Hyper:
     choices: tuple[Any, ...] | None = None
     search: Search | None = None
     nullable: bool = False
+    label: bool = False
+    """Part of a configuration's name: run names (``ours[lambda=0.2]-seed0``) and report rows show it."""
 
     @property
     def kind(self) -> type:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Literal, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +31,8 @@ class StepLoss:
 
 
 TaskLoss = Callable[[Tensor, Tensor], Tensor]
+Role = Literal["reference", "uniform", "selector"]
+ROLES: tuple[Role, ...] = ("reference", "uniform", "selector")
 
 # Declared by every method whose selectors the optimizer trains (merge into ``hyperparameters``).
 SELECTOR_HYPERPARAMETERS: dict[str, Hyper] = {
@@ -48,16 +50,28 @@ class Method:
     overrides what it needs: ``selector`` (one per bond), ``penalty`` (already
     weighted, added to the task loss), ``loss`` (to own the whole training-step
     surrogate) and ``on_epoch_end``. The trainer never asks which method it runs.
+
+    An instance serves one model, the one ``attach`` was last called with: its
+    ``selectors`` registry (bond name → selector) is built there, and the
+    ``model`` its other hooks receive is that model.
     """
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     hyperparameters: ClassVar[dict[str, Hyper]] = {}
     tensorized: ClassVar[bool] = True
+    role: ClassVar[Role] = "selector"
+    """How reports and figures treat the method: ``reference`` (the 1x model, e.g. dense),
+    ``uniform`` (a fixed-rank baseline drawn as a curve over its label, e.g. trn) or
+    ``selector`` (a rank-selection method, drawn as points)."""
+    checks_tasks: ClassVar[bool] = False
+    """``check-plugin TASK`` runs this method's contract on the task (the built-ins
+    dense, trn and ours declare it, one method of each role)."""
 
     def __init__(self, params: Mapping[str, Any]) -> None:
         self.params = dict(params)
         self.context: MethodContext | None = None
+        self.selectors: dict[str, RankSelector] = {}
 
     def initial_rank(self, task_rank: int) -> int:
         """Rank of every bond in the tensorized model this method starts from."""
@@ -68,12 +82,19 @@ class Method:
         return None
 
     def attach(self, model: nn.Module, context: MethodContext) -> None:
-        """Put a selector on every bond that ``selector`` returns one for."""
+        """Put a selector on every bond that ``selector`` returns one for, and record
+        each in ``self.selectors`` under its bond's name (``fc1.bond2``), in bond
+        order (module order, which is forward order when modules are registered in
+        the order they run, as in every built-in task): the method reads its
+        selectors from there instead of searching the model at every step."""
         self.context = context
+        registry: dict[str, RankSelector] = {}
         for bond in bonds(model):
             selector = self.selector(bond)
             if selector is not None:
                 bond.layer.set_selector(bond.index, selector)
+                registry[bond.name] = selector
+        self.selectors = registry
 
     def penalty(self, model: nn.Module) -> Tensor:
         """The regularisation term added to the task loss (λ already applied)."""

@@ -19,13 +19,16 @@ from importlib import resources
 from typing import Any, Iterable, Sequence
 
 from rankbench.errors import RankbenchError
+from rankbench.plugins.registry import Registry
+from rankbench.run import records
 
 # Params that differ between seeds of one configuration, or only describe the run.
 RUN_ONLY_PARAMS = {
-    "seed", "git_commit", "threads", "device", "rankbench_version", "torch_version", "dataset_source",
-    "initial_ranks", "initial_parameters", "dense_parameters", "val_size_used",
+    records.SEED, records.GIT_COMMIT, records.THREADS, records.DEVICE, records.RANKBENCH_VERSION,
+    records.TORCH_VERSION, records.DATASET_SOURCE, records.DATASET_DIGEST, records.INITIAL_RANKS,
+    records.INITIAL_PARAMETERS, records.DENSE_PARAMETERS, records.VAL_SIZE_USED,
 }
-DATA_KEY = ("dataset", "train_size", "val_size_used", "test_size", "split_seed")
+DATA_KEY = (records.DATASET, records.TRAIN_SIZE, records.VAL_SIZE_USED, records.TEST_SIZE, "split_seed")
 SMALL_SAMPLE = 5
 
 
@@ -56,6 +59,7 @@ class Row:
     settings: dict[str, str]
     runs: list[RunRecord]
     source: str = "measured"
+    role: str = "selector"
     published: dict[str, Any] = field(default_factory=dict)
     full_settings: dict[str, str] = field(default_factory=dict)
     baseline: "Row | None" = None
@@ -64,7 +68,9 @@ class Row:
     p_mwu: float | None = None
 
     def values(self, metric: str) -> list[float]:
-        return [r.metrics[metric] for r in self.runs if metric in r.metrics and math.isfinite(r.metrics[metric])]
+        """``metric`` of every seed (read under its legacy name in older stores, see ``records.metric``)."""
+        values = (records.metric(r.metrics, records.METRICS.get(metric, metric)) for r in self.runs)
+        return [v for v in values if v is not None and math.isfinite(v)]
 
     @property
     def n(self) -> int:
@@ -79,26 +85,9 @@ class Row:
 def load_runs(tracking_uri: str | None = None, *, task: str | None = None, method: str | None = None,
               study: str | None = None) -> list[RunRecord]:
     """Every FINISHED rankbench run (not study parents) in the store, filtered."""
-    from mlflow.entities import ViewType
-
     from rankbench.run.tracking import Tracker
 
-    client = Tracker(tracking_uri).client
-    experiments = client.search_experiments(view_type=ViewType.ACTIVE_ONLY)
-    ids = [e.experiment_id for e in experiments]
-    if not ids:
-        return []
-    for option, value in (("--task", task), ("--method", method), ("--study", study)):
-        if value is not None and ("'" in value or '"' in value):
-            raise RankbenchError(f"{option} {value!r}: names contain no quotes: check the name")
-    filters = ["attributes.status = 'FINISHED'"]
-    if task:
-        filters.append(f"tags.task = '{task}'")
-    if method:
-        filters.append(f"tags.method = '{method}'")
-    if study:
-        filters.append(f"tags.study = '{study}'")
-    runs = client.search_runs(ids, filter_string=" and ".join(filters), max_results=50000)
+    runs = Tracker(tracking_uri).runs(task=task, method=method, study=study)
     out = []
     for run in runs:
         tags, params = run.data.tags, run.data.params
@@ -110,13 +99,34 @@ def load_runs(tracking_uri: str | None = None, *, task: str | None = None, metho
     return sorted(out, key=lambda r: (r.task, r.dataset, r.method, r.seed, r.run_id))
 
 
-def group_rows(records: Iterable[RunRecord], group_by: Sequence[str] | None = None) -> list[Row]:
+@dataclass(frozen=True)
+class MethodDeclarations:
+    """What reports and figures need from the method plugins, read from a registry:
+    each method's ``role`` and its ``label`` hyperparameters (in declared order)."""
+
+    roles: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, registry: Registry | None = None) -> "MethodDeclarations":
+        registry = registry or Registry.discover()
+        return cls({name: m.role for name, m in registry.methods.items()},
+                   {name: tuple(k for k, h in m.hyperparameters.items() if h.label)
+                    for name, m in registry.methods.items()})
+
+    def role(self, method: str) -> str:
+        return self.roles.get(method, "selector")
+
+
+def group_rows(run_records: Iterable[RunRecord], group_by: Sequence[str] | None = None,
+               declarations: MethodDeclarations | None = None) -> list[Row]:
     """Runs → rows. Default key: every param except per-run ones; ``group_by`` keeps only those
-    (plus task, method and the data key, always)."""
+    (plus task, method and the data key, always). ``declarations`` (default: the installed
+    plugins') say which settings label a row and each method's role."""
+    declarations = declarations or MethodDeclarations.of()
     groups: dict[tuple, list[RunRecord]] = {}
     settings_of: dict[tuple, dict[str, str]] = {}
-    records = list(records)
-    for r in records:
+    for r in run_records:
         data = tuple((k, r.params.get(k, "")) for k in DATA_KEY)
         if group_by:
             settings = {k: r.params.get(k, "") for k in group_by if k in r.params}
@@ -128,23 +138,23 @@ def group_rows(records: Iterable[RunRecord], group_by: Sequence[str] | None = No
         settings_of[key] = settings
     rows = []
     for key, runs in groups.items():
-        settings = _distinguishing(settings_of[key], key, settings_of)
+        labels = declarations.labels.get(key[1], ())
+        settings = _distinguishing(settings_of[key], key, settings_of, labels)
         data = dict(key[2])
         peers = [dict(k[2]) for k in groups if k[0] == key[0] and dict(k[2])["dataset"] == data["dataset"]]
         settings.update({k: v for k, v in data.items() if k != "dataset" and any(p[k] != v for p in peers)})
-        rows.append(Row(key[0], runs[0].dataset, key[1], settings,
-                        sorted(runs, key=lambda r: r.seed), full_settings=settings_of[key]))
+        rows.append(Row(key[0], runs[0].dataset, key[1], settings, sorted(runs, key=lambda r: r.seed),
+                        role=declarations.role(key[1]), full_settings=settings_of[key]))
     return sorted(rows, key=lambda row: (row.task, row.dataset, row.method, tuple(row.settings.items())))
 
 
-def _distinguishing(settings: dict[str, str], key: tuple, all_settings: dict[tuple, dict[str, str]]) -> dict[str, str]:
-    """The method's key hyperparameters (rank, λ, ...) and the settings that differ between rows
+def _distinguishing(settings: dict[str, str], key: tuple, all_settings: dict[tuple, dict[str, str]],
+                    labels: Sequence[str]) -> dict[str, str]:
+    """The method's label hyperparameters (rank, λ, ...) and the settings that differ between rows
     of the same task and method (short labels)."""
-    from rankbench.run.config import KEY_HYPERPARAMETERS
-
     peers = [s for k, s in all_settings.items() if k[0] == key[0] and k[1] == key[1] and k[2] == key[2]]
     return {k: v for k, v in settings.items()
-            if (k in KEY_HYPERPARAMETERS and v != "none") or any(p.get(k) != v for p in peers)}
+            if (k in labels and v != "none") or any(p.get(k) != v for p in peers)}
 
 
 def compare(rows: list[Row], baseline: str) -> None:
@@ -222,7 +232,7 @@ def table_rows(rows: list[Row]) -> list[list[str]]:
         out.append([
             row.method, ", ".join(f"{k}={v}" for k, v in row.settings.items()),
             f"{n}" + ("*" if n == 1 else ""),
-            _fmt(row.values("test_accuracy"), 2), _fmt(row.values("compression_ratio"), 2) + "x",
+            _fmt(row.values(records.TEST_ACCURACY), 2), _fmt(row.values(records.COMPRESSION), 2) + "x",
             _fmt(row.values("total_rank"), 0) if any(row.values("total_rank")) else "-",
             _fmt(row.values("train_seconds_per_batch"), 4), _fmt(row.values("inference_seconds"), 3),
             "" if row.delta is None else f"{row.delta:+.2f}",
@@ -272,15 +282,15 @@ def render(rows: list[Row], tablefmt: str) -> str:
 
 def build_report(tracking_uri: str | None = None, *, task: str | None = None, method: str | None = None,
                  study: str | None = None, group_by: Sequence[str] | None = None, baseline: str | None = None,
-                 with_published: bool = False) -> list[Row]:
-    records = load_runs(tracking_uri, task=task, method=method, study=study)
-    if not records:
+                 with_published: bool = False, registry: Registry | None = None) -> list[Row]:
+    found = load_runs(tracking_uri, task=task, method=method, study=study)
+    if not found:
         where = ", ".join(f"{k}={v}" for k, v in (("task", task), ("method", method), ("study", study)) if v)
         raise RankbenchError(
             "no finished runs in the tracking store" + (f" matching {where}" if where else "")
             + ": run `rankbench run ...` first, or point --tracking-uri at your store"
         )
-    rows = group_rows(records, group_by)
+    rows = group_rows(found, group_by, MethodDeclarations.of(registry))
     if baseline:
         if not any(r.method == baseline for r in rows):
             raise RankbenchError(f"--baseline {baseline}: no finished runs of that method in the selection")
@@ -294,10 +304,10 @@ def ranks_of(tracking_uri: str | None, run_id: str) -> dict[str, list[int]] | No
     """The learned ranks artifact of a run."""
     from rankbench.run.tracking import Tracker
 
-    client = Tracker(tracking_uri).client
+    tracker = Tracker(tracking_uri)
     try:
-        path = client.download_artifacts(run_id, "ranks.json")
-    except Exception:
+        path = tracker.download_artifact(run_id, "ranks.json")
+    except RankbenchError:
         return None
     with open(path) as fh:
         return json.load(fh)

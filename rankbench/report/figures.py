@@ -3,7 +3,10 @@
 ranks_<task>.png       learned rank per bond, methods side by side (supplement Fig. 1)
 curves_<task>.png      train loss, validation loss/accuracy, compression per epoch (Fig. 2)
 tradeoff_<task>.png    test accuracy vs compression with error bars, TRN sweep as a line (Fig. 3)
-sensitivity_<task>.png accuracy and compression over λ×σ (Fig. 4)
+sensitivity_<task>.png accuracy and compression over two label hyperparameters, e.g. λ×σ (Fig. 4)
+
+What a figure needs from a method it reads from the method's declarations
+(``Row.role``, the label hyperparameters), never from its name.
 """
 
 from __future__ import annotations
@@ -11,9 +14,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from rankbench.report.build import Row, ranks_of
-
-SELECTING = ("ours", "mars", "reinforce_l0")
+from rankbench.report.build import MethodDeclarations, Row, ranks_of
+from rankbench.run import records
 
 
 def _plt():
@@ -35,12 +37,12 @@ def _save(fig, path: Path) -> Path:
 def ranks_figure(rows: list[Row], task: str, tracking_uri: str | None, path: Path) -> Path | None:
     best: dict[str, Row] = {}
     for r in rows:
-        if r.task == task and r.runs and r.method != "dense" and r.values("compression_ratio"):
+        if r.task == task and r.runs and r.role != "reference" and r.values(records.COMPRESSION):
             current = best.get(r.method)
-            if current is None or statistics.mean(r.values("compression_ratio")) > statistics.mean(
-                    current.values("compression_ratio")):
+            if current is None or statistics.mean(r.values(records.COMPRESSION)) > statistics.mean(
+                    current.values(records.COMPRESSION)):
                 best[r.method] = r
-    chosen = sorted(best.values(), key=lambda r: (r.method not in SELECTING, r.method))[:4]
+    chosen = sorted(best.values(), key=lambda r: (r.role != "selector", r.method))[:4]
     series = []
     for row in chosen:
         ranks = ranks_of(tracking_uri, row.runs[0].run_id)
@@ -65,18 +67,18 @@ def ranks_figure(rows: list[Row], task: str, tracking_uri: str | None, path: Pat
 def curves_figure(rows: list[Row], task: str, tracking_uri: str | None, path: Path) -> Path | None:
     from rankbench.run.tracking import Tracker
 
-    client = Tracker(tracking_uri).client
+    tracker = Tracker(tracking_uri)
     chosen = [r for r in rows if r.task == task and r.runs][:6]
     if not chosen:
         return None
-    metrics = [("train_loss", "train loss"), ("val_loss", "validation loss"),
-               ("val_accuracy", "validation accuracy %"), ("compression", "compression ratio")]
+    metrics = [(records.TRAIN_LOSS, "train loss"), (records.VAL_LOSS, "validation loss"),
+               (records.VAL_ACCURACY, "validation accuracy %"), (records.COMPRESSION, "compression ratio")]
     plt = _plt()
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
     for row in chosen:
         run = row.runs[0]
         for ax, (key, title) in zip(axes.flat, metrics):
-            history = sorted(client.get_metric_history(run.run_id, key), key=lambda m: m.step)
+            history = tracker.metric_history(run.run_id, key)
             if history:
                 ax.plot([m.step for m in history], [m.value for m in history], label=row.label)
             ax.set_title(title)
@@ -87,7 +89,7 @@ def curves_figure(rows: list[Row], task: str, tracking_uri: str | None, path: Pa
 
 
 def tradeoff_figure(rows: list[Row], task: str, path: Path) -> Path | None:
-    chosen = [r for r in rows if r.task == task and r.values("test_accuracy") and r.values("compression_ratio")]
+    chosen = [r for r in rows if r.task == task and r.values(records.TEST_ACCURACY) and r.values(records.COMPRESSION)]
     if not chosen:
         return None
 
@@ -96,16 +98,16 @@ def tradeoff_figure(rows: list[Row], task: str, path: Path) -> Path | None:
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    trn = sorted((r for r in chosen if r.method == "trn"), key=lambda r: stats(r.values("compression_ratio"))[0])
-    if trn:
-        xs = [stats(r.values("compression_ratio")) for r in trn]
-        ys = [stats(r.values("test_accuracy")) for r in trn]
+    for method in sorted({r.method for r in chosen if r.role == "uniform"}):
+        curve = sorted((r for r in chosen if r.method == method), key=lambda r: stats(r.values(records.COMPRESSION))[0])
+        xs = [stats(r.values(records.COMPRESSION)) for r in curve]
+        ys = [stats(r.values(records.TEST_ACCURACY)) for r in curve]
         ax.errorbar([x for x, _ in xs], [y for y, _ in ys], xerr=[e for _, e in xs], yerr=[e for _, e in ys],
-                    fmt="-o", color="gray", label="trn (uniform rank)")
+                    fmt="-o", color="gray", label=f"{method} (uniform rank)")
     for row in chosen:
-        if row.method == "trn":
+        if row.role == "uniform":
             continue
-        (x, xe), (y, ye) = stats(row.values("compression_ratio")), stats(row.values("test_accuracy"))
+        (x, xe), (y, ye) = stats(row.values(records.COMPRESSION)), stats(row.values(records.TEST_ACCURACY))
         ax.errorbar([x], [y], xerr=[xe], yerr=[ye], fmt="o", capsize=3, label=row.label)
     ax.set_xscale("log")
     ax.set_xlabel("compression ratio (log scale)")
@@ -115,48 +117,75 @@ def tradeoff_figure(rows: list[Row], task: str, path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def sensitivity_figure(rows: list[Row], task: str, path: Path) -> Path | None:
+def sensitivity_axes(rows: list[Row], task: str, declarations: MethodDeclarations) -> tuple[str, str, str] | None:
+    """(method, x, y): the first selector method of ``task`` with two numeric label
+    hyperparameters that each take several values over its rows (ours: λ and σ)."""
+    for method in sorted({r.method for r in rows if r.task == task and r.runs and r.role == "selector"}):
+        params = [r.runs[0].params for r in rows if r.task == task and r.method == method and r.runs]
+        varying = []
+        for key in declarations.labels.get(method, ()):
+            values = {p.get(key) for p in params}
+            if len(values) >= 2 and all(_is_number(v) for v in values):
+                varying.append(key)
+        if len(varying) >= 2:
+            return method, varying[0], varying[1]
+    return None
+
+
+def _is_number(text: str | None) -> bool:
+    try:
+        float(text)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def sensitivity_figure(rows: list[Row], task: str, path: Path, declarations: MethodDeclarations) -> Path | None:
+    axes_keys = sensitivity_axes(rows, task, declarations)
+    if axes_keys is None:
+        return None
+    method, x_key, y_key = axes_keys
     cells: dict[tuple[float, float], tuple[list[float], list[float]]] = {}
     for row in rows:
-        if row.task != task or not row.runs:
+        if row.task != task or row.method != method or not row.runs:
             continue
         params = row.runs[0].params
-        if "lambda" not in params or "sigma" not in params:
-            continue
-        key = (float(params["lambda"]), float(params["sigma"]))
+        key = (float(params[x_key]), float(params[y_key]))
         acc, cr = cells.setdefault(key, ([], []))
-        acc += row.values("test_accuracy")
-        cr += row.values("compression_ratio")
-    lambdas = sorted({k[0] for k in cells})
-    sigmas = sorted({k[1] for k in cells})
-    if len(lambdas) < 2 or len(sigmas) < 2 or len(cells) < 4:
+        acc += row.values(records.TEST_ACCURACY)
+        cr += row.values(records.COMPRESSION)
+    xs = sorted({k[0] for k in cells})
+    ys = sorted({k[1] for k in cells})
+    if len(xs) < 2 or len(ys) < 2 or len(cells) < 4:
         return None
     import numpy as np
 
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     for ax, index, title in ((axes[0], 0, "test accuracy %"), (axes[1], 1, "compression ratio")):
-        grid = np.full((len(sigmas), len(lambdas)), np.nan)
-        for (lam, sig), values in cells.items():
+        grid = np.full((len(ys), len(xs)), np.nan)
+        for (x, y), values in cells.items():
             if values[index]:
-                grid[sigmas.index(sig), lambdas.index(lam)] = statistics.mean(values[index])
+                grid[ys.index(y), xs.index(x)] = statistics.mean(values[index])
         image = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis")
-        for i in range(len(sigmas)):
-            for j in range(len(lambdas)):
+        for i in range(len(ys)):
+            for j in range(len(xs)):
                 if not np.isnan(grid[i, j]):
                     ax.text(j, i, f"{grid[i, j]:.3g}", ha="center", va="center", color="white", fontsize=8)
-        ax.set_xticks(range(len(lambdas)), [f"{v:g}" for v in lambdas])
-        ax.set_yticks(range(len(sigmas)), [f"{v:g}" for v in sigmas])
-        ax.set_xlabel("λ")
-        ax.set_ylabel("σ")
+        ax.set_xticks(range(len(xs)), [f"{v:g}" for v in xs])
+        ax.set_yticks(range(len(ys)), [f"{v:g}" for v in ys])
+        ax.set_xlabel(x_key)
+        ax.set_ylabel(y_key)
         ax.set_title(title)
         fig.colorbar(image, ax=ax)
-    fig.suptitle(f"{task}: sensitivity to λ and σ")
+    fig.suptitle(f"{task}: sensitivity of {method} to {x_key} and {y_key}")
     return _save(fig, path)
 
 
-def write_figures(rows: list[Row], tracking_uri: str | None, out: Path) -> tuple[list[Path], list[str]]:
+def write_figures(rows: list[Row], tracking_uri: str | None, out: Path,
+                  declarations: MethodDeclarations | None = None) -> tuple[list[Path], list[str]]:
     """Every figure the rows support; returns (written files, reasons for skipped ones)."""
+    declarations = declarations or MethodDeclarations.of()
     out.mkdir(parents=True, exist_ok=True)
     written, skipped = [], []
     for task in sorted({r.task for r in rows if r.runs}):
@@ -164,13 +193,14 @@ def write_figures(rows: list[Row], tracking_uri: str | None, out: Path) -> tuple
             "ranks": lambda p: ranks_figure(rows, task, tracking_uri, p),
             "curves": lambda p: curves_figure(rows, task, tracking_uri, p),
             "tradeoff": lambda p: tradeoff_figure(rows, task, p),
-            "sensitivity": lambda p: sensitivity_figure(rows, task, p),
+            "sensitivity": lambda p: sensitivity_figure(rows, task, p, declarations),
         }
         for name, make in makers.items():
             path = make(out / f"{name}_{task}.png")
             if path is None:
                 skipped.append(f"{name}_{task}.png: no runs of {task} carry what it needs"
-                               + (" (a λ×σ grid)" if name == "sensitivity" else ""))
+                               + (" (a grid over two label hyperparameters of one method, e.g. λ×σ)"
+                                  if name == "sensitivity" else ""))
             else:
                 written.append(path)
     return written, skipped

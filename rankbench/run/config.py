@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
+
+import torch
 
 from rankbench.errors import RankbenchError
+from rankbench.plugins.hyper import parse_assignments, resolve
+from rankbench.plugins.registry import Registry
 
 
-# Hyperparameters that name a configuration in run names and report rows.
-KEY_HYPERPARAMETERS = ("lambda", "sigma", "rank", "mode", "target_compression", "samples")
 
 
 def parse_budget(text: str | None) -> int | None:
@@ -49,3 +52,83 @@ class RunConfig:
     explicit: frozenset[str] = frozenset()
     contraction: str = "auto"
     budget_steps: int | None = None
+
+
+def make_config(
+    registry: Registry,
+    task: str,
+    method: str,
+    assignments: Sequence[str] | Mapping[str, Any] = (),
+    *,
+    epochs: int | None = None,
+    seeds: Sequence[int] = (0,),
+    **options: Any,
+) -> RunConfig:
+    """Validate a task, a method and ``key=value`` overrides into a ``RunConfig``.
+
+    A key belongs to the method or to the task (its recipe and data options);
+    method defaults are the method's own, then the task's ``method_defaults``.
+    Every check of the request happens here, before any data is loaded: the
+    keys and their values, the seeds, ``threads``, and a step budget that would
+    contradict explicit epochs.
+    """
+    task_cls, method_cls = registry.task(task), registry.method(method)
+    raw = dict(assignments) if isinstance(assignments, Mapping) else parse_assignments(assignments)
+    if epochs is not None:
+        raw["epochs"] = task_cls.hyperparameters["epochs"].validate("--epochs", epochs)
+    if options.get("budget_steps") is not None and "epochs" in raw:
+        raise RankbenchError("--budget sets the epochs: drop --epochs / --set epochs")
+    check_data_dir(options.get("data_dir"), bool(options.get("download")))
+    threads = options.get("threads")
+    if threads is not None and threads < 1:
+        raise RankbenchError("--threads must be >= 1")
+    both = set(method_cls.hyperparameters) & set(task_cls.hyperparameters)
+    if both & set(raw):
+        raise RankbenchError(f"--set {sorted(both & set(raw))[0]} is declared by both {method} and {task}")
+    method_raw = {k: v for k, v in raw.items() if k in method_cls.hyperparameters}
+    task_raw = {k: v for k, v in raw.items() if k not in method_cls.hyperparameters}
+    unknown = set(task_raw) - set(task_cls.hyperparameters)
+    if unknown:
+        valid = sorted(set(method_cls.hyperparameters) | set(task_cls.hyperparameters))
+        raise RankbenchError(
+            f"unknown --set key {sorted(unknown)[0]!r} for method {method} on task {task}: valid are {', '.join(valid)}"
+        )
+    defaults = {k: v for k, v in task_cls.method_defaults.get(method, {}).items() if k not in method_raw}
+    method_params = resolve(method_cls.hyperparameters, {**defaults, **method_raw}, f"method {method}")
+    task_params = resolve(task_cls.hyperparameters, task_raw, f"task {task}")
+    seeds = tuple(seeds)
+    if not seeds or any(s < 0 for s in seeds):
+        raise RankbenchError("--seeds: give non-negative integers, e.g. --seeds 0,1,2")
+    return RunConfig(task=task, method=method, task_params=task_params, method_params=method_params,
+                     seeds=seeds, explicit=frozenset(raw), **options)
+
+
+def check_data_dir(data_dir: Path | None, download: bool) -> None:
+    """A ``--data-dir`` that is not a folder is an input error, not a silent fallback to other
+    data (with ``--download`` it is created)."""
+    if data_dir is not None and not download and not Path(data_dir).is_dir():
+        raise RankbenchError(f"--data-dir {data_dir}: no such folder: give the folder that holds the "
+                             "dataset folders (e.g. DIR/fashion-mnist/), or add --download to create it")
+
+
+def epochs_for_steps(steps: int, train_size: int, batch_size: int) -> int:
+    """Epochs that give at least ``steps`` optimizer steps (e.g. the paper's ~70k on any dataset)."""
+    return max(1, math.ceil(steps / math.ceil(train_size / batch_size)))
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` → a device that exists here, else a one-line error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise RankbenchError(f"--device {name}: choose auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise RankbenchError(f"--device {name}: choose auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RankbenchError(f"--device {name}: no CUDA device is available here; use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise RankbenchError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device

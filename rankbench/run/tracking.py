@@ -6,7 +6,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from rankbench.errors import RankbenchError
 
@@ -25,7 +25,9 @@ def resolve_tracking_uri(explicit: str | None) -> str:
 
 
 class Tracker:
-    """A thin layer over ``MlflowClient`` (no global active-run state)."""
+    """The one owner of MLflow in rankbench: every read and write of the tracking store goes
+    through here, so store errors become one-line ``RankbenchError``s naming the store, and
+    no other module depends on ``MlflowClient`` (no global active-run state either)."""
 
     def __init__(self, tracking_uri: str | None = None) -> None:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -36,15 +38,22 @@ class Tracker:
 
         self.uri = resolve_tracking_uri(tracking_uri)
         try:
-            self.client = MlflowClient(tracking_uri=self.uri)
+            self._client = MlflowClient(tracking_uri=self.uri)
         except Exception as exc:
             raise RankbenchError(f"cannot open tracking store {self.uri} ({exc}): check --tracking-uri") from None
 
+    # ------------------------------------------------------------------------ experiments
     def experiment_id(self, name: str) -> str:
-        experiment = self.client.get_experiment_by_name(name)
+        experiment = self._client.get_experiment_by_name(name)
         if experiment is not None:
             return experiment.experiment_id
-        return self.client.create_experiment(name, artifact_location=self.artifact_root())
+        return self._client.create_experiment(name, artifact_location=self.artifact_root())
+
+    def experiments(self) -> list[Any]:
+        """The store's active (not deleted) MLflow ``Experiment``s."""
+        from mlflow.entities import ViewType
+
+        return self._read("experiments", lambda: self._client.search_experiments(view_type=ViewType.ACTIVE_ONLY))
 
     def artifact_root(self) -> str | None:
         """Artifacts of a SQLite store go beside its database file (not ``./mlruns``);
@@ -54,25 +63,89 @@ class Tracker:
             return (database.parent / "artifacts").resolve().as_uri()
         return None
 
+    # ------------------------------------------------------------------------ reading
+    def get_run(self, run_id: str) -> Any:
+        """The MLflow ``Run`` (``.info``, ``.data.params``/``.metrics``/``.tags``); a missing run is
+        a ``RankbenchError`` that names the store, since a wrong store is the usual cause."""
+        return self._read(f"run {run_id!r}", lambda: self._client.get_run(run_id),
+                          missing=f"no run {run_id!r} in {self.uri}: check the run id and --tracking-uri")
+
+    def runs(self, *, task: str | None = None, method: str | None = None, study: str | None = None,
+             status: str = "FINISHED") -> list[Any]:
+        """Runs of every active experiment with ``status``, filtered by their task/method/study tags
+        (MLflow ``Run``s, at most 50000)."""
+        ids = [e.experiment_id for e in self.experiments()]
+        if not ids:
+            return []
+        chosen = {"task": task, "method": method, "study": study}
+        for name, value in chosen.items():
+            if value is not None and ("'" in value or '"' in value):
+                raise RankbenchError(f"--{name} {value!r}: names contain no quotes: check the name")
+        filters = [f"attributes.status = '{status}'"]
+        filters += [f"tags.{name} = '{value}'" for name, value in chosen.items() if value]
+        return self._read("runs", lambda: self._client.search_runs(ids, filter_string=" and ".join(filters),
+                                                                   max_results=50000))
+
+    def metric_history(self, run_id: str, key: str) -> list[Any]:
+        """Every logged value of ``key`` (MLflow ``Metric``s: ``.step``, ``.value``), in step order."""
+        history = self._read(f"metric {key!r} of run {run_id!r}",
+                             lambda: self._client.get_metric_history(run_id, key),
+                             missing=f"no run {run_id!r} in {self.uri}: check the run id and --tracking-uri")
+        return sorted(history, key=lambda m: m.step)
+
+    def download_artifact(self, run_id: str, path: str, dst: Path | str | None = None) -> Path:
+        """A local copy of one artifact (in ``dst`` if given, which must exist; else wherever MLflow
+        puts it, which for a local store may be the store's own file)."""
+        local = self._read(
+            f"artifact {path!r} of run {run_id!r}",
+            lambda: self._client.download_artifacts(run_id, path, None if dst is None else str(dst)),
+            missing=f"no artifact {path!r} in run {run_id!r} of {self.uri}: check the run id and --tracking-uri",
+        )
+        return Path(local)
+
+    def _read(self, what: str, read: Callable[[], Any], missing: str | None = None) -> Any:
+        try:
+            return read()
+        except Exception as exc:
+            if missing and getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":
+                raise RankbenchError(missing) from None
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise RankbenchError(
+                f"cannot read {what} from {self.uri} ({type(exc).__name__}: {reason}): check --tracking-uri"
+            ) from None
+
+    # ------------------------------------------------------------------------ writing
     def start(self, experiment: str, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
         from mlflow.entities import Param
 
-        run = self.client.create_run(self.experiment_id(experiment), run_name=run_name,
-                                     tags={k: str(v) for k, v in tags.items()})
+        run = self._client.create_run(self.experiment_id(experiment), run_name=run_name,
+                                      tags={k: str(v) for k, v in tags.items()})
         items = [Param(k, _param_text(v)) for k, v in sorted(params.items())]
         for i in range(0, len(items), 100):
-            self.client.log_batch(run.info.run_id, params=items[i:i + 100])
+            self._client.log_batch(run.info.run_id, params=items[i:i + 100])
         return run.info.run_id
+
+    def reopen(self, run_id: str) -> None:
+        """Mark a finished or failed run RUNNING again (a resumed study's parent run)."""
+        self.get_run(run_id)
+        self._client.update_run(run_id, status="RUNNING")
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
-        self.client.log_batch(run_id, metrics=batch)
+        self._client.log_batch(run_id, metrics=batch)
 
     def log_dict(self, run_id: str, data: Any, name: str) -> None:
-        self.client.log_dict(run_id, data, name)
+        self._client.log_dict(run_id, data, name)
+
+    def log_text(self, run_id: str, text: str, name: str) -> None:
+        self._client.log_text(run_id, text, name)
+
+    def log_artifact(self, run_id: str, path: Path | str, folder: str | None = None) -> None:
+        """Copy a local file into the run's artifacts (under ``folder`` if given)."""
+        self._client.log_artifact(run_id, str(path), folder)
 
     def log_state_dict(self, run_id: str, model) -> None:
         """The trained weights (selectors included), so ``rankbench export`` can rebuild the model."""
@@ -83,14 +156,18 @@ class Tracker:
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "state_dict.pt"
             torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
-            self.client.log_artifact(run_id, str(path), "model")
+            self.log_artifact(run_id, path, "model")
+
+    def terminate(self, run_id: str, status: str) -> None:
+        """End the run with an MLflow status: FINISHED, FAILED or KILLED."""
+        self._client.set_terminated(run_id, status)
 
     def finish(self, run_id: str) -> None:
-        self.client.set_terminated(run_id, "FINISHED")
+        self.terminate(run_id, "FINISHED")
 
     def fail(self, run_id: str, reason: str, killed: bool = False) -> None:
-        self.client.set_tag(run_id, "failure_reason", reason[:5000])
-        self.client.set_terminated(run_id, "KILLED" if killed else "FAILED")
+        self._client.set_tag(run_id, "failure_reason", reason[:5000])
+        self.terminate(run_id, "KILLED" if killed else "FAILED")
 
 
 def _param_text(value: Any) -> str:

@@ -13,6 +13,7 @@ from torch import nn
 from rankbench.data import DataSplits, iterate_batches
 from rankbench.errors import RankbenchError
 from rankbench.plugins.method import Method
+from rankbench.run import records
 from rankbench.run.metrics import compression_ratio, evaluate, synchronize, total_rank
 from rankbench.plugins.task import Task
 from rankbench.layers.tensorized import selector_parameters, weight_parameters
@@ -94,17 +95,17 @@ def fit(
         task.calibrate(model, data.train, device)
         val = evaluate(model, data.val, batch_size, task.loss, device)
         metrics = {
-            "train_loss": sums["loss"] / batches,
-            "penalty": sums["penalty"] / batches,
-            "val_loss": val.loss,
-            "val_accuracy": val.accuracy,
-            "compression": compression_ratio(dense_parameters, model),
-            "total_rank": float(total_rank(model)),
-            "train_seconds_per_batch": batch_seconds / batches,
+            records.TRAIN_LOSS: sums["loss"] / batches,
+            records.PENALTY: sums["penalty"] / batches,
+            records.VAL_LOSS: val.loss,
+            records.VAL_ACCURACY: val.accuracy,
+            records.COMPRESSION: compression_ratio(dense_parameters, model),
+            records.TOTAL_RANK: float(total_rank(model)),
+            records.TRAIN_SECONDS_PER_BATCH: batch_seconds / batches,
         }
         method.on_epoch_end(model, epoch, metrics)
         result.history.append(metrics)
-        result.train_seconds_per_batch = metrics["train_seconds_per_batch"]
+        result.train_seconds_per_batch = metrics[records.TRAIN_SECONDS_PER_BATCH]
         if on_epoch is not None:
             on_epoch(epoch, metrics)
     result.train_seconds = time.perf_counter() - start

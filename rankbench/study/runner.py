@@ -22,8 +22,9 @@ from typing import Any, Iterator, Sequence
 
 from rankbench.errors import RankbenchError
 from rankbench.plugins.registry import Registry
-from rankbench.study.spec import OBJECTIVE_METRICS, RECORDED_ONLY, StudySpec
+from rankbench.run import records
 from rankbench.run.tracking import DEFAULT_DIR, Tracker
+from rankbench.study.spec import OBJECTIVE_METRICS, RECORDED_ONLY, StudySpec
 
 FINISHED_STATES = ("COMPLETE", "PRUNED")
 
@@ -143,6 +144,8 @@ def load_or_create(spec: StudySpec, storage, worker: int = 0):
             f"study {spec.name} in the storage optimises {existing}, the file asks {spec.directions}: "
             "rename the study or restore its objectives"
         )
+    if study.metric_names != list(spec.objectives):  # optuna-dashboard labels its axes with these
+        study.set_metric_names(list(spec.objectives))
     return study
 
 
@@ -161,12 +164,13 @@ class StudyRun:
 
 
 # ---------------------------------------------------------------------------- one trial
-def trial_assignments(trial, spec: StudySpec, registry: Registry) -> tuple[str, dict[str, Any]]:
-    """The method and the ``--set`` values of one trial.
+def trial_assignments(trial, spec: StudySpec, registry: Registry) -> tuple[str, str, dict[str, Any]]:
+    """The task, the method and the ``--set`` values of one trial.
 
-    A grid study with ``[method_search]`` suggests one ``point`` (a method and its
+    A study over several tasks suggests ``task`` first. A grid study with ``[method_search]`` suggests one ``point`` (a method and its
     own values); other samplers suggest the method, then that method's own keys
     (a conditional search space, which TPE, random and NSGA-II sample natively)."""
+    task = spec.task if len(spec.tasks) < 2 else trial.suggest_categorical("task", list(spec.tasks))
     own: dict[str, Any] = {}
     if spec.sampler == "grid" and spec.method_search:
         method, own = spec.points()[trial.suggest_categorical("point", list(spec.points()))]
@@ -176,35 +180,37 @@ def trial_assignments(trial, spec: StudySpec, registry: Registry) -> tuple[str, 
         method = trial.suggest_categorical("method", list(spec.methods))
     if not own:
         own = {name: param.suggest(trial) for name, param in spec.method_search.get(method, {}).items()}
-    keys = set(registry.task(spec.task).hyperparameters) | set(registry.method(method).hyperparameters)
+    keys = set(registry.task(task).hyperparameters) | set(registry.method(method).hyperparameters)
     values = {k: v for k, v in spec.fixed.items() if k in keys}
-    values.update(spec.method_fixed.get(method, {}))
+    values.update({k: v for k, v in spec.method_fixed.get(method, {}).items() if k in keys})
     for name, param in spec.search.items():
         value = param.suggest(trial)
         if name in keys:
             values[name] = value
     values.update(own)
-    return method, values
+    return task, method, values
 
 
 def run_trial(trial, run: StudyRun, registry: Registry, tracker: Tracker) -> list[float]:
     """Train the trial's configuration on every seed; return the objectives (means over seeds)."""
     import optuna
 
-    from rankbench.run.experiment import make_config
+    from rankbench.run.config import make_config
     from rankbench.run.experiment import run as run_experiment
+    from rankbench.run.prepare import prepare
 
     spec = run.spec
     if trial.user_attrs.get("interrupted"):  # a retry: Optuna copied the failed trial's attributes
         trial.set_user_attr("interrupted", False)
         trial.set_user_attr("failure_reason", "")
-    method, values = trial_assignments(trial, spec, registry)
+    task, method, values = trial_assignments(trial, spec, registry)
     config = make_config(
-        registry, spec.task, method, values, seeds=spec.seeds, device=run.device, data_dir=run.data_dir,
+        registry, task, method, values, seeds=spec.seeds, device=run.device, data_dir=run.data_dir,
         tracking_uri=run.tracking_uri, progress=False,
         budget_steps=None if "epochs" in values else spec.budget_steps,  # --set epochs=N wins (smoke runs)
         tags={"mlflow.parentRunId": run.parent_run_id, "study": spec.name, "trial": str(trial.number)},
     )
+    trial.set_user_attr("task", task)
     trial.set_user_attr("method", method)
     trial.set_user_attr("settings", {k: v for k, v in values.items()})
     objective = next(iter(spec.objectives))
@@ -215,15 +221,17 @@ def run_trial(trial, run: StudyRun, registry: Registry, tracker: Tracker) -> lis
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {epoch} ({objective}={metrics[objective]:.4g})")
 
-    results = run_experiment(config, registry, tracker=tracker, on_epoch=on_epoch)
+    results = run_experiment(prepare(config, registry), tracker=tracker, on_epoch=on_epoch)
     per_seed = []
     for r in results:
         last = r.history[-1]
         per_seed.append({
-            "seed": r.seed, "run_id": r.run_id, "val_accuracy": last["val_accuracy"], "val_loss": last["val_loss"],
-            "compression": r.compression, "total_rank": r.total_rank, "parameters": r.parameters,
-            "train_seconds_per_batch": r.train_seconds_per_batch, "inference_seconds": r.inference_seconds,
-            "test_accuracy": r.test_accuracy, "test_top5": r.test_top5,
+            "seed": r.seed, "run_id": r.run_id, records.VAL_ACCURACY: last[records.VAL_ACCURACY],
+            records.VAL_LOSS: last[records.VAL_LOSS], records.COMPRESSION: r.compression,
+            records.TOTAL_RANK: r.total_rank, records.PARAMETERS: r.parameters,
+            records.TRAIN_SECONDS_PER_BATCH: r.train_seconds_per_batch,
+            records.INFERENCE_SECONDS: r.inference_seconds, records.TEST_ACCURACY: r.test_accuracy,
+            records.TEST_TOP5: r.test_top5,
         })
     trial.set_user_attr("seeds", per_seed)
     for metric in OBJECTIVE_METRICS + RECORDED_ONLY:
@@ -237,7 +245,7 @@ class _Heartbeat:
     """Records the trial's heartbeat while it runs, so Optuna can tell a dead worker."""
 
     def __init__(self, storage, trial_id: int, interval: float) -> None:
-        self._storage, self._trial_id = storage, trial_id
+        self._storage, self._id = storage, trial_id
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, args=(storage, trial_id, interval), daemon=True)
 
@@ -247,7 +255,7 @@ class _Heartbeat:
                 storage.record_heartbeat(trial_id)
 
     def __enter__(self) -> "_Heartbeat":
-        self._storage.record_heartbeat(self._trial_id)  # a worker killed at once still goes stale
+        self._storage.record_heartbeat(self._id)  # a worker killed at once still goes stale
         self._thread.start()
         return self
 
@@ -285,6 +293,7 @@ def worker_loop(run: StudyRun, deadline: float | None = None) -> int:
     storage = open_storage(run.storage_url, run.spec)
     study = load_or_create(run.spec, storage, run.worker)
     tracker = Tracker(run.tracking_uri)
+    study_id = storage.get_study_id_from_name(study.study_name)
     budget = run.spec.budget()
     finished = 0
     while True:
@@ -302,7 +311,8 @@ def worker_loop(run: StudyRun, deadline: float | None = None) -> int:
             time.sleep(min(run.spec.heartbeat_interval, 5))  # others are finishing, or are dead and go stale
             continue
         try:
-            with _Heartbeat(storage, trial._trial_id, run.spec.heartbeat_interval):
+            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+            with _Heartbeat(storage, trial_id, run.spec.heartbeat_interval):
                 values = run_trial(trial, run, registry, tracker)
         except optuna.TrialPruned as exc:
             trial.set_user_attr("pruned_reason", str(exc))
@@ -333,11 +343,10 @@ def ensure_parent_run(study, spec: StudySpec, tracker: Tracker, storage_url: str
     parent = study.user_attrs.get("mlflow_parent_run_id")
     if parent:
         with contextlib.suppress(Exception):
-            tracker.client.get_run(parent)
-            tracker.client.update_run(parent, status="RUNNING")
+            tracker.reopen(parent)
             return parent
     params = {
-        "study": spec.name, "task": spec.task, "methods": ",".join(spec.methods), "seeds": ",".join(map(str, spec.seeds)),
+        "study": spec.name, "task": ",".join(spec.tasks), "methods": ",".join(spec.methods), "seeds": ",".join(map(str, spec.seeds)),
         "sampler": spec.sampler, "pruner": spec.pruner, "n_trials": spec.budget(),
         "objectives": json.dumps(spec.objectives), "search": json.dumps({k: v.__dict__ for k, v in spec.search.items()},
                                                                         default=str),
@@ -348,7 +357,7 @@ def ensure_parent_run(study, spec: StudySpec, tracker: Tracker, storage_url: str
     }
     run_id = tracker.start(spec.task, f"study {spec.name}", params,
                            {"rankbench.role": "study", "study": spec.name, "task": spec.task})
-    tracker.client.log_text(run_id, spec.source or json.dumps(params, indent=2), "study.toml")
+    tracker.log_text(run_id, spec.source or json.dumps(params, indent=2), "study.toml")
     study.set_user_attr("mlflow_parent_run_id", run_id)
     return run_id
 
@@ -365,8 +374,11 @@ def run_study(
     out_dir: Path | None = None,
 ) -> "StudyOutcome":
     """Create or resume the study, run its workers to the budget, then summarise and plot."""
+    from rankbench.run.config import check_data_dir
+
     if workers < 1:
         raise RankbenchError("--workers must be >= 1")
+    check_data_dir(data_dir, download=False)
     url = storage_url or default_storage()
     with _startup_lock(url):  # two commands starting on fresh stores must not both create tables
         storage = open_storage(url, spec)
@@ -399,10 +411,10 @@ def run_study(
                     f"{len(bad)} of {workers} workers failed (exit codes {bad}): run the same command again to resume"
                 )
     except KeyboardInterrupt:
-        tracker.client.set_terminated(parent, "KILLED")
+        tracker.terminate(parent, "KILLED")
         raise
     except Exception:
-        tracker.client.set_terminated(parent, "FAILED")
+        tracker.terminate(parent, "FAILED")
         raise
     outcome = summarise(study, spec)
     from rankbench.study.plots import write_plots
@@ -410,7 +422,7 @@ def run_study(
     folder = out_dir or DEFAULT_DIR / "studies" / spec.name
     outcome.plots = write_plots(study, spec, folder)
     _log_outcome(tracker, parent, outcome, folder)
-    tracker.client.set_terminated(parent, "FINISHED")
+    tracker.finish(parent)
     return outcome
 
 
@@ -438,7 +450,7 @@ def summarise(study, spec: StudySpec) -> StudyOutcome:
 
 
 def _log_outcome(tracker: Tracker, parent: str, outcome: StudyOutcome, folder: Path) -> None:
-    tracker.client.log_dict(parent, outcome.best, "best_trials.json")
+    tracker.log_dict(parent, outcome.best, "best_trials.json")
     if len(outcome.best) == 1:
         best = outcome.best[0]
         tracker.log_metrics(parent, {f"best_{k}": float(v) for k, v in best.items()
@@ -446,7 +458,7 @@ def _log_outcome(tracker: Tracker, parent: str, outcome: StudyOutcome, folder: P
     tracker.log_metrics(parent, {"finished_trials": outcome.finished, "failed_trials": outcome.failed,
                                  "pareto_trials": len(outcome.best)})
     for path in outcome.plots or []:
-        tracker.client.log_artifact(parent, str(path), "plots")
+        tracker.log_artifact(parent, path, "plots")
 
 
 def list_studies(storage_url: str | None) -> list[dict[str, Any]]:
@@ -467,6 +479,24 @@ def _has_complete(study) -> bool:
     from optuna.trial import TrialState
 
     return any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
+
+
+TRIAL_HEADERS = ("trial", "state", "method", "params", "objectives", "test acc", "note")
+
+
+def trial_rows(study) -> list[list[str]]:
+    """One row per trial for ``rankbench study show``: its state, configuration, objectives, the
+    mean test accuracy it recorded, and why it failed or was pruned."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        attrs = t.user_attrs
+        note = "" if t.state.name == "COMPLETE" else attrs.get("failure_reason") or attrs.get("pruned_reason", "")
+        mean_test = attrs.get(f"mean_{records.TEST_ACCURACY}")
+        rows.append([str(t.number), t.state.name, attrs.get("method", ""),
+                     ", ".join(f"{k}={v}" for k, v in t.params.items() if k != "method"),
+                     ", ".join(f"{v:.4g}" for v in (t.values or [])),
+                     f"{mean_test:.2f}" if mean_test is not None else "", note[:60]])
+    return rows
 
 
 def load_existing(name: str, storage_url: str | None):

@@ -7,17 +7,20 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from rankbench.plugins.hyper import Hyper
 from rankbench.errors import RankbenchError
+from rankbench.plugins.hyper import Hyper
 from rankbench.plugins.registry import Registry
+from rankbench.run import records
 
-# Metrics a trial records, mean over its seeds; studies may optimise these.
 OBJECTIVE_METRICS = (
-    "val_accuracy", "val_loss", "compression", "total_rank", "parameters",
-    "train_seconds_per_batch", "inference_seconds",
+    records.VAL_ACCURACY, records.VAL_LOSS, records.COMPRESSION, records.TOTAL_RANK, records.PARAMETERS,
+    records.TRAIN_SECONDS_PER_BATCH, records.INFERENCE_SECONDS,
 )
-RECORDED_ONLY = ("test_accuracy", "test_top5")
-PER_EPOCH_METRICS = ("val_accuracy", "val_loss", "compression", "total_rank", "train_seconds_per_batch")
+"""Metrics a trial records (mean over its seeds) that a study may optimise."""
+RECORDED_ONLY = (records.TEST_ACCURACY, records.TEST_TOP5)
+"""Recorded per trial for the reader, never optimised."""
+PER_EPOCH_METRICS = tuple(m for m in OBJECTIVE_METRICS if m.kind == "epoch")
+"""Objectives known after every epoch (a pruner needs one)."""
 SAMPLERS = ("grid", "tpe", "random", "nsga2")
 PRUNERS = ("none", "median")
 
@@ -64,6 +67,8 @@ class StudySpec:
     grace_period: int = 30
     description: str = ""
     source: str = ""
+    tasks: tuple[str, ...] = ()
+    """Every task of the study (``task`` is the first); several make ``task`` a grid parameter."""
 
     @property
     def directions(self) -> list[str]:
@@ -76,6 +81,8 @@ class StudySpec:
         the grid is one categorical ``point`` over every method's own grid points
         (see ``points``), crossed with the shared ``[search]`` grids."""
         space: dict[str, list[Any]] = {}
+        if len(self.tasks) > 1:
+            space["task"] = list(self.tasks)
         if self.method_search:
             space["point"] = list(self.points())
         elif len(self.methods) > 1:
@@ -124,24 +131,27 @@ class StudySpec:
             spec = replace(spec, seeds=tuple(seeds))
         if fixed:
             if registry is not None:
-                _check_keys(registry, spec.task, spec.methods, fixed, "--set")
+                _check_keys(registry, spec.tasks, spec.methods, fixed, "--set")
             spec = replace(spec, fixed={**spec.fixed, **fixed})
         return spec
 
 
-def _declared(registry: Registry, task: str, methods: tuple[str, ...]) -> dict[str, Hyper]:
-    out = dict(registry.task(task).hyperparameters)
+def _declared(registry: Registry, tasks: str | tuple[str, ...], methods: tuple[str, ...]) -> dict[str, Hyper]:
+    out: dict[str, Hyper] = {}
+    for task in (tasks,) if isinstance(tasks, str) else tasks:
+        out.update(registry.task(task).hyperparameters)
     for method in methods:
         out.update(registry.method(method).hyperparameters)
     return out
 
 
-def _check_keys(registry: Registry, task: str, methods: tuple[str, ...], keys, where: str) -> None:
-    declared = _declared(registry, task, methods)
+def _check_keys(registry: Registry, tasks: str | tuple[str, ...], methods: tuple[str, ...], keys, where: str) -> None:
+    declared = _declared(registry, tasks, methods)
+    named = tasks if isinstance(tasks, str) else ", ".join(tasks)
     for key in keys:
         if key not in declared:
             raise RankbenchError(
-                f"{where}: unknown hyperparameter {key!r} for task {task} and methods {', '.join(methods)}: "
+                f"{where}: unknown hyperparameter {key!r} for task {named} and methods {', '.join(methods)}: "
                 f"valid are {', '.join(sorted(declared))}"
             )
 
@@ -191,7 +201,7 @@ def load_study_file(path: Path, registry: Registry) -> StudySpec:
 
 
 def parse_study(raw: dict, registry: Registry, where: str = "study", source: str = "") -> StudySpec:
-    allowed = {"name", "task", "methods", "method", "seeds", "description", "fixed", "method_fixed", "search",
+    allowed = {"name", "task", "tasks", "methods", "method", "seeds", "description", "fixed", "method_fixed", "search",
                "method_search", "objectives", "sampler", "pruner", "budget", "workers", "budget_steps"}
     unknown = set(raw) - allowed
     if unknown:
@@ -199,34 +209,41 @@ def parse_study(raw: dict, registry: Registry, where: str = "study", source: str
     for table in ("fixed", "method_fixed", "search", "method_search", "objectives", "sampler", "pruner", "budget", "workers"):
         if table in raw and not isinstance(raw[table], dict):
             raise RankbenchError(f"{where}: {table} must be a table: write [{table}] and then key = value lines")
-    for key in ("name", "task", "objectives"):
+    for key in ("name", "objectives"):
         if key not in raw:
             raise RankbenchError(f"{where}: missing {key!r}")
     name = raw["name"]
     if not isinstance(name, str) or not name.strip():
         raise RankbenchError(f"{where}: name must be a non-empty string")
-    task = raw["task"]
-    registry.task(task)
+    if ("task" in raw) == ("tasks" in raw):
+        raise RankbenchError(f"{where}: give task = \"lenet5\" or tasks = [\"lenet5\", \"mlp2\"] (one of the two)")
+    tasks = raw.get("tasks", [raw.get("task")])
+    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
+        raise RankbenchError(f"{where}: tasks must be a non-empty list of task names")
+    for task in tasks:
+        registry.task(task)
+    tasks = tuple(tasks)
+    task = tasks[0]
     methods = raw.get("methods", [raw["method"]] if "method" in raw else None)
     if not methods or not isinstance(methods, list):
         raise RankbenchError(f"{where}: give methods = [\"ours\", ...]")
     for method in methods:
         registry.method(method)
     methods = tuple(methods)
-    declared = _declared(registry, task, methods)
+    declared = _declared(registry, tasks, methods)
 
     fixed = dict(raw.get("fixed", {}))
-    _check_keys(registry, task, methods, fixed, f"{where} [fixed]")
+    _check_keys(registry, tasks, methods, fixed, f"{where} [fixed]")
     method_fixed = {}
     for method, values in raw.get("method_fixed", {}).items():
         if method not in methods:
             raise RankbenchError(f"{where} [method_fixed.{method}]: {method} is not in methods")
-        _check_keys(registry, task, (method,), values, f"{where} [method_fixed.{method}]")
+        _check_keys(registry, tasks, (method,), values, f"{where} [method_fixed.{method}]")
         method_fixed[method] = dict(values)
 
     search = {}
     for key, value in raw.get("search", {}).items():
-        _check_keys(registry, task, methods, [key], f"{where} [search]")
+        _check_keys(registry, tasks, methods, [key], f"{where} [search]")
         search[key] = _search_param(key, value, declared, f"{where} [search]")
 
     method_search: dict[str, dict[str, SearchParam]] = {}
@@ -235,8 +252,8 @@ def parse_study(raw: dict, registry: Registry, where: str = "study", source: str
             raise RankbenchError(f"{where} [method_search.{method}]: {method} is not in methods")
         if not isinstance(values, dict) or not values:
             raise RankbenchError(f"{where} [method_search.{method}]: give key = {{ grid = [...] }} lines")
-        own = _declared(registry, task, (method,))
-        _check_keys(registry, task, (method,), values, f"{where} [method_search.{method}]")
+        own = _declared(registry, tasks, (method,))
+        _check_keys(registry, tasks, (method,), values, f"{where} [method_search.{method}]")
         shared = set(values) & set(search)
         if shared:
             raise RankbenchError(f"{where} [method_search.{method}]: {sorted(shared)[0]} is also in [search]: keep one")
@@ -301,7 +318,7 @@ def parse_study(raw: dict, registry: Registry, where: str = "study", source: str
         sampler_seed=int(raw.get("sampler", {}).get("seed", 0)), pruner=pruner, n_trials=n_trials,
         timeout_s=timeout, heartbeat_interval=int(workers.get("heartbeat_interval", 10)),
         grace_period=int(workers.get("grace_period", 30)), description=raw.get("description", ""),
-        source=source,
+        source=source, tasks=tasks,
     )
     if sampler == "grid" and n_trials is not None and n_trials > spec.grid_size():
         raise RankbenchError(f"{where}: n_trials {n_trials} exceeds the grid's {spec.grid_size()} points")

@@ -1,0 +1,98 @@
+"""One prepared run: the config resolved against the data actually loaded, once, for every caller.
+
+``rankbench run``, studies, ``check-plugin``, ``export``, the benchmarks and the
+tests all go ``RunConfig`` → :func:`prepare` → :class:`PreparedRun` and read
+what runs from it (the task's resolved recipe, the method's resolved
+parameters, the epochs a step budget gives); nothing resolves a config twice.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from rankbench.data import DataSplits
+from rankbench.layers.tensorized import count_parameters, tensorized_layers
+from rankbench.plugins.method import Method, MethodContext
+from rankbench.plugins.registry import Registry
+from rankbench.plugins.task import Task
+from rankbench.run.config import RunConfig, epochs_for_steps, resolve_device
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedRun:
+    """What one experiment runs: the task built with its resolved recipe, the method's
+    class and resolved parameters, the loaded data and the device.
+
+    ``config`` keeps what was asked; ``task.params`` and ``method_params`` are what
+    runs (the embedded-data recipe, per-data method defaults and a step budget
+    applied), and ``recipe`` names which recipe that is (``paper`` or ``embedded``)."""
+
+    config: RunConfig
+    task: Task
+    method_cls: type[Method]
+    method_params: dict[str, Any]
+    data: DataSplits
+    recipe: str
+    device: torch.device
+    dense_parameters: int
+
+    @property
+    def epochs(self) -> int:
+        return self.task.params["epochs"]
+
+    @property
+    def batch_size(self) -> int:
+        return self.task.params["batch_size"]
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.data.train) / self.batch_size)
+
+    def context(self) -> MethodContext:
+        return MethodContext(num_train=len(self.data.train), device=self.device)
+
+    def build(self, seed: int) -> tuple[nn.Module, Method]:
+        """A fresh method instance and its model for ``seed`` (selectors attached, on the device)."""
+        method = self.method_cls(self.method_params)
+        return build_model(self.task, method, seed, self.context(), self.config.contraction), method
+
+
+def prepare(config: RunConfig, registry: Registry, *, data: DataSplits | None = None) -> PreparedRun:
+    """Load the task's data (or take ``data`` already loaded, as the contract suite and tests do),
+    then resolve the recipe, the method's per-data defaults and a step budget, once."""
+    device = resolve_device(config.device)
+    task_cls, method_cls = registry.task(config.task), registry.method(config.method)
+    if data is None:
+        data = task_cls(config.task_params).load_data(config.data_dir, config.download)
+    recipe, task_params = task_cls.recipe_for(data, config.task_params, config.explicit, config.method)
+    method_params = task_cls.method_params_for(data, config.method, config.method_params, config.explicit)
+    if config.budget_steps is not None:
+        task_params["epochs"] = epochs_for_steps(config.budget_steps, len(data.train), task_params["batch_size"])
+    task = task_cls(task_params)
+    return PreparedRun(config=config, task=task, method_cls=method_cls, method_params=method_params, data=data,
+                       recipe=recipe, device=device, dense_parameters=count_parameters(task.dense_model()))
+
+
+def build_model(task: Task, method: Method, seed: int, context: MethodContext,
+                contraction: str = "auto") -> nn.Module:
+    """The task's model for this method, selectors attached, on the device.
+
+    Seeded with ``seed`` just before the model is built, so one seed gives one
+    initialisation. ``contraction`` sets the training contraction of every
+    tensorized layer that offers it (``layer.strategies``; ``auto`` picks per batch
+    size by FLOP count)."""
+    torch.manual_seed(seed)
+    if method.tensorized:
+        model = task.tensorized_model(method.initial_rank(task.params["initial_rank"]))
+    else:
+        model = task.dense_model()
+    for _, layer in tensorized_layers(model):
+        if contraction in layer.strategies:
+            layer.strategy = contraction
+    method.attach(model, context)
+    return model.to(context.device)
