@@ -17,11 +17,11 @@ import time
 import torch
 from tabulate import tabulate
 
-from rankbench.run.config import make_config, resolve_device
-from rankbench.run.prepare import build_model
+from rankbench.layers.tensorized import TensorRingConv2d, TensorRingLinear
 from rankbench.plugins.method import MethodContext
 from rankbench.plugins.registry import Registry
-from rankbench.layers.tensorized import TensorRingConv2d, TensorRingLinear
+from rankbench.run.config import make_config, resolve_device
+from rankbench.run.prepare import build_model
 from rankbench.run.trainer import fit
 
 

@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
+from rankbench.plugins.registry import Registry
 from rankbench.run.config import make_config
 from rankbench.run.experiment import run
 from rankbench.run.prepare import prepare
-from rankbench.plugins.registry import Registry
+from rankbench.run.trainer import fit
 from rankbench.study.runner import run_study
 from rankbench.study.spec import parse_study
-from rankbench.run.trainer import fit
 
 
 def main() -> None:

@@ -16,8 +16,8 @@ from tabulate import tabulate
 from torch import nn
 from torch.utils import benchmark
 
-from rankbench.run.config import resolve_device
 from rankbench.layers.tensorized import TensorizedConv2d, TensorizedEmbedding, TensorizedLinear
+from rankbench.run.config import resolve_device
 
 # name, tensorized factory, dense factory, input shape without the batch dimension
 LAYERS = [

@@ -20,12 +20,12 @@ import time
 import torch
 from tabulate import tabulate
 
-from rankbench.run.config import make_config, resolve_device
-from rankbench.run.prepare import build_model
 from rankbench.export import materialise
+from rankbench.layers.tensorized import count_parameters, prune_model
 from rankbench.plugins.method import MethodContext
 from rankbench.plugins.registry import Registry
-from rankbench.layers.tensorized import count_parameters, prune_model
+from rankbench.run.config import make_config, resolve_device
+from rankbench.run.prepare import build_model
 from rankbench.run.trainer import param_groups
 
 

@@ -8,15 +8,7 @@ from typing import ClassVar, Mapping
 import torch
 from torch import Tensor, nn
 
-from rankbench.plugin import (
-    Bond,
-    Hyper,
-    Method,
-    RankSelector,
-    SELECTOR_HYPERPARAMETERS,
-    Search,
-    tensorized_layers,
-)
+from rankbench.plugin import SELECTOR_HYPERPARAMETERS, Bond, Hyper, Method, RankSelector, Search, tensorized_layers
 
 MODES = {"soft": {"prior": 0.1, "alpha": -1.5}, "hard": {"prior": 0.01, "alpha": -1.75}}
 

@@ -11,16 +11,7 @@ from typing import ClassVar, Mapping
 import torch
 from torch import Tensor, nn
 
-from rankbench.plugin import (
-    Bond,
-    Hyper,
-    Method,
-    RankSelector,
-    SELECTOR_HYPERPARAMETERS,
-    Search,
-    StepLoss,
-    TaskLoss,
-)
+from rankbench.plugin import SELECTOR_HYPERPARAMETERS, Bond, Hyper, Method, RankSelector, Search, StepLoss, TaskLoss
 
 
 class GaussianGate(RankSelector):

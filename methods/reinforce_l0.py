@@ -12,16 +12,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from rankbench.plugin import (
-    Bond,
-    Hyper,
-    Method,
-    RankSelector,
-    SELECTOR_HYPERPARAMETERS,
-    Search,
-    StepLoss,
-    TaskLoss,
-)
+from rankbench.plugin import SELECTOR_HYPERPARAMETERS, Bond, Hyper, Method, RankSelector, Search, StepLoss, TaskLoss
 
 
 class BernoulliGate(RankSelector):

@@ -99,6 +99,7 @@ def cmd_export(args, registry) -> None:
 
 def cmd_report(args, registry) -> None:
     from rankbench.report.build import build_report, render
+    from rankbench.report.figures import write_report
 
     group_by = [g.strip() for g in args.group_by.split(",") if g.strip()] if args.group_by else None
     rows = build_report(args.tracking_uri, task=args.task, method=args.method, study=args.study,
@@ -107,21 +108,8 @@ def cmd_report(args, registry) -> None:
     text = render(rows, args.format)
     print(text)
     if args.out is not None:
-        from rankbench.report.build import MethodDeclarations
-        from rankbench.report.figures import write_figures
-
-        args.out.mkdir(parents=True, exist_ok=True)
-        suffix = {"csv": "csv", "tsv": "tsv", "latex": "tex", "latex_raw": "tex", "latex_booktabs": "tex",
-                  "latex_longtable": "tex", "github": "md", "pipe": "md", "html": "html", "unsafehtml": "html",
-                  "rst": "rst", "mediawiki": "wiki", "jira": "jira", "textile": "textile",
-                  "asciidoc": "adoc", "orgtbl": "org"}.get(args.format, "txt")
-        (args.out / f"report.{suffix}").write_text(text + "\n")
-        written, skipped = write_figures(rows, args.tracking_uri, args.out, MethodDeclarations.of(registry))
-        print(f"wrote {args.out / f'report.{suffix}'}")
-        for path in written:
-            print(f"wrote {path}")
-        for reason in skipped:
-            print(f"skipped {reason}")
+        for line in write_report(rows, text, args.format, args.tracking_uri, args.out, registry):
+            print(line)
 
 
 def cmd_list(registry) -> None:
@@ -196,25 +184,10 @@ def cmd_run(args, registry) -> None:
 def cmd_check_plugin(args, registry) -> int:
     from tabulate import tabulate
 
-    from rankbench.plugins.contract import check_method, check_task
+    from rankbench.plugins.contract import check_plugin
 
-    name = args.name
-    is_method, is_task = name in registry.methods, name in registry.tasks
-    if not (is_method or is_task):
-        raise RankbenchError(
-            f"unknown plugin {name!r}: no method or task of that name; methods: "
-            f"{', '.join(sorted(registry.methods))}; tasks: {', '.join(sorted(registry.tasks))}"
-        )
-    if args.task is not None:
-        registry.task(args.task)  # an unknown --task is an input error (exit 2)
-    groups = []
-    if is_method:
-        for task in [args.task] if args.task is not None else sorted(registry.tasks):
-            groups.append((f"method {name} on task {task}", check_method(registry, name, task)))
-    if is_task:
-        groups.append((f"task {name}", check_task(registry, name)))
     passed = failed = 0
-    for title, checks in groups:
+    for title, checks in check_plugin(registry, args.name, args.task):
         print(f"{title}:")
         rows = [(c.name, "PASS" if c.passed else "FAIL", c.detail) for c in checks]
         print(tabulate(rows, headers=("check", "result", "detail"), tablefmt="simple"))
@@ -228,8 +201,8 @@ def cmd_check_plugin(args, registry) -> int:
 def cmd_study(args, registry) -> None:
     from tabulate import tabulate
 
-    from rankbench.study import runner as studies
     from rankbench.plugins.hyper import parse_assignments
+    from rankbench.study import runner as studies
 
     if args.list:
         rows = [[s["name"], s["trials"], ", ".join(s["directions"]),

@@ -10,15 +10,10 @@ import torch
 from torch import nn
 
 from rankbench.errors import RankbenchError
+from rankbench.layers.tensorized import count_parameters, learned_ranks, prune_model, tensorized_layers
 from rankbench.plugins.method import MethodContext
 from rankbench.plugins.registry import Registry
 from rankbench.plugins.task import Task
-from rankbench.layers.tensorized import (
-    count_parameters,
-    learned_ranks,
-    prune_model,
-    tensorized_layers,
-)
 
 
 @dataclass

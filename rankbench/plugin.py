@@ -26,8 +26,8 @@ from rankbench.layers.tensorized import (
     selectors,
     tensorized_layers,
 )
-from rankbench.plugins.hyper import Hyper, Search
 from rankbench.plugins.contract import Check, check_method, check_task
+from rankbench.plugins.hyper import Hyper, Search
 from rankbench.plugins.method import SELECTOR_HYPERPARAMETERS, Method, MethodContext, StepLoss, TaskLoss
 from rankbench.plugins.registry import Registry
 from rankbench.plugins.task import Task

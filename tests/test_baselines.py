@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from rankbench.run.config import make_config
+from rankbench.layers.tensorized import RankSelector, TensorRingLinear, TensorTrainLinear
 from rankbench.plugins.method import MethodContext
 from rankbench.plugins.registry import Registry
-from rankbench.layers.tensorized import RankSelector, TensorRingLinear, TensorTrainLinear
+from rankbench.run.config import make_config
 
 REGISTRY = Registry.discover(entry_point_groups=False)
 

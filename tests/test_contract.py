@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rankbench.plugins import contract
 from rankbench.cli import main
+from rankbench.plugins import contract
 from rankbench.plugins.contract import Check, check_method, check_task
 from rankbench.plugins.registry import Registry
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from rankbench.data import mnist as data
 from rankbench.data import DataSplits, Split, default_data_dir, iterate_batches
+from rankbench.data import mnist as data
 from rankbench.data.mnist import DATASETS, load_mnist_family
 from rankbench.errors import RankbenchError
 

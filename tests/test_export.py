@@ -6,15 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from rankbench.run.config import make_config
-from rankbench.run.experiment import run
-from rankbench.run.prepare import build_model
-from rankbench.run.prepare import prepare
 from rankbench.cli import main
 from rankbench.export import export, export_run, materialise, rebuild
+from rankbench.layers.tensorized import TensorizedLinear, count_parameters, selectors, tensorized_layers
 from rankbench.plugins.method import MethodContext
 from rankbench.plugins.registry import Registry
-from rankbench.layers.tensorized import TensorizedLinear, count_parameters, selectors, tensorized_layers
+from rankbench.run.config import make_config
+from rankbench.run.experiment import run
+from rankbench.run.prepare import build_model, prepare
 
 REGISTRY = Registry.discover(entry_point_groups=False)
 

@@ -6,13 +6,8 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from rankbench.run.config import make_config
-from rankbench.run.prepare import build_model
 from rankbench.data import DataSplits, Split
 from rankbench.errors import RankbenchError
-from rankbench.plugins.method import MethodContext
-from rankbench.run.metrics import compression_ratio
-from rankbench.plugins.registry import Registry
 from rankbench.layers.tensorized import (
     TensorRingLinear,
     TensorTrainLinear,
@@ -22,6 +17,11 @@ from rankbench.layers.tensorized import (
     prune_model,
     selector_parameters,
 )
+from rankbench.plugins.method import MethodContext
+from rankbench.plugins.registry import Registry
+from rankbench.run.config import make_config
+from rankbench.run.metrics import compression_ratio
+from rankbench.run.prepare import build_model
 from rankbench.run.trainer import fit, param_groups
 
 REGISTRY = Registry.discover(entry_point_groups=False)

@@ -4,10 +4,9 @@ that SQLAlchemy and Optuna's RDBStorage can use, as shared studies need."""
 import os
 import uuid
 
+import conftest
 import optuna
 import sqlalchemy
-
-import conftest
 
 
 def test_postgres_url_serves_sqlalchemy_and_optuna(postgres_url):

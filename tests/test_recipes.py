@@ -3,15 +3,13 @@
 import pytest
 import torch
 
-from rankbench.run.config import epochs_for_steps, make_config
-from rankbench.run.experiment import run
-from rankbench.run.prepare import build_model
-from rankbench.run.prepare import prepare
 from rankbench.cli import main
-from rankbench.run.config import parse_budget
 from rankbench.errors import RankbenchError
 from rankbench.plugins.method import MethodContext
 from rankbench.plugins.registry import Registry
+from rankbench.run.config import epochs_for_steps, make_config, parse_budget
+from rankbench.run.experiment import run
+from rankbench.run.prepare import build_model, prepare
 from rankbench.run.trainer import fit
 
 REGISTRY = Registry.discover(entry_point_groups=False)
@@ -86,6 +84,7 @@ def test_mars_uses_full_mnist_prior_weight_on_the_embedded_digits_only(tmp_path)
     """MARS's priors are weighted 1/N; the embedded recipe sets N to full MNIST's 60,000."""
     from rankbench.data.mnist import load_mnist_family
     from rankbench.tasks._digits import EMBEDDED_PRIOR_N
+
     from helpers import make_tiny_mnist
 
     task_cls = REGISTRY.task("mlp2")

@@ -9,8 +9,8 @@ from typing import ClassVar
 import pytest
 
 import rankbench.plugins.registry as registry_module
-from rankbench.plugins.hyper import Hyper
 from rankbench.errors import RankbenchError
+from rankbench.plugins.hyper import Hyper
 from rankbench.plugins.method import Method
 from rankbench.plugins.registry import METHOD_GROUP, TASK_GROUP, Registry
 from rankbench.plugins.task import Task

@@ -36,13 +36,14 @@ from scipy import stats
 from tabulate import tabulate_formats
 
 import rankbench
-from helpers import write_idx
-from rankbench.run.config import make_config
-from rankbench.run.experiment import run, run_name
-from rankbench.run.prepare import prepare
 from rankbench.cli import main
 from rankbench.plugins.registry import Registry
 from rankbench.report.build import HEADERS, RunRecord, build_report, compare, group_rows, load_runs, render
+from rankbench.run.config import make_config
+from rankbench.run.experiment import run, run_name
+from rankbench.run.prepare import prepare
+
+from helpers import write_idx
 
 EMBEDDED = "mnist-embedded-5k"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -981,7 +982,7 @@ def test_mlflow_ui_shows_consistent_runs_and_the_reported_means(mlflow_server, r
 def test_format_ranks_lists_few_layers_and_summarises_deep_models() -> None:
     from rankbench.report.tables import format_ranks
 
-    assert format_ranks({}) == "dense"
+    assert format_ranks({}) == "untensorized"
     assert format_ranks({"fc1": [1, 3, 2, 1], "fc2": [1, 4, 1]}) == "fc1:1-3-2-1  fc2:1-4-1"
     deep = {f"blocks.{i}.conv1": [i + 2, 10, 4] for i in range(9)}
     assert format_ranks(deep) == "9 layers, bond ranks 2-10 (mean 6.7; all in ranks.json)"  # (54 + 90 + 36) / 27

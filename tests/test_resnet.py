@@ -17,18 +17,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import make_tiny_cifar10
-from rankbench.run.config import make_config
-from rankbench.run.prepare import build_model
-from rankbench.data.cifar import load_cifar10
 from rankbench.cli import main
 from rankbench.data import Split
+from rankbench.data.cifar import load_cifar10
+from rankbench.layers.tensorized import (
+    TensorizedConv2d,
+    count_parameters,
+    learned_ranks,
+    prune_model,
+    tensorized_layers,
+)
 from rankbench.plugins.method import MethodContext
-from rankbench.run.metrics import recalibrate_batchnorm
 from rankbench.plugins.registry import Registry
-from rankbench.tasks.resnet import CHANNEL_MODES, BasicBlock
-from rankbench.layers.tensorized import TensorizedConv2d, count_parameters, learned_ranks, prune_model, tensorized_layers
+from rankbench.run.config import make_config
+from rankbench.run.metrics import recalibrate_batchnorm
+from rankbench.run.prepare import build_model
 from rankbench.run.trainer import fit
+from rankbench.tasks.resnet import CHANNEL_MODES, BasicBlock
+
+from helpers import make_tiny_cifar10
 
 tl.set_backend("pytorch")
 

@@ -28,13 +28,14 @@ from pathlib import Path
 
 import pytest
 
-import rankbench.study.runner
 import rankbench.run.tracking
-from helpers import assert_one_line_error, make_tiny_cifar10, make_tiny_mnist
+import rankbench.study.runner
 from rankbench.cli import main
-from rankbench.plugins.registry import Registry
 from rankbench.errors import RankbenchError
+from rankbench.plugins.registry import Registry
 from rankbench.study.spec import load_study_file, parse_study
+
+from helpers import assert_one_line_error, make_tiny_cifar10, make_tiny_mnist
 
 REPO = Path(__file__).resolve().parent.parent
 STUDIES = sorted((REPO / "studies").glob("*.toml"))
@@ -204,14 +205,15 @@ def start_cli(argv: list[str], cwd: Path, tag: str, prelude: str = "") -> tuple[
     return proc, log
 
 
-def sqlite_trial_states(db: Path) -> list[tuple[int, str, bool]]:
-    """(number, state, has a heartbeat) per trial, read straight from an Optuna sqlite file."""
+def sqlite_trial_states(db: Path) -> list[tuple[int, str, bool, bool]]:
+    """(number, state, has a heartbeat, has its parameters) per trial, read straight from an Optuna sqlite file."""
     if not db.exists():
         return []
     try:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
             return conn.execute(
-                "SELECT t.number, t.state, EXISTS(SELECT 1 FROM trial_heartbeats h WHERE h.trial_id = t.trial_id) "
+                "SELECT t.number, t.state, EXISTS(SELECT 1 FROM trial_heartbeats h WHERE h.trial_id = t.trial_id), "
+                "EXISTS(SELECT 1 FROM trial_params p WHERE p.trial_id = t.trial_id) "
                 "FROM trials t ORDER BY t.number").fetchall()
     except sqlite3.Error:  # the schema is being created
         return []
@@ -670,7 +672,8 @@ def test_a_killed_worker_trial_goes_stale_and_is_retried(env, capsys):
     try:
         while True:
             rows = sqlite_trial_states(db)
-            running = [r for r in rows if r[1] == "RUNNING" and r[2]]  # running, with a heartbeat recorded
+            # running, with a heartbeat recorded and its configuration drawn (so it is killed mid-training)
+            running = [r for r in rows if r[1] == "RUNNING" and r[2] and r[3]]
             if any(r[1] == "COMPLETE" for r in rows) and running:
                 break
             assert proc.poll() is None, f"the worker ended before it could be killed:\n{log.read_text()}"

@@ -16,12 +16,13 @@ import pytest
 import torch
 
 import rankbench
-from helpers import make_tiny_mnist
+from rankbench.cli import main
+from rankbench.plugins.registry import Registry
 from rankbench.run.config import make_config, resolve_device
 from rankbench.run.experiment import run
 from rankbench.run.prepare import prepare
-from rankbench.cli import main
-from rankbench.plugins.registry import Registry
+
+from helpers import make_tiny_mnist
 
 TIMING_KEYS = {"train_seconds_per_batch"}
 PER_EPOCH = ("val_accuracy", "compression", "train_loss", "penalty")
@@ -70,6 +71,36 @@ def embedded_run(tmp_path_factory, registry, store_template):
 
 
 # ---------------------------------------------------------------------------- one run
+
+
+def test_the_run_logs_its_data_as_an_mlflow_dataset_input(embedded_run):
+    uri, result = embedded_run
+    run = client_for(uri).get_run(result.run_id)
+    (entry,) = run.inputs.dataset_inputs
+    assert entry.dataset.name == "mnist-embedded-5k" == run.data.params["dataset"]
+    assert run.data.params["dataset_digest"].startswith(entry.dataset.digest) and len(entry.dataset.digest) == 16
+    assert json.loads(entry.dataset.profile) == {"train": 4000, "validation": 500, "test": 500}
+    assert json.loads(entry.dataset.source) == {"uri": run.data.params["dataset_source"]}
+    assert [(t.key, t.value) for t in entry.tags] == [("mlflow.data.context", "training")]
+
+
+def test_the_pruned_model_loads_with_mlflow_pytorch_and_matches_the_gated_eval_model(embedded_run, monkeypatch,
+                                                                                    registry):
+    import mlflow.pytorch
+    import torch
+
+    from rankbench.export import rebuild
+
+    uri, result = embedded_run
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    loaded = mlflow.pytorch.load_model(f"runs:/{result.run_id}/pruned_model").eval()
+    gated, _ = rebuild(result.run_id, registry, uri)
+    x = torch.randn(6, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), gated(x), atol=1e-5)
+    assert sum(p.numel() for p in loaded.parameters()) == result.parameters
+
+
 
 
 def test_one_finished_run_in_the_task_experiment(embedded_run):
@@ -134,7 +165,7 @@ def test_final_metrics_match_the_run_result(embedded_run):
 def test_ranks_artifact_equals_the_run_result(embedded_run, tmp_path):
     uri, result = embedded_run
     client = client_for(uri)
-    assert [a.path for a in client.list_artifacts(result.run_id)] == ["model", "ranks.json"]
+    assert [a.path for a in client.list_artifacts(result.run_id)] == ["model", "pruned_model", "ranks.json"]
     assert [a.path for a in client.list_artifacts(result.run_id, "model")] == ["model/state_dict.pt"]
     local = client.download_artifacts(result.run_id, "ranks.json", str(tmp_path))
     assert json.loads(Path(local).read_text()) == result.ranks

@@ -23,12 +23,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from rankbench.plugins.hyper import Hyper, resolve
 from rankbench.data import DataSplits, Split, default_data_dir
 from rankbench.errors import RankbenchError
-from rankbench.plugins.method import ROLES, Method, StepLoss
-from rankbench.plugins.registry import Registry
-from rankbench.plugins.task import Task
 from rankbench.layers.tensorized import (
     RankSelector,
     TensorizedLayer,
@@ -39,8 +35,12 @@ from rankbench.layers.tensorized import (
     selector_parameters,
     tensorized_layers,
 )
+from rankbench.plugins.hyper import Hyper, resolve
+from rankbench.plugins.method import ROLES, Method, StepLoss
+from rankbench.plugins.registry import Registry
+from rankbench.plugins.task import Task
 
-__all__ = ["Check", "check_method", "check_task", "task_methods", "SMALL_RANK", "BATCH", "REQUIRED_TASK_KEYS"]
+__all__ = ["Check", "check_method", "check_plugin", "check_task", "task_methods", "SMALL_RANK", "BATCH", "REQUIRED_TASK_KEYS"]
 
 SMALL_RANK = 4
 """Initial rank of every bond in the checks (``initial_rank=4``; ``rank=4`` for a method that sets its own)."""
@@ -208,7 +208,7 @@ def _small_rank_overrides(method_cls: type[Method], method_params: dict, task_cl
 # ---------------------------------------------------------------------------- methods
 
 
-def check_method(registry: Registry, name: str, task: str = "lenet5", *, prefix: str = "") -> list[Check]:
+def check_method(registry: Registry, name: str, task: str, *, prefix: str = "") -> list[Check]:
     """Checks of method ``name`` on ``task``: config, data, build, train, ranks, export, compression."""
     from rankbench.run.config import make_config
     from rankbench.run.prepare import prepare
@@ -463,6 +463,26 @@ def check_task(registry: Registry, name: str) -> list[Check]:
     for method in task_methods(registry):
         checks += check_method(registry, method, name, prefix=f"{method}: ")
     return checks
+
+
+def check_plugin(registry: Registry, name: str, task: str | None = None) -> list[tuple[str, list[Check]]]:
+    """``rankbench check-plugin NAME [--task TASK]``: (title, checks) per group. A method is checked
+    on ``task`` or on every registered task, a task on itself; a name that is both is checked as both."""
+    is_method, is_task = name in registry.methods, name in registry.tasks
+    if not (is_method or is_task):
+        raise RankbenchError(
+            f"unknown plugin {name!r}: no method or task of that name; methods: "
+            f"{', '.join(sorted(registry.methods))}; tasks: {', '.join(sorted(registry.tasks))}"
+        )
+    if task is not None:
+        registry.task(task)  # an unknown --task is an input error (exit 2)
+    groups = []
+    if is_method:
+        for each in [task] if task is not None else sorted(registry.tasks):
+            groups.append((f"method {name} on task {each}", check_method(registry, name, each)))
+    if is_task:
+        groups.append((f"task {name}", check_task(registry, name)))
+    return groups
 
 
 def task_methods(registry: Registry) -> list[str]:

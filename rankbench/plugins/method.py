@@ -8,8 +8,8 @@ from typing import Any, Callable, ClassVar, Literal, Mapping
 import torch
 from torch import Tensor, nn
 
-from rankbench.plugins.hyper import Hyper, Search
 from rankbench.layers.tensorized import Bond, RankSelector, bonds
+from rankbench.plugins.hyper import Hyper, Search
 
 
 @dataclass(frozen=True)

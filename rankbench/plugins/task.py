@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rankbench.plugins.hyper import Hyper
 from rankbench.data import DataSplits, Split
+from rankbench.plugins.hyper import Hyper
 
 
 class Task:

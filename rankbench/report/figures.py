@@ -204,3 +204,21 @@ def write_figures(rows: list[Row], tracking_uri: str | None, out: Path,
             else:
                 written.append(path)
     return written, skipped
+
+
+REPORT_SUFFIXES = {"csv": "csv", "tsv": "tsv", "latex": "tex", "latex_raw": "tex", "latex_booktabs": "tex",
+                   "latex_longtable": "tex", "github": "md", "pipe": "md", "html": "html", "unsafehtml": "html",
+                   "rst": "rst", "mediawiki": "wiki", "jira": "jira", "textile": "textile", "asciidoc": "adoc",
+                   "orgtbl": "org"}
+"""File suffix of a report table in each format (``txt`` for the rest)."""
+
+
+def write_report(rows: list[Row], text: str, tablefmt: str, tracking_uri: str | None, out: Path,
+                 registry=None) -> list[str]:
+    """``rankbench report --out DIR``: the rendered table and every figure the rows support,
+    written into ``out``; returns one line per file written or figure skipped."""
+    out.mkdir(parents=True, exist_ok=True)
+    table = out / f"report.{REPORT_SUFFIXES.get(tablefmt, 'txt')}"
+    table.write_text(text + "\n")
+    written, skipped = write_figures(rows, tracking_uri, out, MethodDeclarations.of(registry))
+    return [f"wrote {table}", *(f"wrote {path}" for path in written), *(f"skipped {reason}" for reason in skipped)]

@@ -21,7 +21,7 @@ def format_ranks(ranks: dict[str, list[int]], max_layers: int = 8) -> str:
     """Every layer's bond ranks, or for deep models (more than ``max_layers`` layers,
     e.g. ResNet-32's 32) a summary that fits a table cell; the run keeps ranks.json."""
     if not ranks:
-        return "dense"
+        return "untensorized"
     if len(ranks) > max_layers:
         bonds = [b for r in ranks.values() for b in r]
         return (f"{len(ranks)} layers, bond ranks {min(bonds)}-{max(bonds)} "

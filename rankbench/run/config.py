@@ -14,8 +14,6 @@ from rankbench.plugins.hyper import parse_assignments, resolve
 from rankbench.plugins.registry import Registry
 
 
-
-
 def parse_budget(text: str | None) -> int | None:
     """``--budget steps=N`` → N (the number of optimizer steps to train for)."""
     if text is None:

@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 import rankbench
-from rankbench.layers.tensorized import count_parameters, learned_ranks, tensorized_layers
+from rankbench.layers.tensorized import count_parameters, learned_ranks, prune_model, tensorized_layers
 from rankbench.plugins.hyper import Hyper
 from rankbench.plugins.method import Method
 from rankbench.run import records
@@ -132,6 +132,9 @@ def run(
 def _train_and_measure(prepared: PreparedRun, method: Method, model: torch.nn.Module, seed: int, tracker: Tracker,
                        run_id: str, on_epoch: EpochListener | None) -> RunResult:
     start = time.perf_counter()
+    data = prepared.data
+    tracker.log_dataset(run_id, data.name, data.digest, data.source,
+                        {"train": len(data.train), "validation": len(data.val), "test": len(data.test)})
 
     def epoch_done(epoch: int, metrics: dict[str, float]) -> None:
         tracker.log_metrics(run_id, metrics, step=epoch)
@@ -163,5 +166,6 @@ def _train_and_measure(prepared: PreparedRun, method: Method, model: torch.nn.Mo
     tracker.log_metrics(run_id, final, step=prepared.epochs)
     tracker.log_dict(run_id, ranks, "ranks.json")
     tracker.log_state_dict(run_id, model)
+    tracker.log_pytorch_model(run_id, prune_model(model).cpu().eval())
     tracker.finish(run_id)
     return result

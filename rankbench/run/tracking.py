@@ -1,4 +1,4 @@
-"""Record runs in MLflow: params, per-epoch metrics, final metrics, ranks artifact."""
+"""Record runs in MLflow and read them back: params, metrics, dataset inputs, artifacts, models."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from typing import Any, Callable, Mapping
 from rankbench.errors import RankbenchError
 
 DEFAULT_DIR = Path("rankbench-runs")
+PRUNED_MODEL_FOLDER = "pruned_model"
+"""Where each run's exported (pruned) model is logged as an MLflow PyTorch model."""
 
 
 def resolve_tracking_uri(explicit: str | None) -> str:
@@ -157,6 +159,34 @@ class Tracker:
             path = Path(folder) / "state_dict.pt"
             torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
             self.log_artifact(run_id, path, "model")
+
+    def log_pytorch_model(self, run_id: str, model, folder: str = PRUNED_MODEL_FOLDER) -> None:
+        """An MLflow PyTorch model (``MLmodel``, pickled module, requirements) in the run's artifacts,
+        so ``mlflow.pytorch.load_model("runs:/RUN_ID/pruned_model")`` loads it (rankbench must be
+        importable: the module's classes are rankbench's). Pickle, not ``pt2``: a traced graph would
+        need an example input per task and loses the tensorized layers' structure."""
+        import tempfile
+
+        import mlflow.pytorch
+        import torch
+
+        logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)  # its warning about pickle, chosen above
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / folder
+            mlflow.pytorch.save_model(model, path, serialization_format="pickle",
+                                      pip_requirements=[f"torch=={torch.__version__}", "rankbench"])
+            self._client.log_artifacts(run_id, str(path), folder)
+
+    def log_dataset(self, run_id: str, name: str, digest: str, source: str, sizes: Mapping[str, int]) -> None:
+        """The run's data as an MLflow dataset input (the UI's Dataset column): its name, a digest
+        of its bytes, where it came from and the split sizes (as the dataset's profile)."""
+        import json
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        dataset = Dataset(name=name, digest=digest[:16] or "unknown", source_type="local",
+                          source=json.dumps({"uri": source}), profile=json.dumps(dict(sizes)))
+        self._client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
 
     def terminate(self, run_id: str, status: str) -> None:
         """End the run with an MLflow status: FINISHED, FAILED or KILLED."""

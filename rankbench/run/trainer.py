@@ -12,11 +12,11 @@ from torch import nn
 
 from rankbench.data import DataSplits, iterate_batches
 from rankbench.errors import RankbenchError
+from rankbench.layers.tensorized import selector_parameters, weight_parameters
 from rankbench.plugins.method import Method
+from rankbench.plugins.task import Task
 from rankbench.run import records
 from rankbench.run.metrics import compression_ratio, evaluate, synchronize, total_rank
-from rankbench.plugins.task import Task
-from rankbench.layers.tensorized import selector_parameters, weight_parameters
 
 
 class TrainingDiverged(RankbenchError):

@@ -10,8 +10,8 @@ from typing import ClassVar
 
 from torch import nn
 
-from rankbench.tasks.lenet5 import LeNet5Task
 from rankbench.plugin import TensorizedLinear
+from rankbench.tasks.lenet5 import LeNet5Task
 
 
 class BadTask(LeNet5Task):
