@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -263,6 +264,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rankbench: interrupted; the unfinished run is marked KILLED, finished runs are kept", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug, not bad input: one line, the traceback on request
+        if os.environ.get("RANKBENCH_DEBUG"):
+            raise
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"rankbench: internal error: {type(exc).__name__}: {text} (finished runs are kept; "
+              "RANKBENCH_DEBUG=1 shows the traceback; please report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def rebuild(run_id: str, registry: Registry, tracking_uri: str | None = None) ->
     from rankbench.run.prepare import build_model
     from rankbench.run.tracking import Tracker
 
-    tracker = Tracker(tracking_uri)
+    tracker = Tracker(tracking_uri, create=False)
     params = tracker.get_run(run_id).data.params
     if "task" not in params or "method" not in params:
         raise RankbenchError(f"run {run_id} is not a rankbench training run")

@@ -87,7 +87,7 @@ def load_runs(tracking_uri: str | None = None, *, task: str | None = None, metho
     """Every FINISHED rankbench run (not study parents) in the store, filtered."""
     from rankbench.run.tracking import Tracker
 
-    runs = Tracker(tracking_uri).runs(task=task, method=method, study=study)
+    runs = Tracker(tracking_uri, create=False).runs(task=task, method=method, study=study)
     out = []
     for run in runs:
         tags, params = run.data.tags, run.data.params
@@ -304,7 +304,7 @@ def ranks_of(tracking_uri: str | None, run_id: str) -> dict[str, list[int]] | No
     """The learned ranks artifact of a run."""
     from rankbench.run.tracking import Tracker
 
-    tracker = Tracker(tracking_uri)
+    tracker = Tracker(tracking_uri, create=False)
     try:
         path = tracker.download_artifact(run_id, "ranks.json")
     except RankbenchError:

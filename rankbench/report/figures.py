@@ -67,7 +67,7 @@ def ranks_figure(rows: list[Row], task: str, tracking_uri: str | None, path: Pat
 def curves_figure(rows: list[Row], task: str, tracking_uri: str | None, path: Path) -> Path | None:
     from rankbench.run.tracking import Tracker
 
-    tracker = Tracker(tracking_uri)
+    tracker = Tracker(tracking_uri, create=False)
     chosen = [r for r in rows if r.task == task and r.runs][:6]
     if not chosen:
         return None

@@ -76,7 +76,9 @@ def make_config(
         raw["epochs"] = task_cls.hyperparameters["epochs"].validate("--epochs", epochs)
     if options.get("budget_steps") is not None and "epochs" in raw:
         raise RankbenchError("--budget sets the epochs: drop --epochs / --set epochs")
+    resolve_device(options.get("device", "auto"))
     check_data_dir(options.get("data_dir"), bool(options.get("download")))
+    check_tracking_uri(options.get("tracking_uri"))
     threads = options.get("threads")
     if threads is not None and threads < 1:
         raise RankbenchError("--threads must be >= 1")
@@ -107,6 +109,15 @@ def check_data_dir(data_dir: Path | None, download: bool) -> None:
     if data_dir is not None and not download and not Path(data_dir).is_dir():
         raise RankbenchError(f"--data-dir {data_dir}: no such folder: give the folder that holds the "
                              "dataset folders (e.g. DIR/fashion-mnist/), or add --download to create it")
+
+
+def check_tracking_uri(uri: str | None) -> None:
+    """A SQLite tracking URI whose folder does not exist is an input error, found before any work."""
+    if uri and uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).parent.is_dir():
+        raise RankbenchError(f"--tracking-uri {uri}: the folder {Path(uri[len('sqlite:///'):]).parent} does not "
+                             "exist: create it or choose another store")
+    if uri and uri.startswith("sqlite:") and not uri.startswith("sqlite:///"):
+        raise RankbenchError(f"--tracking-uri {uri}: write sqlite:///PATH (three slashes, then the file's path)")
 
 
 def epochs_for_steps(steps: int, train_size: int, batch_size: int) -> int:

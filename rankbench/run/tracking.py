@@ -2,49 +2,104 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 from rankbench.errors import RankbenchError
 
+T = TypeVar("T")
 DEFAULT_DIR = Path("rankbench-runs")
 PRUNED_MODEL_FOLDER = "pruned_model"
 """Where each run's exported (pruned) model is logged as an MLflow PyTorch model."""
 
 
-def resolve_tracking_uri(explicit: str | None) -> str:
-    """``--tracking-uri`` > ``MLFLOW_TRACKING_URI`` > ``sqlite:///rankbench-runs/mlflow.db``."""
+def resolve_tracking_uri(explicit: str | None, create: bool = True) -> str:
+    """``--tracking-uri`` > ``MLFLOW_TRACKING_URI`` > ``sqlite:///rankbench-runs/mlflow.db``
+    (its folder is made only when ``create``: reading commands never create a store)."""
     if explicit:
         return explicit
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    DEFAULT_DIR.mkdir(parents=True, exist_ok=True)
+    if create:
+        DEFAULT_DIR.mkdir(parents=True, exist_ok=True)
     # absolute: MLflow caches stores by URI, and a relative one would follow the first working directory
     return f"sqlite:///{(DEFAULT_DIR / 'mlflow.db').resolve()}"
+
+
+def sqlite_database(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI, else None."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def _writes(what: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """A write to the store whose failure (read-only file or folder, a disk I/O error, a full disk)
+    is a one-line ``RankbenchError`` naming the store and the cause, not a traceback."""
+
+    def decorate(method: Callable[..., T]) -> Callable[..., T]:
+        @functools.wraps(method)
+        def wrapper(self: "Tracker", *args: Any, **kwargs: Any) -> T:
+            try:
+                return method(self, *args, **kwargs)
+            except RankbenchError:
+                raise
+            except Exception as exc:
+                raise RankbenchError(f"cannot write {what} to tracking store {self.uri} ({_one_line(exc)}): "
+                                     "check that the store is writable and its disk has space") from None
+
+        return wrapper
+
+    return decorate
 
 
 class Tracker:
     """The one owner of MLflow in rankbench: every read and write of the tracking store goes
     through here, so store errors become one-line ``RankbenchError``s naming the store, and
-    no other module depends on ``MlflowClient`` (no global active-run state either)."""
+    no other module depends on ``MlflowClient`` (no global active-run state either).
 
-    def __init__(self, tracking_uri: str | None = None) -> None:
+    ``create=False`` (report, export) opens an existing store only. A new SQLite store is
+    created and migrated under a file lock beside it, so processes that start together on
+    a new store do not race on its tables."""
+
+    def __init__(self, tracking_uri: str | None = None, *, create: bool = True) -> None:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         from mlflow.tracking import MlflowClient
 
-        for name in ("alembic", "mlflow", "mlflow.store.db.utils"):
+        for name in ("alembic", "mlflow"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        # it logs a failed write with its traceback; rankbench reports the failure in one line itself
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
-        self.uri = resolve_tracking_uri(tracking_uri)
+        self.uri = resolve_tracking_uri(tracking_uri, create)
+        database = sqlite_database(self.uri)
+        if database is not None and not database.exists():
+            if not create:
+                raise RankbenchError(f"no tracking store at {database}: run `rankbench run ...` first, "
+                                     "or point --tracking-uri at your store")
+            if not database.parent.is_dir():
+                raise RankbenchError(f"tracking store {self.uri}: the folder {database.parent} does not exist: "
+                                     "create it or fix --tracking-uri")
         try:
-            self._client = MlflowClient(tracking_uri=self.uri)
+            with _creation_lock(database):
+                self._client = MlflowClient(tracking_uri=self.uri)
+                self._client.search_experiments(max_results=1)  # creates and migrates a new store, locked
+        except RankbenchError:
+            raise
         except Exception as exc:
-            raise RankbenchError(f"cannot open tracking store {self.uri} ({exc}): check --tracking-uri") from None
+            raise RankbenchError(f"cannot open tracking store {self.uri} ({_one_line(exc)}): check --tracking-uri "
+                                 "and that the store is readable and writable") from None
 
     # ------------------------------------------------------------------------ experiments
+    @_writes("the experiment")
     def experiment_id(self, name: str) -> str:
         experiment = self._client.get_experiment_by_name(name)
         if experiment is not None:
@@ -117,6 +172,7 @@ class Tracker:
             ) from None
 
     # ------------------------------------------------------------------------ writing
+    @_writes("a new run")
     def start(self, experiment: str, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
         from mlflow.entities import Param
 
@@ -127,11 +183,13 @@ class Tracker:
             self._client.log_batch(run.info.run_id, params=items[i:i + 100])
         return run.info.run_id
 
+    @_writes("the run status")
     def reopen(self, run_id: str) -> None:
         """Mark a finished or failed run RUNNING again (a resumed study's parent run)."""
         self.get_run(run_id)
         self._client.update_run(run_id, status="RUNNING")
 
+    @_writes("metrics")
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
         from mlflow.entities import Metric
 
@@ -139,16 +197,20 @@ class Tracker:
         batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
         self._client.log_batch(run_id, metrics=batch)
 
+    @_writes("an artifact")
     def log_dict(self, run_id: str, data: Any, name: str) -> None:
         self._client.log_dict(run_id, data, name)
 
+    @_writes("an artifact")
     def log_text(self, run_id: str, text: str, name: str) -> None:
         self._client.log_text(run_id, text, name)
 
+    @_writes("an artifact")
     def log_artifact(self, run_id: str, path: Path | str, folder: str | None = None) -> None:
         """Copy a local file into the run's artifacts (under ``folder`` if given)."""
         self._client.log_artifact(run_id, str(path), folder)
 
+    @_writes("the weights")
     def log_state_dict(self, run_id: str, model) -> None:
         """The trained weights (selectors included), so ``rankbench export`` can rebuild the model."""
         import tempfile
@@ -160,6 +222,7 @@ class Tracker:
             torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
             self.log_artifact(run_id, path, "model")
 
+    @_writes("the pruned model")
     def log_pytorch_model(self, run_id: str, model, folder: str = PRUNED_MODEL_FOLDER) -> None:
         """An MLflow PyTorch model (``MLmodel``, pickled module, requirements) in the run's artifacts,
         so ``mlflow.pytorch.load_model("runs:/RUN_ID/pruned_model")`` loads it (rankbench must be
@@ -177,6 +240,7 @@ class Tracker:
                                       pip_requirements=[f"torch=={torch.__version__}", "rankbench"])
             self._client.log_artifacts(run_id, str(path), folder)
 
+    @_writes("the dataset input")
     def log_dataset(self, run_id: str, name: str, digest: str, source: str, sizes: Mapping[str, int]) -> None:
         """The run's data as an MLflow dataset input (the UI's Dataset column): its name, a digest
         of its bytes, where it came from and the split sizes (as the dataset's profile)."""
@@ -188,6 +252,7 @@ class Tracker:
                           source=json.dumps({"uri": source}), profile=json.dumps(dict(sizes)))
         self._client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
 
+    @_writes("the run status")
     def terminate(self, run_id: str, status: str) -> None:
         """End the run with an MLflow status: FINISHED, FAILED or KILLED."""
         self._client.set_terminated(run_id, status)
@@ -195,9 +260,30 @@ class Tracker:
     def finish(self, run_id: str) -> None:
         self.terminate(run_id, "FINISHED")
 
+    @_writes("the run status")
     def fail(self, run_id: str, reason: str, killed: bool = False) -> None:
         self._client.set_tag(run_id, "failure_reason", reason[:5000])
         self.terminate(run_id, "KILLED" if killed else "FAILED")
+
+
+@contextlib.contextmanager
+def _creation_lock(database: Path | None) -> Iterator[None]:
+    """A file lock beside a SQLite store while it is opened (and, if new, created and migrated)."""
+    if database is None:
+        yield
+        return
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(f"{database}.lock", timeout=300)
+    try:
+        lock.acquire()
+    except (OSError, Timeout) as exc:
+        raise RankbenchError(f"cannot lock tracking store {database} ({_one_line(exc)}): "
+                             "check that its folder is writable") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _param_text(value: Any) -> str:

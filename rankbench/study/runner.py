@@ -39,9 +39,14 @@ def quiet_optuna() -> None:
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
 
-def default_storage() -> str:
-    DEFAULT_DIR.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{(DEFAULT_DIR / 'optuna.db').resolve()}"
+def default_storage(create: bool = True) -> str:
+    """``sqlite:///rankbench-runs/optuna.db``; reading commands (``--list``, ``show``) never create it."""
+    path = (DEFAULT_DIR / "optuna.db").resolve()
+    if create:
+        DEFAULT_DIR.mkdir(parents=True, exist_ok=True)
+    elif not path.exists():
+        raise RankbenchError(f"no study storage at {path}: run `rankbench study FILE` first, or pass --storage")
+    return f"sqlite:///{path}"
 
 
 def open_storage(url: str, spec: StudySpec | None = None):
@@ -464,7 +469,7 @@ def _log_outcome(tracker: Tracker, parent: str, outcome: StudyOutcome, folder: P
 def list_studies(storage_url: str | None) -> list[dict[str, Any]]:
     import optuna
 
-    url = storage_url or default_storage()
+    url = storage_url or default_storage(create=False)
     storage = open_storage(url)
     out = []
     for summary in optuna.get_all_study_summaries(storage):
@@ -502,7 +507,7 @@ def trial_rows(study) -> list[list[str]]:
 def load_existing(name: str, storage_url: str | None):
     import optuna
 
-    storage = open_storage(storage_url or default_storage())
+    storage = open_storage(storage_url or default_storage(create=False))
     try:
         return optuna.load_study(study_name=name, storage=storage)
     except KeyError:

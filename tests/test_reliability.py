@@ -1,0 +1,195 @@
+"""Reliability promises (README "Reliability"): a new store survives concurrent first use, store
+write failures are one-line errors that keep what was logged, argument errors come before any
+work, reading commands never create a store, and no input gives a traceback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from rankbench.cli import main
+
+from helpers import assert_one_line_error, make_tiny_mnist
+
+TINY_RUN = ["--method", "ours", "--task", "mlp2", "--set", "val_size=40", "--set", "initial_rank=3",
+            "--epochs", "1", "--no-progress", "--device", "cpu", "--threads", "1"]
+
+
+def statuses(uri: str) -> list[str]:
+    from mlflow.entities import ViewType
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    return sorted(r.info.status for r in client.search_runs(ids, run_view_type=ViewType.ALL)) if ids else []
+
+
+# ---------------------------------------------------------------------------- concurrent first use
+
+
+def test_four_runs_started_together_on_a_new_store_all_finish_and_all_reach_the_report(tmp_path):
+    data = make_tiny_mnist(tmp_path / "data")
+    uri = f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}"
+    (tmp_path / "new").mkdir()
+    exe = shutil.which("rankbench") or str(Path(sys.executable).parent / "rankbench")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([exe, "run", *TINY_RUN, "--data-dir", str(data), "--tracking-uri", uri,
+                               "--seeds", str(seed)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for seed in range(4)]
+    outcomes = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert [rc for rc, _ in outcomes] == [0, 0, 0, 0], [err[-2000:] for _, err in outcomes]
+    assert statuses(uri) == ["FINISHED"] * 4
+    report = subprocess.run([exe, "report", "--tracking-uri", uri, "--format", "csv"], capture_output=True,
+                            text=True, timeout=120, cwd=tmp_path)
+    assert report.returncode == 0, report.stderr
+    (row,) = [line for line in report.stdout.splitlines() if line.startswith("mlp2,")]
+    assert ",ours," in row and ",4," in row  # one row, four seeds
+
+
+# ---------------------------------------------------------------------------- store write failures
+
+
+def _chattr(flag: str, path: Path) -> bool:
+    return shutil.which("chattr") is not None and subprocess.run(["chattr", flag, str(path)],
+                                                                  capture_output=True).returncode == 0
+
+
+def test_an_immutable_store_file_is_a_one_line_error_and_the_store_is_unchanged(tmp_path, store_template, capsys):
+    database = tmp_path / "mlflow.db"
+    shutil.copyfile(store_template, database)
+    if not _chattr("+i", database):
+        pytest.skip("chattr +i is not available here (needs root and a filesystem with file attributes)")
+    try:
+        before = database.read_bytes()
+        rc = main(["run", *TINY_RUN, "--data-dir", str(make_tiny_mnist(tmp_path / "data")),
+                   "--tracking-uri", f"sqlite:///{database}"])
+        line = assert_one_line_error(capsys.readouterr().err)
+        assert rc == 2
+        assert str(database) in line and "readonly" in line.lower().replace(" ", "")
+        assert database.read_bytes() == before
+    finally:
+        _chattr("-i", database)
+
+
+def test_a_full_disk_while_saving_artifacts_is_a_one_line_error_and_the_run_is_marked_failed(tmp_path, capsys):
+    """The store's database lives on a normal folder, its artifacts on a 256 KiB tmpfs that the
+    trained weights (and pruned model) overflow."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tiny tmpfs needs root")
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mount -t tmpfs is not permitted here (a container without CAP_SYS_ADMIN)")
+    try:
+        store = tmp_path / "store"
+        store.mkdir()
+        (store / "artifacts").symlink_to(small, target_is_directory=True)
+        uri = f"sqlite:///{store / 'mlflow.db'}"
+        rc = main(["run", "--method", "ours", "--task", "lenet5", "--set", "val_size=40", "--epochs", "1",
+                   "--no-progress", "--device", "cpu", "--data-dir", str(make_tiny_mnist(tmp_path / "data")),
+                   "--tracking-uri", uri])
+        err = capsys.readouterr().err
+        started, error = err.strip().splitlines()  # "run RUN_ID (seed 0)", then the error
+        assert started.startswith("run ") and "Traceback" not in err
+        line = assert_one_line_error(error)
+        assert rc == 2 and str(store / "mlflow.db") in line and "No space left on device" in line
+        assert statuses(uri) == ["FAILED"]
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        assert "val_accuracy" in run.data.metrics  # what was logged before the failure is kept
+    finally:
+        subprocess.run(["umount", str(small)], capture_output=True)
+
+
+# ---------------------------------------------------------------------------- argument errors first
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--device", "cuda:7"], ["--device cuda:7"]),
+    (["--tracking-uri", "sqlite:////nonexistent/folder/mlflow.db"], ["/nonexistent/folder", "does not exist"]),
+    (["--data-dir", "/nonexistent/data"], ["--data-dir /nonexistent/data"]),
+])
+def test_argument_errors_come_before_any_work_and_leave_nothing_behind(extra, words, tmp_path, monkeypatch,
+                                                                       capsys):
+    monkeypatch.chdir(tmp_path)
+    loaded = []
+    import rankbench.run.prepare
+
+    monkeypatch.setattr(rankbench.run.prepare, "prepare", lambda *a, **k: loaded.append(1))
+    assert main(["run", "--method", "ours", "--task", "lenet5", *extra]) == 2
+    line = assert_one_line_error(capsys.readouterr().err)
+    assert all(w in line for w in words), line
+    assert loaded == [] and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv", [["report"], ["export", "0123abcd", "--out", "model.pt"], ["study", "--list"],
+                                  ["study", "show", "nope"]])
+def test_reading_commands_never_create_a_store(argv, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(argv) == 2
+    assert "no " in assert_one_line_error(capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------- no input gives a traceback
+
+KEYS = st.sampled_from(["lambda", "sigma", "rank", "epochs", "lr", "batch_size", "initial_rank", "decomposition",
+                        "dataset", "val_size", "selector_lr", "target_compression", "nope", "", " "])
+VALUES = st.one_of(st.sampled_from(["", "none", "-1", "0", "1e309", "nan", "inf", "abc", "tr", "tt", "1", "0.5",
+                                    "true", "=", "1,2", "mnist", "kmnist"]),
+                   st.text(max_size=12))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pairs=st.lists(st.tuples(KEYS, VALUES, st.booleans()), max_size=4))
+def test_random_set_strings_exit_2_with_one_line_or_pass_validation(pairs, capsys, monkeypatch, tmp_path):
+    """Every ``--set`` a user can type: a one-line error (exit 2) or a valid config; never a traceback."""
+    from rankbench.errors import RankbenchError
+    from rankbench.plugins.registry import Registry
+    from rankbench.run.config import make_config
+
+    registry = Registry.discover(entry_point_groups=False)
+    assignments = [f"{k}={v}" if eq else f"{k}{v}" for k, v, eq in pairs]
+    try:
+        make_config(registry, "lenet5", "ours", assignments)
+    except RankbenchError as exc:
+        assert str(exc) and "\n" not in str(exc)
+    monkeypatch.chdir(tmp_path)
+    argv = ["run", "--method", "trn", "--task", "lenet5", "--device", "nope"]  # stops before any work
+    for item in assignments:
+        argv += ["--set", item]
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert_one_line_error(capsys.readouterr().err)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=st.lists(st.sampled_from([
+    'name = "x"', 'name = ""', 'task = "mlp2"', 'task = "nope"', 'tasks = []', 'methods = ["ours"]',
+    'methods = "ours"', 'seeds = [-1]', 'budget_steps = 0', "budget_steps = 5", "[search.lambda]",
+    "grid = []", "grid = [0.1, 1.0]", "low = 1", "high = 0", "[objectives]", 'val_accuracy = "maximize"',
+    'test_accuracy = "maximize"', 'val_accuracy = "up"', "[sampler]", 'name = "grid"', 'name = "annealing"',
+    "[method_search.trn]", "rank = { grid = [2, 3] }", "[budget]", "n_trials = 0", "= broken", "[[x]]",
+]), max_size=10))
+def test_random_study_files_are_one_line_errors_or_valid(lines, tmp_path, capsys):
+    from rankbench.errors import RankbenchError
+    from rankbench.plugins.registry import Registry
+    from rankbench.study.spec import load_study_file
+
+    path = tmp_path / "study.toml"
+    path.write_text("\n".join(lines) + "\n")
+    try:
+        load_study_file(path, Registry.discover(entry_point_groups=False))
+    except RankbenchError as exc:
+        assert str(exc) and "\n" not in str(exc)
