@@ -382,6 +382,24 @@ def test_group_rows_collects_the_seeds_of_one_configuration():
     assert "seed" not in ours.full_settings and "git_commit" not in ours.full_settings
 
 
+def test_a_selector_is_compared_with_the_uniform_baseline_row_at_the_nearest_compression():
+    def at(method, seed, accuracy, compression, **params):
+        r = record(method, seed, accuracy, **params)
+        r.metrics["compression"] = compression
+        return r
+
+    runs = [at("trn", s, 80.0 + s, 100.0, rank="5") for s in range(3)]
+    runs += [at("trn", s, 88.0 + s, 7.0, rank="20") for s in range(3)]
+    runs += [at("trn", s, 90.0 + s, 4.2, rank="25") for s in range(3)]
+    runs += [at("ours", s, 87.0 + s, 8.5, **{"lambda": "0.4"}) for s in range(3)]
+    rows = group_rows(runs)
+    compare(rows, "trn")
+    ours = next(r for r in rows if r.method == "ours")
+    assert ours.baseline.settings == {"rank": "20"}
+    assert ours.delta == pytest.approx(-1.0)
+    assert "ours (lambda=0.4) vs trn (rank=20)" in render(rows, "simple")
+
+
 @pytest.mark.parametrize("n_ours, mwu_expected", [(3, True), (4, True), (5, False)])
 def test_compare_uses_mann_whitney_only_below_five_seeds(n_ours, mwu_expected):
     ours_acc = [97.4, 96.85, 97.95, 97.1, 97.6][:n_ours]

@@ -169,7 +169,7 @@ def compare(rows: list[Row], baseline: str) -> None:
                       and b.task == row.task and _data_key(b) == _data_key(row)]
         if not candidates:
             continue
-        base = max(candidates, key=lambda b: (_shared(row, b), len(b.runs)))
+        base = max(candidates, key=lambda b: (_shared(row, b), -_compression_gap(row, b), len(b.runs)))
         row.baseline = base
         a, b = row.values("test_accuracy"), base.values("test_accuracy")
         row.delta = statistics.mean(a) - statistics.mean(b)
@@ -182,6 +182,15 @@ def compare(rows: list[Row], baseline: str) -> None:
 
 def _data_key(row: Row) -> tuple:
     return tuple(row.runs[0].params.get(k, "") for k in DATA_KEY)
+
+
+def _compression_gap(row: Row, base: Row) -> float:
+    """|log(compression of row / compression of base)|: among baseline rows that share as many
+    settings, the one at the nearest compression is compared (TRN's rank sweep vs a selector)."""
+    a, b = row.values(records.COMPRESSION), base.values(records.COMPRESSION)
+    if not a or not b:
+        return 0.0
+    return abs(math.log(statistics.mean(a) / statistics.mean(b)))
 
 
 def _shared(row: Row, base: Row) -> int:
@@ -272,6 +281,11 @@ def render(rows: list[Row], tablefmt: str) -> str:
         if any(r.p_welch is not None for r in group):
             notes.append("p (Welch): Welch's t-test on test accuracy against the baseline row; mean±std uses the "
                          "sample standard deviation")
+        pairs = [f"{r.label} vs {r.baseline.label}" for r in group
+                 if r.baseline is not None and r.baseline is not r and r.baseline.settings]
+        if pairs:
+            notes.append("Δacc and p compare each row with the baseline row at the nearest compression: "
+                         + "; ".join(pairs))
         if any(r.source == "published" for r in group):
             notes.append("published rows come from the papers (rankbench/report/published.toml); their data and "
                          "compression definitions may differ from this run's")
