@@ -264,6 +264,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rankbench: interrupted; the unfinished run is marked KILLED, finished runs are kept", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (rankbench list | head): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as exc:  # a bug, not bad input: one line, the traceback on request
         if os.environ.get("RANKBENCH_DEBUG"):
             raise

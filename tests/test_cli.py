@@ -328,3 +328,11 @@ def test_plugin_named_like_a_built_in_exits_2(tmp_path, capsys):
                  "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]) == 2
     line = assert_one_line_error(capsys.readouterr().err)
     assert "'ours'" in line and "shadow.py" in line
+
+
+def test_a_closed_pipe_is_not_an_error(tmp_path):
+    exe = shutil.which("rankbench") or str(Path(sys.executable).parent / "rankbench")
+    proc = subprocess.run(f"'{exe}' list | head -1", shell=True, capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert proc.stdout == "methods:\n"
+    assert proc.stderr == "", proc.stderr
