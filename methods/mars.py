@@ -96,6 +96,12 @@ class Mars(Method):
         n = self.context.num_train if self.params["prior_n"] is None else self.params["prior_n"]
         return (prior + l2) / n
 
+    def state_dict(self) -> dict:
+        return {"temperature": self.temperature}
+
+    def load_state_dict(self, model: nn.Module, state: Mapping) -> None:
+        self.temperature = state.get("temperature", self.temperature)
+
     def on_epoch_end(self, model: nn.Module, epoch: int, metrics: Mapping[str, float]) -> None:
         self.temperature = max(self.params["tau_min"], self.params["tau_decay"] * self.temperature)
         for mask in self.masks(model):

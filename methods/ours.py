@@ -128,6 +128,15 @@ class ProbabilisticL0(Method):
         with RankSelector.supplied(dict(zip(gates, self.draw(gates), strict=True))):
             return super().loss(model, batch, task_loss)
 
+    def state_dict(self) -> dict:
+        return {"fixed": self.fixed}
+
+    def load_state_dict(self, model: nn.Module, state: Mapping) -> None:
+        if state.get("fixed"):
+            self.fixed = True
+            for gate in self.gates(model):
+                gate.fix()
+
     def on_epoch_end(self, model: nn.Module, epoch: int, metrics: Mapping[str, float]) -> None:
         target = self.params["target_compression"]
         if target is not None and not self.fixed and metrics.get("compression", 0.0) >= target:

@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--contraction", default="auto", choices=("auto", "weight", "input"),
                      help="training contraction of tensorized linear layers (auto: cheaper by FLOP count)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--resume", default=None, metavar="RUN_ID",
+                     help="continue that run (killed or crashed) from its last finished epoch, in the same MLflow "
+                          "run; give the run's own command line")
 
     sub.add_parser("list", parents=[common], help="list methods and tasks with their hyperparameters")
 
@@ -146,7 +149,7 @@ def cmd_run(args, registry) -> None:
         registry, args.task, args.method, args.assignments, epochs=args.epochs, seeds=args.seeds,
         device=args.device, data_dir=args.data_dir, download=args.download, tracking_uri=args.tracking_uri,
         experiment=args.experiment, threads=args.threads, progress=not args.no_progress,
-        contraction=args.contraction, budget_steps=parse_budget(args.budget),
+        contraction=args.contraction, budget_steps=parse_budget(args.budget), resume=args.resume,
     )
     prepared = prepare(config, registry)
     bars: dict[int, tqdm] = {}

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,96 @@ def test_four_runs_started_together_on_a_new_store_all_finish_and_all_reach_the_
     assert report.returncode == 0, report.stderr
     (row,) = [line for line in report.stdout.splitlines() if line.startswith("mlp2,")]
     assert ",ours," in row and ",4," in row  # one row, four seeds
+
+
+# ---------------------------------------------------------------------------- checkpoint and resume
+
+SLOW = Path(__file__).resolve().parent / "plugins_slow"
+
+
+def resume_argv(data: Path, uri: str) -> list[str]:
+    return ["run", "--plugin-dir", str(SLOW), "--method", "slow_ours", "--task", "mlp2", "--set", "val_size=40",
+            "--set", "batch_size=16", "--set", "initial_rank=3", "--set", "lambda=5", "--epochs", "4",
+            "--seeds", "0", "--data-dir", str(data), "--tracking-uri", uri, "--no-progress", "--device", "cpu",
+            "--threads", "1"]
+
+
+def run_outcome(uri: str, run_id: str, root: Path) -> dict:
+    import json
+
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(run_id)
+    folder = root / run_id
+    folder.mkdir()
+    state = torch.load(client.download_artifacts(run_id, "model/state_dict.pt", str(folder)))
+    history = {key: [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+               for key in ("val_loss", "train_loss", "compression")}
+    return {"status": run.info.status, "test_accuracy": run.data.metrics["test_accuracy"],
+            "ranks": json.loads(Path(client.download_artifacts(run_id, "ranks.json", str(folder))).read_text()),
+            "state": {k: v.numpy().tobytes() for k, v in state.items()},
+            "history": {k: sorted(set(v)) for k, v in history.items()}}
+
+
+def test_a_run_killed_in_epoch_3_of_4_resumes_to_the_same_result_as_an_uninterrupted_run(tmp_path, capsys):
+    import signal
+
+    import torch
+
+    data = make_tiny_mnist(tmp_path / "data")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exe = shutil.which("rankbench") or str(Path(sys.executable).parent / "rankbench")
+    proc = subprocess.Popen([exe, *resume_argv(data, uri)], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    checkpoints = tmp_path / "checkpoints"
+    deadline = time.monotonic() + 240
+    try:
+        while True:
+            found = list(checkpoints.glob("*.pt")) if checkpoints.is_dir() else []
+            if found and torch.load(found[0], weights_only=False)["epoch"] >= 2:
+                break
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            assert time.monotonic() < deadline, "no checkpoint after epoch 2"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)  # in epoch 3 (an epoch takes about half a second)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    run_id = found[0].stem
+    assert torch.load(found[0], weights_only=False)["epoch"] == 2
+    assert statuses(uri) == ["RUNNING"]
+
+    assert main([*resume_argv(data, uri), "--resume", run_id]) == 0, capsys.readouterr().err
+    assert main(resume_argv(data, uri)) == 0, capsys.readouterr().err  # the same run, uninterrupted
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    (other,) = [r.info.run_id for r in client.search_runs([client.get_experiment_by_name("mlp2").experiment_id])
+                if r.info.run_id != run_id]
+    resumed, uninterrupted = run_outcome(uri, run_id, tmp_path), run_outcome(uri, other, tmp_path)
+    assert resumed["status"] == uninterrupted["status"] == "FINISHED"
+    assert resumed["test_accuracy"] == uninterrupted["test_accuracy"]
+    assert resumed["ranks"] == uninterrupted["ranks"]
+    assert resumed["state"] == uninterrupted["state"]  # every tensor bit for bit
+    assert resumed["history"] == uninterrupted["history"]
+    assert not list(checkpoints.glob("*.pt"))  # finished runs keep no checkpoint
+
+
+def test_resume_refuses_a_finished_run_and_a_different_command(tmp_path, capsys):
+    data = make_tiny_mnist(tmp_path / "data")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    argv = ["run", *TINY_RUN, "--data-dir", str(data), "--tracking-uri", uri]
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    run_id = next(line.split()[1] for line in out.err.splitlines() if line.startswith("run "))
+    assert main([*argv, "--resume", run_id]) == 2
+    assert "has finished" in assert_one_line_error(capsys.readouterr().err)
+    assert main([*argv, "--resume", "0" * 32]) == 2
+    assert "no run" in assert_one_line_error(capsys.readouterr().err)
 
 
 # ---------------------------------------------------------------------------- store write failures

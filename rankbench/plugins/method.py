@@ -111,6 +111,15 @@ class Method:
     def on_epoch_end(self, model: nn.Module, epoch: int, metrics: Mapping[str, float]) -> None:
         """Per-epoch action (fix gates, anneal a temperature); default none."""
 
+    def state_dict(self) -> dict[str, Any]:
+        """What the method keeps between epochs outside the model (checkpointed every epoch so a
+        run resumes exactly): e.g. whether gates are fixed, a temperature. Default: nothing."""
+        return {}
+
+    def load_state_dict(self, model: nn.Module, state: Mapping[str, Any]) -> None:
+        """Restore ``state_dict()`` into a method attached to a freshly built ``model`` whose
+        weights (selectors included) are already loaded."""
+
     def selector_lr(self, weights_lr: float) -> float:
         """The optimizer's rate for selector parameters: ``selector_lr`` when set, else the weights'."""
         value = self.params.get("selector_lr")

@@ -50,6 +50,8 @@ class RunConfig:
     explicit: frozenset[str] = frozenset()
     contraction: str = "auto"
     budget_steps: int | None = None
+    resume: str | None = None
+    """A run id to continue from its last checkpoint (its own seed only)."""
 
 
 def make_config(

@@ -16,13 +16,15 @@ from typing import Any, Callable, Mapping
 import torch
 
 import rankbench
+from rankbench.errors import RankbenchError
 from rankbench.layers.tensorized import count_parameters, learned_ranks, prune_model, tensorized_layers
 from rankbench.plugins.hyper import Hyper
 from rankbench.plugins.method import Method
 from rankbench.run import records
+from rankbench.run.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from rankbench.run.metrics import evaluate, inference_seconds, total_rank
 from rankbench.run.prepare import PreparedRun
-from rankbench.run.tracking import Tracker
+from rankbench.run.tracking import Tracker, param_text
 from rankbench.run.trainer import fit
 
 
@@ -101,7 +103,9 @@ def run(
     """Run every seed of a prepared run; each seed is one tracked MLflow run.
 
     A failing seed is marked FAILED (or KILLED on Ctrl-C) in MLflow and the
-    error re-raised; seeds finished before it stay FINISHED.
+    error re-raised; seeds finished before it stay FINISHED. Every epoch ends
+    with a checkpoint (``Tracker.checkpoint_path``); ``config.resume`` names a
+    run to continue from its last one, in the same MLflow run.
     """
     config = prepared.config
     if config.threads is not None:
@@ -109,17 +113,23 @@ def run(
     tracker = tracker or Tracker(config.tracking_uri)
     experiment = config.experiment or config.task
     results = []
-    for seed in config.seeds:
+    for seed in config.seeds if config.resume is None else (_resumed_seed(prepared, tracker),):
         model, method = prepared.build(seed)
         params = recorded_params(prepared, seed, model)
-        tags = {"method": config.method, "task": config.task, "dataset": prepared.data.name,
-                "rankbench_version": rankbench.__version__, **config.tags}
-        name = run_name(config.method, prepared.method_cls.hyperparameters, prepared.method_params, seed)
-        run_id = tracker.start(experiment, name, params, tags)
+        checkpoint = None
+        if config.resume is None:
+            tags = {"method": config.method, "task": config.task, "dataset": prepared.data.name,
+                    "rankbench_version": rankbench.__version__, **config.tags}
+            name = run_name(config.method, prepared.method_cls.hyperparameters, prepared.method_params, seed)
+            run_id = tracker.start(experiment, name, params, tags)
+        else:
+            run_id = config.resume
+            checkpoint = load_checkpoint(tracker.checkpoint_path(run_id))
+            tracker.reopen(run_id)
         try:
             if on_start is not None:
                 on_start(run_id, seed, params)
-            results.append(_train_and_measure(prepared, method, model, seed, tracker, run_id, on_epoch))
+            results.append(_train_and_measure(prepared, method, model, seed, tracker, run_id, on_epoch, checkpoint))
         except KeyboardInterrupt:
             tracker.fail(run_id, "interrupted", killed=True)
             raise
@@ -129,12 +139,31 @@ def run(
     return results
 
 
+def _resumed_seed(prepared: PreparedRun, tracker: Tracker) -> int:
+    """The seed of the run to resume, after checking that this command asks for what it ran."""
+    run_id = prepared.config.resume
+    recorded = tracker.get_run(run_id)
+    params = recorded.data.params
+    if recorded.info.status == "FINISHED":
+        raise RankbenchError(f"--resume {run_id}: the run has finished; nothing to resume")
+    asked = {records.TASK: prepared.config.task, records.METHOD: prepared.config.method,
+             **prepared.task.params, **prepared.method_params}
+    differ = sorted(k for k, v in asked.items() if k in params and params[k] != param_text(v))
+    if differ:
+        key = differ[0]
+        raise RankbenchError(f"--resume {run_id}: the run was started with {key}={params[key]}, this command asks "
+                             f"{key}={asked[key]}: repeat the run's own command line with --resume")
+    return int(params[records.SEED])
+
+
 def _train_and_measure(prepared: PreparedRun, method: Method, model: torch.nn.Module, seed: int, tracker: Tracker,
-                       run_id: str, on_epoch: EpochListener | None) -> RunResult:
+                       run_id: str, on_epoch: EpochListener | None, resume: Checkpoint | None = None) -> RunResult:
     start = time.perf_counter()
     data = prepared.data
-    tracker.log_dataset(run_id, data.name, data.digest, data.source,
-                        {"train": len(data.train), "validation": len(data.val), "test": len(data.test)})
+    if resume is None:
+        tracker.log_dataset(run_id, data.name, data.digest, data.source,
+                            {"train": len(data.train), "validation": len(data.val), "test": len(data.test)})
+    checkpoint_path = tracker.checkpoint_path(run_id)
 
     def epoch_done(epoch: int, metrics: dict[str, float]) -> None:
         tracker.log_metrics(run_id, metrics, step=epoch)
@@ -142,7 +171,8 @@ def _train_and_measure(prepared: PreparedRun, method: Method, model: torch.nn.Mo
             on_epoch(seed, epoch, metrics)
 
     trained = fit(model, method, prepared.task, prepared.data, epochs=prepared.epochs, seed=seed,
-                  device=prepared.device, dense_parameters=prepared.dense_parameters, on_epoch=epoch_done)
+                  device=prepared.device, dense_parameters=prepared.dense_parameters, on_epoch=epoch_done,
+                  resume=resume, on_checkpoint=lambda state: save_checkpoint(state, checkpoint_path))
     test = evaluate(model, prepared.data.test, prepared.batch_size, prepared.task.loss, prepared.device)
     ranks = learned_ranks(model)
     parameters = count_parameters(model)
@@ -168,4 +198,5 @@ def _train_and_measure(prepared: PreparedRun, method: Method, model: torch.nn.Mo
     tracker.log_state_dict(run_id, model)
     tracker.log_pytorch_model(run_id, prune_model(model).cpu().eval())
     tracker.finish(run_id)
+    checkpoint_path.unlink(missing_ok=True)  # a finished run has nothing to resume
     return result

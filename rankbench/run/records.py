@@ -28,6 +28,9 @@ class Record(str):
         record.kind, record.direction, record.unit, record.help = kind, direction, unit, help
         return record
 
+    def __reduce__(self) -> tuple:
+        return (str, (str(self),))  # pickles (checkpoints, worker processes) as the plain name
+
 
 def _param(name: str, help: str) -> Record:
     return Record(name, "param", help)

@@ -120,6 +120,13 @@ class Tracker:
             return (database.parent / "artifacts").resolve().as_uri()
         return None
 
+    def checkpoint_path(self, run_id: str) -> Path:
+        """Where a run's per-epoch checkpoint lives: ``checkpoints/`` beside a SQLite store's
+        database, else ``rankbench-runs/checkpoints/`` (checkpoints are local files)."""
+        database = sqlite_database(self.uri)
+        folder = (database.parent if database is not None else DEFAULT_DIR.resolve()) / "checkpoints"
+        return folder / f"{run_id}.pt"
+
     # ------------------------------------------------------------------------ reading
     def get_run(self, run_id: str) -> Any:
         """The MLflow ``Run`` (``.info``, ``.data.params``/``.metrics``/``.tags``); a missing run is
@@ -178,7 +185,7 @@ class Tracker:
 
         run = self._client.create_run(self.experiment_id(experiment), run_name=run_name,
                                       tags={k: str(v) for k, v in tags.items()})
-        items = [Param(k, _param_text(v)) for k, v in sorted(params.items())]
+        items = [Param(k, param_text(v)) for k, v in sorted(params.items())]
         for i in range(0, len(items), 100):
             self._client.log_batch(run.info.run_id, params=items[i:i + 100])
         return run.info.run_id
@@ -286,6 +293,7 @@ def _creation_lock(database: Path | None) -> Iterator[None]:
         lock.release()
 
 
-def _param_text(value: Any) -> str:
+def param_text(value: Any) -> str:
+    """A param value as MLflow stores it."""
     text = "none" if value is None else str(value)
     return text[:6000]

@@ -16,6 +16,7 @@ from rankbench.layers.tensorized import selector_parameters, weight_parameters
 from rankbench.plugins.method import Method
 from rankbench.plugins.task import Task
 from rankbench.run import records
+from rankbench.run.checkpoint import Checkpoint
 from rankbench.run.metrics import compression_ratio, evaluate, synchronize, total_rank
 
 
@@ -53,8 +54,14 @@ def fit(
     device: torch.device,
     dense_parameters: int,
     on_epoch: EpochCallback | None = None,
+    resume: Checkpoint | None = None,
+    on_checkpoint: Callable[[Checkpoint], None] | None = None,
 ) -> TrainResult:
-    """Train ``model`` with the task's recipe and the method's loss; evaluate on validation each epoch."""
+    """Train ``model`` with the task's recipe and the method's loss; evaluate on validation each epoch.
+
+    ``on_checkpoint`` receives the full training state after every epoch (after ``on_epoch``);
+    ``resume`` continues from one, so the remaining epochs draw exactly the random numbers an
+    uninterrupted run would."""
     batch_size = task.params["batch_size"]
     if len(data.train) == 0 or len(data.val) == 0:
         raise RankbenchError(f"{data.name}: the training or validation split is empty: use a larger dataset")
@@ -63,8 +70,14 @@ def fit(
     scheduler = task.scheduler(optimizer, epochs)
     generator = torch.Generator().manual_seed(seed)
     result = TrainResult()
+    first = 1
+    if resume is not None:
+        first = _restore(resume, model, method, optimizer, scheduler, generator, device) + 1
+        result.history = list(resume.history)
+        if result.history:
+            result.train_seconds_per_batch = result.history[-1][records.TRAIN_SECONDS_PER_BATCH]
     start = time.perf_counter()
-    for epoch in range(1, epochs + 1):
+    for epoch in range(first, epochs + 1):
         model.train()
         sums = {"loss": 0.0, "penalty": 0.0}
         batches, batch_seconds = 0, 0.0
@@ -108,5 +121,32 @@ def fit(
         result.train_seconds_per_batch = metrics[records.TRAIN_SECONDS_PER_BATCH]
         if on_epoch is not None:
             on_epoch(epoch, metrics)
+        if on_checkpoint is not None:
+            on_checkpoint(Checkpoint(
+                epoch=epoch, model=_cpu(model.state_dict()), optimizer=optimizer.state_dict(),
+                scheduler=None if scheduler is None else scheduler.state_dict(), method=method.state_dict(),
+                torch_rng=torch.get_rng_state(), data_rng=generator.get_state(),
+                cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                history=list(result.history),
+            ))
     result.train_seconds = time.perf_counter() - start
     return result
+
+
+def _cpu(state: dict) -> dict:
+    return {k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+
+
+def _restore(checkpoint: Checkpoint, model: nn.Module, method: Method, optimizer, scheduler,
+             generator: torch.Generator, device: torch.device) -> int:
+    """Load a checkpoint into a freshly built run; returns the last finished epoch."""
+    model.load_state_dict(checkpoint.model)
+    method.load_state_dict(model, checkpoint.method)
+    optimizer.load_state_dict(checkpoint.optimizer)
+    if scheduler is not None and checkpoint.scheduler is not None:
+        scheduler.load_state_dict(checkpoint.scheduler)
+    generator.set_state(checkpoint.data_rng)
+    torch.set_rng_state(checkpoint.torch_rng)
+    if checkpoint.cuda_rng and device.type == "cuda":
+        torch.cuda.set_rng_state_all(checkpoint.cuda_rng)
+    return checkpoint.epoch
