@@ -105,6 +105,10 @@ def cmd_report(args, registry) -> None:
     from rankbench.report.build import build_report, render
     from rankbench.report.figures import write_report
 
+    from rankbench.report.build import died_runs
+
+    for line in died_runs(args.tracking_uri):
+        print(line, file=sys.stderr)
     group_by = [g.strip() for g in args.group_by.split(",") if g.strip()] if args.group_by else None
     rows = build_report(args.tracking_uri, task=args.task, method=args.method, study=args.study,
                         group_by=group_by, baseline=args.baseline, with_published=args.with_published,

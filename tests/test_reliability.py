@@ -114,6 +114,11 @@ def test_a_run_killed_in_epoch_3_of_4_resumes_to_the_same_result_as_an_uninterru
     run_id = found[0].stem
     assert torch.load(found[0], weights_only=False)["epoch"] == 2
     assert statuses(uri) == ["RUNNING"]
+    capsys.readouterr()
+    assert main(["report", "--tracking-uri", uri]) == 2  # no finished run yet, but the dead one is found
+    died = capsys.readouterr().err.splitlines()[0]
+    assert f"run {run_id} (mlp2, slow_ours, seed 0) had died" in died and f"--resume {run_id}" in died
+    assert statuses(uri) == ["FAILED"]
 
     assert main([*resume_argv(data, uri), "--resume", run_id]) == 0, capsys.readouterr().err
     assert main(resume_argv(data, uri)) == 0, capsys.readouterr().err  # the same run, uninterrupted

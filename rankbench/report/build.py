@@ -118,6 +118,16 @@ class MethodDeclarations:
         return self.roles.get(method, "selector")
 
 
+def died_runs(tracking_uri: str | None) -> list[str]:
+    """Runs whose process died while RUNNING, now marked FAILED: one line each, with the resume command."""
+    from rankbench.run.tracking import Tracker
+
+    return [f"rankbench: run {r.info.run_id} ({r.data.tags.get('task', '?')}, {r.data.tags.get('method', '?')}, "
+            f"seed {r.data.params.get('seed', '?')}) had died (process {r.data.tags.get('rankbench.pid')} is gone): "
+            "marked FAILED; continue it with its own command line and --resume " + r.info.run_id
+            for r in Tracker(tracking_uri, create=False).mark_dead_runs()]
+
+
 def group_rows(run_records: Iterable[RunRecord], group_by: Sequence[str] | None = None,
                declarations: MethodDeclarations | None = None) -> list[Row]:
     """Runs → rows. Default key: every param except per-run ones; ``group_by`` keeps only those

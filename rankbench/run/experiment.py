@@ -24,7 +24,7 @@ from rankbench.run import records
 from rankbench.run.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from rankbench.run.metrics import evaluate, inference_seconds, total_rank
 from rankbench.run.prepare import PreparedRun
-from rankbench.run.tracking import Tracker, param_text
+from rankbench.run.tracking import Tracker, param_text, run_identity
 from rankbench.run.trainer import fit
 
 
@@ -119,13 +119,13 @@ def run(
         checkpoint = None
         if config.resume is None:
             tags = {"method": config.method, "task": config.task, "dataset": prepared.data.name,
-                    "rankbench_version": rankbench.__version__, **config.tags}
+                    "rankbench_version": rankbench.__version__, **run_identity(), **config.tags}
             name = run_name(config.method, prepared.method_cls.hyperparameters, prepared.method_params, seed)
             run_id = tracker.start(experiment, name, params, tags)
         else:
             run_id = config.resume
             checkpoint = load_checkpoint(tracker.checkpoint_path(run_id))
-            tracker.reopen(run_id)
+            tracker.reopen(run_id, run_identity())
         try:
             if on_start is not None:
                 on_start(run_id, seed, params)

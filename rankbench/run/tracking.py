@@ -6,6 +6,7 @@ import contextlib
 import functools
 import logging
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, TypeVar
@@ -14,6 +15,8 @@ from rankbench.errors import RankbenchError
 
 T = TypeVar("T")
 DEFAULT_DIR = Path("rankbench-runs")
+PID_TAG, HOST_TAG = "rankbench.pid", "rankbench.host"
+"""Tags naming the process that runs a run, so a run whose process died can be told apart."""
 PRUNED_MODEL_FOLDER = "pruned_model"
 """Where each run's exported (pruned) model is logged as an MLflow PyTorch model."""
 
@@ -178,6 +181,18 @@ class Tracker:
                 f"cannot read {what} from {self.uri} ({type(exc).__name__}: {reason}): check --tracking-uri"
             ) from None
 
+    def mark_dead_runs(self) -> list[Any]:
+        """Runs still RUNNING whose process on this machine is gone (killed, crashed): each is marked
+        FAILED with the reason, so none stays RUNNING forever; returns them (they can be resumed)."""
+        host = socket.gethostname()
+        dead = []
+        for run in self.runs(status="RUNNING"):
+            tags = run.data.tags
+            if tags.get(PID_TAG, "").isdigit() and tags.get(HOST_TAG) == host and not _alive(int(tags[PID_TAG])):
+                self.fail(run.info.run_id, f"process {tags[PID_TAG]} on {host} died")
+                dead.append(run)
+        return dead
+
     # ------------------------------------------------------------------------ writing
     @_writes("a new run")
     def start(self, experiment: str, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
@@ -191,9 +206,12 @@ class Tracker:
         return run.info.run_id
 
     @_writes("the run status")
-    def reopen(self, run_id: str) -> None:
-        """Mark a finished or failed run RUNNING again (a resumed study's parent run)."""
+    def reopen(self, run_id: str, tags: Mapping[str, str] | None = None) -> None:
+        """Mark a finished, failed or killed run RUNNING again (a resumed run, a resumed study's
+        parent run), with ``tags`` updated (the resuming process)."""
         self.get_run(run_id)
+        for key, value in (tags or {}).items():
+            self._client.set_tag(run_id, key, value)
         self._client.update_run(run_id, status="RUNNING")
 
     @_writes("metrics")
@@ -291,6 +309,21 @@ def _creation_lock(database: Path | None) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def run_identity() -> dict[str, str]:
+    """The tags that name this process (``PID_TAG``, ``HOST_TAG``)."""
+    return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
 
 
 def param_text(value: Any) -> str:
