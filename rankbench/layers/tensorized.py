@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rankbench.errors import RankbenchError
+from rankbench.layers.contraction import ContractionPlan
 
 Decomposition = Literal["tr", "tt"]
 Strategy = Literal["auto", "weight", "input"]
@@ -250,7 +251,7 @@ class TensorizedLayer(nn.Module):
         cache_key = (key, shapes)
         expr = self._expr_cache.get(cache_key)
         if expr is None:
-            expr = oe.contract_expression(equation, *shapes, optimize="auto")
+            expr = ContractionPlan(equation, *shapes)
             self._expr_cache[cache_key] = expr
         return expr
 
@@ -268,7 +269,7 @@ class TensorizedLayer(nn.Module):
         """The weight as a tensor whose axes follow ``weight_order`` (gated when selectors exist)."""
         cores = self.gated_cores()
         expr = self._expression("full", self._full_equation(), *(tuple(c.shape) for c in cores))
-        return expr(*cores, backend="torch")
+        return expr(*cores)
 
     def _reconstruction_cost(self) -> int:
         """opt_einsum's FLOP count of reconstructing the weight."""
@@ -471,7 +472,7 @@ class TensorizedLinear(TensorizedLayer):
             expr = self._expression(
                 "input", self._input_equation(), tuple(xin.shape), *(tuple(c.shape) for c in cores)
             )
-            y = expr(xin, *cores, backend="torch").reshape(x2.shape[0], self.out_features)
+            y = expr(xin, *cores).reshape(x2.shape[0], self.out_features)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features)
@@ -572,7 +573,7 @@ class TensorizedEmbedding(TensorizedLayer):
                         for k, core in enumerate(cores)]
             equation, shapes = self._gather_plan(flat.numel())
             expr = self._expression("gather", equation, *shapes)
-            out = expr(*operands, backend="torch").reshape(flat.numel(), self.embedding_dim)
+            out = expr(*operands).reshape(flat.numel(), self.embedding_dim)
         return out.reshape(*indices.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
