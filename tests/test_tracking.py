@@ -73,6 +73,17 @@ def embedded_run(tmp_path_factory, registry, store_template):
 # ---------------------------------------------------------------------------- one run
 
 
+def test_every_name_a_run_records_is_declared_in_records(embedded_run, registry):
+    from rankbench.run import records
+
+    uri, result = embedded_run
+    run = client_for(uri).get_run(result.run_id)
+    hyperparameters = set(registry.task("lenet5").hyperparameters) | set(registry.method("ours").hyperparameters)
+    assert set(run.data.params) == hyperparameters | set(records.PARAMS)
+    assert set(run.data.metrics) <= set(records.METRICS)
+    assert {str(m) for m in records.EPOCH_METRICS + records.FINAL_METRICS} - set(run.data.metrics) == set()
+
+
 def test_the_run_logs_its_data_as_an_mlflow_dataset_input(embedded_run):
     uri, result = embedded_run
     run = client_for(uri).get_run(result.run_id)

@@ -89,9 +89,6 @@ FINAL_METRICS: tuple[Record, ...] = tuple(v for v in dict(globals()).values()
                                           if isinstance(v, Record) and v.kind == "final")
 METRICS: dict[str, Record] = {str(m): m for m in EPOCH_METRICS + FINAL_METRICS}
 
-TEST_METRICS: tuple[Record, ...] = (TEST_ACCURACY, TEST_TOP5, TEST_LOSS)
-"""Recorded for the report, never optimised by a study."""
-
 LEGACY_NAMES: dict[str, Record] = {"compression_ratio": COMPRESSION}
 """Names older stores used → today's name (runs before 0.2 logged the final compression as compression_ratio)."""
 
