@@ -167,8 +167,7 @@ def cmd_run(args, registry) -> None:
             recipe = ", ".join(f"{k}={v}" for k, v in prepared.task.recipe().items())
             why = f" ({task_cls.embedded_recipe_why})" if prepared.recipe == "embedded" else ""
             print(f"recipe {prepared.recipe}: {recipe}{why}")
-            print(f"data: {prepared.data.name} ({prepared.data.source}): train {len(prepared.data.train)}"
-                  f" / val {len(prepared.data.val)} / test {len(prepared.data.test)}")
+            print(f"data: {prepared.data.describe()}")
             print(f"device: {params[records.DEVICE]}, threads: {params[records.THREADS]}", flush=True)
         print(f"run {run_id} (seed {seed})", file=sys.stderr)
         bars[seed] = tqdm(total=prepared.epochs, desc=f"seed {seed}", unit="epoch",
@@ -184,7 +183,7 @@ def cmd_run(args, registry) -> None:
 
     tracker = Tracker(config.tracking_uri)
     results = run(prepared, tracker=tracker, on_start=on_start, on_epoch=on_epoch)
-    print(results_table(results, tablefmt=args.format))
+    print(results_table(results, tablefmt=args.format, shown=type(prepared.task).metrics))
     print(f"tracking: {tracker.uri} (experiment {config.experiment or config.task}); "
           f"open it with: mlflow ui --backend-store-uri {tracker.uri}")
 
@@ -213,11 +212,18 @@ def cmd_study(args, registry) -> None:
     from rankbench.study import runner as studies
 
     if args.list:
+        listed = studies.list_studies(args.storage, args.tracking_uri)
+        for s in listed:
+            for run in s["newly_dead"]:
+                print(f"rankbench: run {run.info.run_id} of study {s['name']} (trial {run.data.tags.get('trial', '?')}, "
+                      f"seed {run.data.params.get('seed', '?')}) had died: marked FAILED; run the study again to "
+                      "continue it from its last checkpoint", file=sys.stderr)
         rows = [[s["name"], s["trials"], ", ".join(s["directions"]),
+                 "-" if s["running"] is None else s["running"], "-" if s["died"] is None else s["died"],
                  "; ".join(f"#{n}: {', '.join(f'{v:.4g}' for v in values)}" for n, values in s["best"][:5])]
-                for s in studies.list_studies(args.storage)]
-        print(tabulate(rows, headers=["study", "trials", "directions", "best (pareto) trials"]) if rows
-              else "no studies in the storage")
+                for s in listed]
+        print(tabulate(rows, headers=["study", "trials", "directions", "runs running", "runs died/failed",
+                                      "best (pareto) trials"]) if rows else "no studies in the storage")
         return
     if args.target[:1] == ["show"]:
         if len(args.target) != 2:

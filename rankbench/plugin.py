@@ -8,7 +8,10 @@ from here, not from the modules behind it: they may move, this list stays.
 from rankbench.data import DataSplits, Split, default_data_dir, download_file, holdout_split, iterate_batches
 from rankbench.data.cifar import load_cifar10, random_crop_flip
 from rankbench.data.mnist import DATASETS, load_mnist_family, load_mnist_family_from, mnist_family_hyperparameters
+from rankbench.data.text import load_text_classification
+from rankbench.data.translation import corpus_bleu, decode, load_translation
 from rankbench.errors import RankbenchError
+from rankbench.layers.modes import balanced_modes, padded_modes
 from rankbench.layers.tensorized import (
     Bond,
     RankSelector,
@@ -32,6 +35,7 @@ from rankbench.plugins.method import SELECTOR_HYPERPARAMETERS, Method, MethodCon
 from rankbench.plugins.registry import Registry
 from rankbench.plugins.task import Task
 from rankbench.run.metrics import recalibrate_batchnorm
+from rankbench.run.records import TENSORIZED_COMPRESSION, Record
 
 __all__ = [
     # method interface
@@ -39,13 +43,15 @@ __all__ = [
     # declared hyperparameters
     "Hyper", "Search",
     # task interface and data
-    "Task", "DataSplits", "Split", "DATASETS", "default_data_dir", "download_file", "holdout_split",
+    "Task", "Record", "TENSORIZED_COMPRESSION", "DataSplits", "Split", "DATASETS", "default_data_dir", "download_file", "holdout_split",
     "iterate_batches", "load_mnist_family", "load_mnist_family_from", "mnist_family_hyperparameters",
-    "load_cifar10", "random_crop_flip", "recalibrate_batchnorm",
+    "load_cifar10", "random_crop_flip", "recalibrate_batchnorm", "load_text_classification", "load_translation",
+    "decode", "corpus_bleu",
     # tensorized layers and model helpers
     "TensorizedLayer", "TensorizedLinear", "TensorizedConv2d", "TensorizedEmbedding",
     "TensorRingLinear", "TensorTrainLinear", "TensorRingConv2d", "TensorTrainConv2d",
     "TensorRingEmbedding", "TensorTrainEmbedding", "bonds", "selectors", "tensorized_layers",
+    "balanced_modes", "padded_modes",
     "RankbenchError",
     # discovery and the contract suite (for a plugin package's own tests)
     "Registry", "Check", "check_method", "check_task",

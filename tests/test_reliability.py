@@ -174,6 +174,67 @@ def test_an_immutable_store_file_is_a_one_line_error_and_the_store_is_unchanged(
         _chattr("-i", database)
 
 
+def test_a_read_only_store_folder_is_a_one_line_error_naming_the_store(tmp_path, store_template, capsys):
+    folder = tmp_path / "store"
+    folder.mkdir()
+    database = folder / "mlflow.db"
+    shutil.copyfile(store_template, database)
+    if not _chattr("+i", folder):
+        pytest.skip("chattr +i is not available here (needs root and a filesystem with file attributes)")
+    try:
+        before = database.read_bytes()
+        rc = main(["run", *TINY_RUN, "--data-dir", str(make_tiny_mnist(tmp_path / "data")),
+                   "--tracking-uri", f"sqlite:///{database}"])
+        line = assert_one_line_error(capsys.readouterr().err)
+        assert rc == 2 and str(database) in line and "writable" in line
+        assert database.read_bytes() == before
+        assert sorted(p.name for p in folder.iterdir()) == ["mlflow.db"]
+    finally:
+        _chattr("-i", folder)
+
+
+MIDRUN_PRELUDE = """
+import subprocess, sys
+import rankbench.run.tracking as tracking
+real = tracking.Tracker.log_metrics
+def log_metrics(self, run_id, metrics, step=None):  # epoch 1 is logged, then the database becomes unwritable
+    real(self, run_id, metrics, step)
+    subprocess.run(["chattr", "+i", self.uri[len("sqlite:///"):]], check=True)
+tracking.Tracker.log_metrics = log_metrics
+from rankbench.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_store_that_becomes_unwritable_mid_run_is_one_line_and_the_run_is_marked_dead_once_readable(
+        tmp_path, store_template, capsys):
+    database = tmp_path / "mlflow.db"
+    shutil.copyfile(store_template, database)
+    if not _chattr("+i", database) or not _chattr("-i", database):
+        pytest.skip("chattr +i is not available here (needs root and a filesystem with file attributes)")
+    uri = f"sqlite:///{database}"
+    try:
+        proc = subprocess.run([sys.executable, "-c", MIDRUN_PRELUDE, "run", *TINY_RUN, "--epochs", "3",
+                               "--data-dir", str(make_tiny_mnist(tmp_path / "data")), "--tracking-uri", uri],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    finally:
+        _chattr("-i", database)
+    started, error = proc.stderr.strip().splitlines()  # "run RUN_ID (seed 0)", then the error
+    line = assert_one_line_error(error)
+    assert proc.returncode == 2 and str(database) in line and "metrics" in line
+    assert "disk I/O error" in line or "readonly" in line.replace(" ", "")
+    assert statuses(uri) == ["RUNNING"]  # the store could not take FAILED while unwritable
+    assert main(["report", "--tracking-uri", uri]) == 2  # no finished run; the dead one is found and marked
+    run_id = started.split()[1]
+    assert f"run {run_id} (mlp2, ours, seed 0) had died" in capsys.readouterr().err
+    assert statuses(uri) == ["FAILED"]
+    from mlflow.tracking import MlflowClient
+
+    history = MlflowClient(tracking_uri=uri).get_metric_history(run_id, "val_accuracy")
+    assert [m.step for m in history] == [1]  # what was logged before the failure is kept
+
+
 def test_a_full_disk_while_saving_artifacts_is_a_one_line_error_and_the_run_is_marked_failed(tmp_path, capsys):
     """The store's database lives on a normal folder, its artifacts on a 256 KiB tmpfs that the
     trained weights (and pruned model) overflow."""

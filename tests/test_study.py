@@ -12,6 +12,7 @@ Tests of known bugs are ``xfail(strict=True)`` with the reason starting "BUG:".
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -701,6 +702,95 @@ def test_a_killed_worker_trial_goes_stale_and_is_retried(env, capsys):
     assert [t.number for t in trials if t.state.name != "COMPLETE"] == [killed_number], seen
     (retry,) = [t for t in done if t.system_attrs.get("failed_trial") == killed_number]
     assert retry.params == killed.params
+
+
+SLOW_PLUGINS = Path(__file__).resolve().parent / "plugins_slow"
+
+
+def sqlite_run_statuses(db: Path) -> list[str]:
+    """The status of every MLflow run, read straight from the store's sqlite file."""
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+            return [row[0] for row in conn.execute("SELECT status FROM runs")]
+    except sqlite3.Error:
+        return []
+
+
+def seed_outcomes(uri: str, study: str) -> dict[int, dict]:
+    """Per seed of a study's (one-trial) runs: run id, status, final metrics, per-epoch histories."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    out = {}
+    for run in parent_and_children(uri, study)[1]:
+        history = {key: [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, key),
+                                                             key=lambda m: m.step)]
+                   for key in ("train_loss", "val_loss", "val_accuracy", "compression")}
+        out[int(run.data.params["seed"])] = {
+            "run_id": run.info.run_id, "status": run.info.status, "history": history,
+            "final": {k: run.data.metrics.get(k) for k in ("test_accuracy", "test_loss", "parameters")}}
+    return out
+
+
+def test_a_killed_trial_is_listed_as_died_and_its_retry_reuses_finished_seeds_and_continues_the_killed_run(
+        env, mlflow_template, capsys):
+    import torch
+
+    grid = {"lambda": [5]}
+    settings = ["--plugin-dir", str(SLOW_PLUGINS), "--seeds", "0,1", "--set", "epochs=4", "--set", "batch_size=16",
+                "--set", "initial_rank=3"]
+    path = write_study(env.root, "cont", grid=grid, methods=("slow_ours",), heartbeat=(1, 2))
+    argv = env.argv(path, *settings)
+    proc, log = start_cli(argv, env.root, "cont")
+    checkpoints = env.root / "checkpoints"
+    deadline = time.time() + 120
+    try:  # kill -9 during seed 1's epoch 3 (seed 0 has finished; an epoch takes about half a second)
+        while True:
+            found = list(checkpoints.glob("*.pt")) if checkpoints.is_dir() else []
+            if sqlite_run_statuses(env.root / "mlflow.db").count("FINISHED") == 1 and found:
+                with contextlib.suppress(FileNotFoundError):  # seed 0's, removed as it finished
+                    if torch.load(found[0], weights_only=False)["epoch"] >= 2:
+                        break
+            assert proc.poll() is None, log.read_text()
+            assert time.time() < deadline, "seed 1 never reached epoch 3"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    killed_run = found[0].stem
+    before = seed_outcomes(env.uri, "cont")
+    assert before[0]["status"] == "FINISHED" and before[1]["status"] == "RUNNING"
+    assert before[1]["run_id"] == killed_run
+
+    capsys.readouterr()
+    assert main(["study", "--list", "--storage", env.storage, "--tracking-uri", env.uri]) == 0
+    listed = capsys.readouterr()
+    (row,) = table_rows(listed.out)
+    assert row[:5] == ["cont", "1", "maximize, maximize", "0", "1"]  # no run running, one died
+    assert f"run {killed_run} of study cont" in listed.err and "had died" in listed.err
+    time.sleep(2.5)  # > grace_period: the killed trial goes stale
+
+    assert main(argv) == 0, capsys.readouterr().err
+    after = seed_outcomes(env.uri, "cont")
+    assert {seed: o["run_id"] for seed, o in after.items()} == {0: before[0]["run_id"], 1: killed_run}
+    assert [o["status"] for o in after.values()] == ["FINISHED", "FINISHED"]
+    assert after[0] == before[0]  # the finished seed was read back, not trained again
+    trials = trials_of(env.storage, "cont")
+    assert states(trials) == ["FAIL", "COMPLETE"]
+    assert [s["run_id"] for s in trials[1].user_attrs["seeds"]] == [before[0]["run_id"], killed_run]
+    assert not list(checkpoints.glob("*.pt"))
+
+    (env.root / "ref").mkdir()
+    reference = Env(env.root / "ref", env.data_dir, mlflow_template)  # the same study, never killed
+    proc, log = start_cli(reference.argv(path, *settings), reference.root, "ref")
+    assert proc.wait(timeout=120) == 0, log.read_text()
+    uninterrupted = seed_outcomes(reference.uri, "cont")
+    for seed in (0, 1):
+        assert after[seed]["history"] == uninterrupted[seed]["history"], seed
+        assert after[seed]["final"] == uninterrupted[seed]["final"], seed
 
 
 def test_a_worker_killed_before_its_first_heartbeat_interval_is_retried(env, capsys):

@@ -29,8 +29,11 @@ SYSTEM_DATA_DIRS: tuple[Path, ...] = (Path("/usr/share/datasets"),)
 
 @dataclass(frozen=True, eq=False)
 class Split:
-    """One split: normalised inputs ``x`` (N, ...) float32, e.g. (N, 1, 28, 28), and labels ``y`` (N,) int64.
+    """One split: inputs ``x`` (N, ...) and targets ``y`` (N, ...), one row per example.
 
+    Images are normalised float32 ``x``, e.g. (N, 1, 28, 28), with int64 labels ``y`` (N,);
+    text is int64 token ids ``x`` (N, length) padded with 0; a translation pair is
+    ``x`` (N, 2, length) (source, target input) with the target output ``y`` (N, length).
     ``eq=False`` because element-wise tensor comparison has no single truth value.
     """
 
@@ -38,9 +41,9 @@ class Split:
     y: torch.Tensor
 
     def __post_init__(self) -> None:
-        if self.y.ndim != 1 or self.x.shape[0] != self.y.shape[0]:
+        if self.y.ndim < 1 or self.x.ndim < 1 or self.x.shape[0] != self.y.shape[0]:
             raise ValueError(
-                f"Split needs x with N rows and 1-D y of length N, got x {tuple(self.x.shape)} "
+                f"Split needs x and y with one row per example, got x {tuple(self.x.shape)} "
                 f"and y {tuple(self.y.shape)}"
             )
 
@@ -62,6 +65,9 @@ class DataSplits:
     note: str = ""
     digest: str = ""
     """SHA-256 of the files (or arrays) the splits were made from: which bytes a result comes from."""
+    vocabulary: tuple[str, ...] = ()
+    """A text dataset's tokens, index = token id (0 is padding); empty for other data. Models size
+    their embeddings by it, and decoders turn ids back into text with it."""
 
     def describe(self) -> str:
         """One line for logs and reports, e.g. ``mnist (DIR (...)): train 55,000 / val 5,000 / test 10,000``."""

@@ -39,6 +39,7 @@ from rankbench.plugins.hyper import Hyper, resolve
 from rankbench.plugins.method import ROLES, Method, StepLoss
 from rankbench.plugins.registry import Registry
 from rankbench.plugins.task import Task
+from rankbench.run.records import Record
 
 __all__ = ["Check", "check_method", "check_plugin", "check_task", "task_methods", "SMALL_RANK", "BATCH", "REQUIRED_TASK_KEYS"]
 
@@ -108,7 +109,7 @@ def _load_data(task_cls: type[Task]) -> DataSplits:
     """The task's data at its default hyperparameters, loaded once per task class and data folder.
 
     A task whose data is not on this machine (CIFAR-10 has no offline copy) is
-    checked on random inputs of its ``input_shape`` instead: the contract is
+    checked on random inputs of its ``example_input`` instead: the contract is
     about the plugin's code, and the stand-in says so in its name."""
     key = (task_cls, str(default_data_dir()))
     if key not in _DATA_CACHE:
@@ -116,7 +117,7 @@ def _load_data(task_cls: type[Task]) -> DataSplits:
         try:
             _DATA_CACHE[key] = task.load_data(None, False)
         except RankbenchError as exc:
-            if task_cls.input_shape is None:
+            if task_cls.input_shape is None and task_cls.example_input is Task.example_input:
                 raise
             _DATA_CACHE[key] = _stand_in_data(task, str(exc))
     return _DATA_CACHE[key]
@@ -405,6 +406,10 @@ def check_task(registry: Registry, name: str) -> list[Check]:
         absent = [k for k in REQUIRED_TASK_KEYS if k not in task_cls.hyperparameters]
         _require(not absent, f"hyperparameters {', '.join(absent)} are not declared (a task declares "
                              f"{', '.join(REQUIRED_TASK_KEYS)})")
+        _require(task_cls.scheduler_interval in ("epoch", "step"),
+                 f"scheduler_interval is {task_cls.scheduler_interval!r}, not 'epoch' or 'step'")
+        _require(all(isinstance(m, Record) and m.kind == "final" for m in task_cls.metrics),
+                 "metrics must be final-kind rankbench.plugin.Record names")
         absent = [k for k in task_cls.recipe_keys if k not in task_cls.hyperparameters]
         _require(not absent, f"recipe_keys {', '.join(absent)} are not declared hyperparameters")
         for key, value in task_cls.embedded_recipe.items():
@@ -441,9 +446,9 @@ def check_task(registry: Registry, name: str) -> list[Check]:
         model.eval()
         with torch.no_grad():
             out = model(x)
-        expected = (len(x), state["data"].num_classes)
+        expected = tuple(state["task"].expected_output_shape(x, state["data"]))
         _require(isinstance(out, Tensor) and tuple(out.shape) == expected,
-                 f"{what} output shape {_shape(out)}, expected {expected} (batch, num_classes)")
+                 f"{what} output shape {_shape(out)}, expected {expected} (the task's expected_output_shape)")
         return f"output {expected}, {count_parameters(model):,} parameters"
 
     def dense_model() -> str:

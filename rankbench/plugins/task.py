@@ -11,6 +11,8 @@ from torch import Tensor, nn
 
 from rankbench.data import DataSplits, Split
 from rankbench.plugins.hyper import Hyper
+from rankbench.run.metrics import classification_hits
+from rankbench.run.records import Record
 
 
 class Task:
@@ -30,6 +32,12 @@ class Task:
     embedded_method_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
     embedded_recipe_why: ClassVar[str] = ""
     input_shape: ClassVar[tuple[int, ...] | None] = None
+    scheduler_interval: ClassVar[str] = "epoch"
+    """When ``scheduler`` steps: ``"epoch"`` (once per epoch) or ``"step"`` (after every optimizer step,
+    for warm-up schedules); ``scheduler`` is told how many times it will step."""
+    metrics: ClassVar[tuple[Record, ...]] = ()
+    """Final metrics this task records beyond every run's own (e.g. a translation task's test BLEU),
+    returned by ``final_metrics``; declared here so reports and checks know their names."""
 
     def __init__(self, params: Mapping[str, Any]) -> None:
         self.params = dict(params)
@@ -61,11 +69,25 @@ class Task:
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         return F.cross_entropy(outputs, targets)
 
+    def correct(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, int]:
+        """Top-1 hits, top-5 hits and the number of scored targets in a batch (default: one class
+        label per example). Accuracy is hits / scored; a sequence task scores its tokens."""
+        return classification_hits(outputs, targets)
+
+    def expected_output_shape(self, x: Tensor, data: DataSplits) -> tuple[int, ...]:
+        """The model's output shape for input batch ``x`` (the contract checks it): (batch, classes)."""
+        return (len(x), data.num_classes)
+
+    def final_metrics(self, model: nn.Module, data: DataSplits, device: torch.device) -> dict[str, float]:
+        """Extra final measurements of the trained model, named as declared in ``metrics`` (default: none)."""
+        return {}
+
     def optimizer(self, param_groups: Iterable[dict]) -> torch.optim.Optimizer:
         return torch.optim.Adam(param_groups, lr=self.params["lr"])
 
     def scheduler(self, optimizer: torch.optim.Optimizer, epochs: int) -> torch.optim.lr_scheduler.LRScheduler | None:
-        """Stepped once per epoch."""
+        """Stepped once per epoch, ``epochs`` times (per optimizer step with ``scheduler_interval = "step"``;
+        then ``epochs`` is the number of optimizer steps)."""
         return None
 
     def recipe(self) -> dict[str, Any]:

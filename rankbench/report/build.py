@@ -66,6 +66,8 @@ class Row:
     delta: float | None = None
     p_welch: float | None = None
     p_mwu: float | None = None
+    shown: tuple[str, ...] = ()
+    """The task's own final metrics (``Task.metrics``: BLEU, tensorized compression), shown as columns."""
 
     def values(self, metric: str) -> list[float]:
         """``metric`` of every seed (read under its legacy name in older stores, see ``records.metric``)."""
@@ -106,13 +108,16 @@ class MethodDeclarations:
 
     roles: dict[str, str] = field(default_factory=dict)
     labels: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    task_metrics: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Each task's own final metrics (``Task.metrics``), which its tables show as columns."""
 
     @classmethod
     def of(cls, registry: Registry | None = None) -> "MethodDeclarations":
         registry = registry or Registry.discover()
         return cls({name: m.role for name, m in registry.methods.items()},
                    {name: tuple(k for k, h in m.hyperparameters.items() if h.label)
-                    for name, m in registry.methods.items()})
+                    for name, m in registry.methods.items()},
+                   {name: tuple(str(m) for m in t.metrics) for name, t in registry.tasks.items()})
 
     def role(self, method: str) -> str:
         return self.roles.get(method, "selector")
@@ -238,20 +243,37 @@ HEADERS = ["method", "settings", "n", "test acc %", "compression", "total rank",
            "Δacc vs base", "p (Welch)", "p (MWU)", "source"]
 
 
-def table_rows(rows: list[Row]) -> list[list[str]]:
+def headers(shown: Sequence[str] = ()) -> list[str]:
+    """The table's columns: ``HEADERS`` with a column per task-declared metric after compression."""
+    from rankbench.report.tables import metric_header
+
+    return [*HEADERS[:5], *(metric_header(_record(m)) for m in shown), *HEADERS[5:]]
+
+
+def _record(name: str) -> records.Record:
+    return records.METRICS.get(name) or records.Record(name, "final", "")
+
+
+def _unit(name: str) -> str:
+    return "x" if _record(name).unit == "x" else ""
+
+
+def table_rows(rows: list[Row], shown: Sequence[str] = ()) -> list[list[str]]:
     out = []
     for row in rows:
         if row.source == "published":
             e = row.published
+            extra = [_published_fmt(e, m, 2) + (_unit(m) if m in e else "") for m in shown]
             out.append([row.method, e.get("note", ""), str(e.get("n", "")), _published_fmt(e, "accuracy", 2),
-                        _published_fmt(e, "compression", 2) + ("x" if "compression" in e else ""), "", "", "",
-                        "", "", "", f"published ({e['dataset']}): {e['source']}"])
+                        _published_fmt(e, "compression", 2) + ("x" if "compression" in e else ""), *extra,
+                        "", "", "", "", "", "", f"published ({e['dataset']}): {e['source']}"])
             continue
         n = len(row.runs)
+        extra = [_fmt(row.values(m), 2) + (_unit(m) if row.values(m) else "") for m in shown]
         out.append([
             row.method, ", ".join(f"{k}={v}" for k, v in row.settings.items()),
             f"{n}" + ("*" if n == 1 else ""),
-            _fmt(row.values(records.TEST_ACCURACY), 2), _fmt(row.values(records.COMPRESSION), 2) + "x",
+            _fmt(row.values(records.TEST_ACCURACY), 2), _fmt(row.values(records.COMPRESSION), 2) + "x", *extra,
             _fmt(row.values("total_rank"), 0) if any(row.values("total_rank")) else "-",
             _fmt(row.values("train_seconds_per_batch"), 4), _fmt(row.values("inference_seconds"), 3),
             "" if row.delta is None else f"{row.delta:+.2f}",
@@ -270,18 +292,27 @@ def render(rows: list[Row], tablefmt: str) -> str:
         raise RankbenchError(f"--format {tablefmt}: choose csv or one of {', '.join(tabulate_formats)}")
     blocks = []
     keys = sorted({(r.task, r.dataset) for r in rows if r.source == "measured"})
+
+    def group_of(task: str, dataset: str) -> list[Row]:
+        return [r for r in rows if r.task == task and (r.dataset == dataset if r.source == "measured"
+                                                       else dataset in r.published.get("datasets", [dataset]))]
+
+    def shown_in(group: list[Row]) -> list[str]:
+        return list(dict.fromkeys(m for r in group for m in r.shown))
+
     if tablefmt == "csv":
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(["task", "dataset", *HEADERS])
+        shown = shown_in([r for task, dataset in keys for r in group_of(task, dataset)])
+        writer.writerow(["task", "dataset", *headers(shown)])
         for task, dataset in keys:
-            group = [r for r in rows if r.task == task and (r.dataset == dataset or r.source == "published")]
-            for line in table_rows(group):
+            for line in table_rows(group_of(task, dataset), shown):
                 writer.writerow([task, dataset, *line])
         return buf.getvalue().rstrip("\n")
     for task, dataset in keys:
-        group = [r for r in rows if r.task == task and (r.dataset == dataset or r.source == "published")]
-        body = table_rows(group)
+        group = group_of(task, dataset)
+        shown = shown_in(group)
+        body = table_rows(group, shown)
         title = f"{task} on {dataset}"
         notes = []
         if any(len(r.runs) == 1 for r in group if r.source == "measured"):
@@ -299,7 +330,7 @@ def render(rows: list[Row], tablefmt: str) -> str:
         if any(r.source == "published" for r in group):
             notes.append("published rows come from the papers (rankbench/report/published.toml); their data and "
                          "compression definitions may differ from this run's")
-        blocks.append("\n".join([title, tabulate(body, headers=HEADERS, tablefmt=tablefmt, disable_numparse=True),
+        blocks.append("\n".join([title, tabulate(body, headers=headers(shown), tablefmt=tablefmt, disable_numparse=True),
                                  *notes]))
     return "\n\n".join(blocks)
 
@@ -321,6 +352,9 @@ def build_report(tracking_uri: str | None = None, *, task: str | None = None, me
         compare(rows, baseline)
     if with_published:
         rows += published_rows({r.task for r in rows})
+    declared = MethodDeclarations.of(registry).task_metrics
+    for row in rows:
+        row.shown = declared.get(row.task, ())
     return rows
 
 

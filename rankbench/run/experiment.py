@@ -6,8 +6,10 @@ the names it records are declared in ``rankbench.run.records``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +50,8 @@ class RunResult:
     inference_seconds: float
     wall_seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
+    final: dict[str, float] = field(default_factory=dict)
+    """Every final metric the run logged (test loss, tensorized compression, a task's own, ...)."""
 
 
 def git_commit() -> str:
@@ -99,44 +103,71 @@ def run(
     tracker: Tracker | None = None,
     on_start: Callable[[str, int, dict], None] | None = None,
     on_epoch: EpochListener | None = None,
+    earlier: Mapping[int, str] | None = None,
 ) -> list[RunResult]:
     """Run every seed of a prepared run; each seed is one tracked MLflow run.
 
     A failing seed is marked FAILED (or KILLED on Ctrl-C) in MLflow and the
     error re-raised; seeds finished before it stay FINISHED. Every epoch ends
     with a checkpoint (``Tracker.checkpoint_path``); ``config.resume`` names a
-    run to continue from its last one, in the same MLflow run.
+    run to continue from its last one, in the same MLflow run. ``earlier`` maps
+    seeds to runs of an earlier attempt at this same run (a retried study trial):
+    a finished one is read back instead of trained again, an unfinished one with a
+    checkpoint is continued, and any other (different settings, no checkpoint,
+    still alive) is left alone and the seed starts afresh.
     """
     config = prepared.config
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     tracker = tracker or Tracker(config.tracking_uri)
     experiment = config.experiment or config.task
+    earlier = dict(earlier or {})
+    seeds = config.seeds
+    if config.resume is not None:
+        seed = _resumed_seed(prepared, tracker)
+        seeds, earlier = (seed,), {seed: config.resume}
     results = []
-    for seed in config.seeds if config.resume is None else (_resumed_seed(prepared, tracker),):
+    for seed in seeds:
+        continuation = _continuation(prepared, tracker, earlier[seed]) if seed in earlier else None
+        if continuation == "finished":
+            if on_start is not None:
+                on_start(earlier[seed], seed, dict(tracker.get_run(earlier[seed]).data.params))
+            tracker.set_tags(earlier[seed], config.tags)
+            results.append(recorded_result(tracker, earlier[seed]))
+            continue
         model, method = prepared.build(seed)
         params = recorded_params(prepared, seed, model)
         checkpoint = None
-        if config.resume is None:
+        if continuation is None:
             tags = {"method": config.method, "task": config.task, "dataset": prepared.data.name,
                     "rankbench_version": rankbench.__version__, **run_identity(), **config.tags}
             name = run_name(config.method, prepared.method_cls.hyperparameters, prepared.method_params, seed)
             run_id = tracker.start(experiment, name, params, tags)
         else:
-            run_id = config.resume
+            run_id = earlier[seed]
             checkpoint = load_checkpoint(tracker.checkpoint_path(run_id))
-            tracker.reopen(run_id, run_identity())
+            tracker.reopen(run_id, {**run_identity(), **config.tags})
         try:
             if on_start is not None:
                 on_start(run_id, seed, params)
             results.append(_train_and_measure(prepared, method, model, seed, tracker, run_id, on_epoch, checkpoint))
         except KeyboardInterrupt:
-            tracker.fail(run_id, "interrupted", killed=True)
+            with contextlib.suppress(RankbenchError):  # a store that cannot take it: the first error is reported
+                tracker.fail(run_id, "interrupted", killed=True)
             raise
         except Exception as exc:
-            tracker.fail(run_id, f"{type(exc).__name__}: {exc}")
+            with contextlib.suppress(RankbenchError):  # the run stays RUNNING; the next report marks it dead
+                tracker.fail(run_id, f"{type(exc).__name__}: {exc}")
             raise
     return results
+
+
+def _differing_setting(prepared: PreparedRun, params: Mapping[str, str]) -> str | None:
+    """The first task/method setting this prepared run asks differently from a run's recorded params."""
+    asked = {records.TASK: prepared.config.task, records.METHOD: prepared.config.method,
+             **prepared.task.params, **prepared.method_params}
+    differ = sorted(k for k, v in asked.items() if k in params and params[k] != param_text(v))
+    return differ[0] if differ else None
 
 
 def _resumed_seed(prepared: PreparedRun, tracker: Tracker) -> int:
@@ -146,14 +177,65 @@ def _resumed_seed(prepared: PreparedRun, tracker: Tracker) -> int:
     params = recorded.data.params
     if recorded.info.status == "FINISHED":
         raise RankbenchError(f"--resume {run_id}: the run has finished; nothing to resume")
-    asked = {records.TASK: prepared.config.task, records.METHOD: prepared.config.method,
-             **prepared.task.params, **prepared.method_params}
-    differ = sorted(k for k, v in asked.items() if k in params and params[k] != param_text(v))
-    if differ:
-        key = differ[0]
+    key = _differing_setting(prepared, params)
+    if key is not None:
+        asked = {**prepared.task.params, **prepared.method_params, records.TASK: prepared.config.task,
+                 records.METHOD: prepared.config.method}
         raise RankbenchError(f"--resume {run_id}: the run was started with {key}={params[key]}, this command asks "
                              f"{key}={asked[key]}: repeat the run's own command line with --resume")
     return int(params[records.SEED])
+
+
+def _continuation(prepared: PreparedRun, tracker: Tracker, run_id: str) -> str | None:
+    """How this prepared run goes on from an earlier run of the same seed: ``"finished"`` (read it
+    back), ``"resume"`` (continue from its checkpoint), or ``None`` (start a new run)."""
+    if prepared.config.resume is not None:
+        return "resume"  # checked strictly by _resumed_seed
+    try:
+        recorded = tracker.get_run(run_id)
+    except RankbenchError:
+        return None
+    if _differing_setting(prepared, recorded.data.params) is not None:
+        return None
+    if recorded.info.status == "FINISHED":
+        return "finished"
+    if recorded.info.status == "RUNNING" and not tracker.process_gone(recorded):
+        return None  # someone is still training it
+    return "resume" if tracker.checkpoint_path(run_id).is_file() else None
+
+
+def tensorized_compression(model: torch.nn.Module, dense_parameters: int) -> float:
+    """Dense parameters of the tensorized layers / their pruned parameters: the dense reference's
+    parameters minus every parameter outside those layers (the same in both models), over the
+    layers' own. 1 for a model without tensorized layers."""
+    tensorized = sum(layer.parameter_count() for _, layer in tensorized_layers(model))
+    if not tensorized:
+        return 1.0
+    return (dense_parameters - (count_parameters(model) - tensorized)) / tensorized
+
+
+def recorded_result(tracker: Tracker, run_id: str) -> RunResult:
+    """A finished run's ``RunResult``, read back from the store (history from the per-epoch metrics)."""
+    recorded = tracker.get_run(run_id)
+    params, metrics, tags = recorded.data.params, recorded.data.metrics, recorded.data.tags
+    histories = {name: {m.step: m.value for m in tracker.metric_history(run_id, name)}
+                 for name in records.EPOCH_METRICS}
+    steps = sorted(histories[records.VAL_ACCURACY])
+    history = [{name: values[step] for name, values in histories.items() if step in values} for step in steps]
+    with tempfile.TemporaryDirectory() as folder:
+        ranks = json.loads(tracker.download_artifact(run_id, "ranks.json", folder).read_text())
+    last = history[-1] if history else {}
+    return RunResult(
+        run_id=run_id, task=params[records.TASK], method=params[records.METHOD], seed=int(params[records.SEED]),
+        dataset=params.get(records.DATASET, tags.get("dataset", "")),
+        test_accuracy=metrics[records.TEST_ACCURACY], test_top5=metrics[records.TEST_TOP5],
+        compression=records.metric(metrics, records.COMPRESSION), parameters=int(metrics[records.PARAMETERS]),
+        dense_parameters=int(params[records.DENSE_PARAMETERS]), ranks=ranks,
+        total_rank=sum(sum(r) for r in ranks.values()),
+        train_seconds_per_batch=last.get(records.TRAIN_SECONDS_PER_BATCH, float("nan")),
+        inference_seconds=metrics[records.INFERENCE_SECONDS], wall_seconds=metrics[records.WALL_SECONDS],
+        history=history, final={k: v for k, v in metrics.items() if k not in records.EPOCH_METRICS},
+    )
 
 
 def _train_and_measure(prepared: PreparedRun, method: Method, model: torch.nn.Module, seed: int, tracker: Tracker,
@@ -173,9 +255,15 @@ def _train_and_measure(prepared: PreparedRun, method: Method, model: torch.nn.Mo
     trained = fit(model, method, prepared.task, prepared.data, epochs=prepared.epochs, seed=seed,
                   device=prepared.device, dense_parameters=prepared.dense_parameters, on_epoch=epoch_done,
                   resume=resume, on_checkpoint=lambda state: save_checkpoint(state, checkpoint_path))
-    test = evaluate(model, prepared.data.test, prepared.batch_size, prepared.task.loss, prepared.device)
+    task = prepared.task
+    test = evaluate(model, prepared.data.test, prepared.batch_size, task.loss, prepared.device, task.correct)
     ranks = learned_ranks(model)
     parameters = count_parameters(model)
+    task_metrics = task.final_metrics(model, prepared.data, prepared.device)
+    undeclared = sorted(set(task_metrics) - set(task.metrics))
+    if undeclared:
+        raise RankbenchError(f"task {prepared.config.task} returned metric(s) {', '.join(undeclared)} that it does "
+                             "not declare: list them in the task's `metrics`")
     result = RunResult(
         run_id=run_id, task=prepared.config.task, method=prepared.config.method, seed=seed,
         dataset=prepared.data.name, test_accuracy=test.accuracy, test_top5=test.top5,
@@ -190,10 +278,13 @@ def _train_and_measure(prepared: PreparedRun, method: Method, model: torch.nn.Mo
         records.TEST_ACCURACY: result.test_accuracy, records.TEST_TOP5: result.test_top5,
         records.TEST_LOSS: test.loss, records.PARAMETERS: parameters,
         records.INFERENCE_SECONDS: result.inference_seconds, records.WALL_SECONDS: result.wall_seconds,
+        records.TENSORIZED_COMPRESSION: tensorized_compression(model, prepared.dense_parameters),
+        **task_metrics,
     }
     if not trained.history or trained.history[-1][records.COMPRESSION] != result.compression:
         final[records.COMPRESSION] = result.compression  # a method changed ranks after its last epoch was measured
     tracker.log_metrics(run_id, final, step=prepared.epochs)
+    result.final = {str(k): float(v) for k, v in final.items()}
     tracker.log_dict(run_id, ranks, "ranks.json")
     tracker.log_state_dict(run_id, model)
     tracker.log_pytorch_model(run_id, prune_model(model).cpu().eval())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -26,21 +27,33 @@ def synchronize(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split: Split, batch_size: int, loss_fn, device: torch.device) -> Evaluation:
-    """Mean loss, top-1 and top-5 accuracy (in %) of the eval-mode model on a split."""
+def evaluate(model: nn.Module, split: Split, batch_size: int, loss_fn, device: torch.device,
+             score: Callable[[torch.Tensor, torch.Tensor], tuple] | None = None) -> Evaluation:
+    """Mean loss, top-1 and top-5 accuracy (in %) of the eval-mode model on a split.
+
+    ``score`` (a task's ``correct``) counts hits per batch; the default scores one class label per
+    example. The loss is averaged with the same weights as the hits (per example or per token)."""
     was_training = model.training
     model.eval()
     total_loss, correct, correct5, n = 0.0, 0, 0, 0
     for x, y in iterate_batches(split, batch_size, shuffle=False):
         x, y = x.to(device), y.to(device)
         out = model(x)
-        total_loss += float(loss_fn(out, y)) * len(y)
-        correct += int((out.argmax(1) == y).sum())
-        k = min(5, out.shape[1])
-        correct5 += int((out.topk(k, dim=1).indices == y[:, None]).any(1).sum())
-        n += len(y)
+        top1, top5, count = (score or classification_hits)(out, y)
+        total_loss += float(loss_fn(out, y)) * count
+        correct += int(top1)
+        correct5 += int(top5)
+        n += count
     model.train(was_training)
     return Evaluation(total_loss / n, 100.0 * correct / n, 100.0 * correct5 / n)
+
+
+def classification_hits(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Top-1 and top-5 hits of (batch, classes) outputs against class labels."""
+    k = min(5, outputs.shape[1])
+    top1 = (outputs.argmax(1) == targets).sum()
+    top5 = (outputs.topk(k, dim=1).indices == targets[:, None]).any(1).sum()
+    return top1, top5, int(targets.shape[0])
 
 
 @torch.no_grad()

@@ -76,6 +76,10 @@ TEST_ACCURACY = Record("test_accuracy", "final", "test top-1 accuracy (reported,
                        direction="maximize", unit="%")
 TEST_TOP5 = Record("test_top5", "final", "test top-5 accuracy", direction="maximize", unit="%")
 TEST_LOSS = Record("test_loss", "final", "test loss", direction="minimize")
+TENSORIZED_COMPRESSION = Record(
+    "tensorized_compression", "final",
+    "dense parameters of the layers the model tensorizes / their parameters after pruning (1 for a dense model): "
+    "the paper's compression for the text tasks, whose embedding alone is tensorized", direction="maximize", unit="x")
 PARAMETERS = Record("parameters", "final", "trainable parameters of the pruned model", direction="minimize")
 INFERENCE_SECONDS = Record("inference_seconds", "final", "wall time of one eval pass over the test set",
                            direction="minimize", unit="s")

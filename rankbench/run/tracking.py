@@ -181,17 +181,23 @@ class Tracker:
                 f"cannot read {what} from {self.uri} ({type(exc).__name__}: {reason}): check --tracking-uri"
             ) from None
 
-    def mark_dead_runs(self) -> list[Any]:
+    def mark_dead_runs(self, study: str | None = None) -> list[Any]:
         """Runs still RUNNING whose process on this machine is gone (killed, crashed): each is marked
         FAILED with the reason, so none stays RUNNING forever; returns them (they can be resumed)."""
-        host = socket.gethostname()
         dead = []
-        for run in self.runs(status="RUNNING"):
-            tags = run.data.tags
-            if tags.get(PID_TAG, "").isdigit() and tags.get(HOST_TAG) == host and not _alive(int(tags[PID_TAG])):
-                self.fail(run.info.run_id, f"process {tags[PID_TAG]} on {host} died")
+        for run in self.runs(status="RUNNING", study=study):
+            if self.process_gone(run):
+                self.fail(run.info.run_id, f"process {run.data.tags[PID_TAG]} on {run.data.tags[HOST_TAG]} died")
                 dead.append(run)
         return dead
+
+    @staticmethod
+    def process_gone(run: Any) -> bool:
+        """Whether the process a run's tags name is known to have ended (only a process on this
+        machine can be checked; any other counts as alive)."""
+        tags = run.data.tags
+        return (tags.get(PID_TAG, "").isdigit() and tags.get(HOST_TAG) == socket.gethostname()
+                and not _alive(int(tags[PID_TAG])))
 
     # ------------------------------------------------------------------------ writing
     @_writes("a new run")
@@ -213,6 +219,11 @@ class Tracker:
         for key, value in (tags or {}).items():
             self._client.set_tag(run_id, key, value)
         self._client.update_run(run_id, status="RUNNING")
+
+    @_writes("tags")
+    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        for key, value in tags.items():
+            self._client.set_tag(run_id, key, str(value))
 
     @_writes("metrics")
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:

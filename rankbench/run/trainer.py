@@ -67,7 +67,8 @@ def fit(
         raise RankbenchError(f"{data.name}: the training or validation split is empty: use a larger dataset")
     lr = task.params["lr"]
     optimizer = task.optimizer(param_groups(model, lr, method.selector_lr(lr)))
-    scheduler = task.scheduler(optimizer, epochs)
+    per_step = task.scheduler_interval == "step"
+    scheduler = task.scheduler(optimizer, epochs * math.ceil(len(data.train) / batch_size) if per_step else epochs)
     generator = torch.Generator().manual_seed(seed)
     result = TrainResult()
     first = 1
@@ -98,15 +99,17 @@ def fit(
                 )
             step.total.backward()
             optimizer.step()
+            if per_step and scheduler is not None:
+                scheduler.step()
             synchronize(device)
             batch_seconds += time.perf_counter() - t0
             sums["loss"] += task_loss
             sums["penalty"] += penalty
             batches += 1
-        if scheduler is not None:
+        if scheduler is not None and not per_step:
             scheduler.step()
         task.calibrate(model, data.train, device)
-        val = evaluate(model, data.val, batch_size, task.loss, device)
+        val = evaluate(model, data.val, batch_size, task.loss, device, task.correct)
         metrics = {
             records.TRAIN_LOSS: sums["loss"] / batches,
             records.PENALTY: sums["penalty"] / batches,

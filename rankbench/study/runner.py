@@ -23,7 +23,7 @@ from typing import Any, Iterator, Sequence
 from rankbench.errors import RankbenchError
 from rankbench.plugins.registry import Registry
 from rankbench.run import records
-from rankbench.run.tracking import DEFAULT_DIR, Tracker
+from rankbench.run.tracking import DEFAULT_DIR, Tracker, run_identity
 from rankbench.study.spec import OBJECTIVE_METRICS, RECORDED_ONLY, StudySpec
 
 FINISHED_STATES = ("COMPLETE", "PRUNED")
@@ -197,7 +197,11 @@ def trial_assignments(trial, spec: StudySpec, registry: Registry) -> tuple[str, 
 
 
 def run_trial(trial, run: StudyRun, registry: Registry, tracker: Tracker) -> list[float]:
-    """Train the trial's configuration on every seed; return the objectives (means over seeds)."""
+    """Train the trial's configuration on every seed; return the objectives (means over seeds).
+
+    Each seed's run id is kept in the trial's ``runs`` attribute as it starts. A retried trial
+    (Optuna copies the attributes) thus reads back the seeds its earlier attempt finished and
+    continues the one it was training from that run's last checkpoint."""
     import optuna
 
     from rankbench.run.config import make_config
@@ -226,7 +230,14 @@ def run_trial(trial, run: StudyRun, registry: Registry, tracker: Tracker) -> lis
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {epoch} ({objective}={metrics[objective]:.4g})")
 
-    results = run_experiment(prepare(config, registry), tracker=tracker, on_epoch=on_epoch)
+    runs = {int(seed): run_id for seed, run_id in trial.user_attrs.get("runs", {}).items()}
+
+    def on_start(run_id: str, seed: int, params: dict) -> None:  # a retry (which copies user attrs) finds it
+        runs[seed] = run_id
+        trial.set_user_attr("runs", {str(s): r for s, r in runs.items()})
+
+    results = run_experiment(prepare(config, registry), tracker=tracker, on_start=on_start, on_epoch=on_epoch,
+                             earlier=dict(runs))
     per_seed = []
     for r in results:
         last = r.history[-1]
@@ -348,7 +359,7 @@ def ensure_parent_run(study, spec: StudySpec, tracker: Tracker, storage_url: str
     parent = study.user_attrs.get("mlflow_parent_run_id")
     if parent:
         with contextlib.suppress(Exception):
-            tracker.reopen(parent)
+            tracker.reopen(parent, run_identity())
             return parent
     params = {
         "study": spec.name, "task": ",".join(spec.tasks), "methods": ",".join(spec.methods), "seeds": ",".join(map(str, spec.seeds)),
@@ -361,7 +372,7 @@ def ensure_parent_run(study, spec: StudySpec, tracker: Tracker, storage_url: str
         "budget_steps": spec.budget_steps,
     }
     run_id = tracker.start(spec.task, f"study {spec.name}", params,
-                           {"rankbench.role": "study", "study": spec.name, "task": spec.task})
+                           {"rankbench.role": "study", "study": spec.name, "task": spec.task, **run_identity()})
     tracker.log_text(run_id, spec.source or json.dumps(params, indent=2), "study.toml")
     study.set_user_attr("mlflow_parent_run_id", run_id)
     return run_id
@@ -466,18 +477,40 @@ def _log_outcome(tracker: Tracker, parent: str, outcome: StudyOutcome, folder: P
         tracker.log_artifact(parent, path, "plots")
 
 
-def list_studies(storage_url: str | None) -> list[dict[str, Any]]:
+def list_studies(storage_url: str | None, tracking_uri: str | None = None) -> list[dict[str, Any]]:
+    """Each study in the storage: trials, directions, best trials, and its runs in the tracking
+    store by state (``running``, ``died``: failed or killed, resumable by running the study again).
+    Runs whose process has died are marked FAILED here (as ``report`` does) and returned in
+    ``newly_dead``. Without a tracking store the run counts are None; none is created."""
     import optuna
 
     url = storage_url or default_storage(create=False)
     storage = open_storage(url)
+    try:
+        tracker = Tracker(tracking_uri, create=False)
+    except RankbenchError:
+        tracker = None
     out = []
     for summary in optuna.get_all_study_summaries(storage):
         study = optuna.load_study(study_name=summary.study_name, storage=storage)
-        out.append({"name": summary.study_name, "trials": summary.n_trials,
-                    "directions": [d.name.lower() for d in summary.directions],
-                    "best": [(t.number, t.values) for t in study.best_trials] if _has_complete(study) else []})
+        entry: dict[str, Any] = {
+            "name": summary.study_name, "trials": summary.n_trials,
+            "directions": [d.name.lower() for d in summary.directions],
+            "best": [(t.number, t.values) for t in study.best_trials] if _has_complete(study) else [],
+            "running": None, "died": None, "newly_dead": [],
+        }
+        if tracker is not None:
+            name = summary.study_name
+            entry["newly_dead"] = [r for r in tracker.mark_dead_runs(study=name) if not _is_parent(r)]
+            entry["running"] = sum(not _is_parent(r) for r in tracker.runs(study=name, status="RUNNING"))
+            entry["died"] = sum(not _is_parent(r) for status in ("FAILED", "KILLED")
+                                for r in tracker.runs(study=name, status=status))
+        out.append(entry)
     return out
+
+
+def _is_parent(run) -> bool:
+    return run.data.tags.get("rankbench.role") == "study"
 
 
 def _has_complete(study) -> bool:
