@@ -1,6 +1,6 @@
 """Whole models, measured side by side: training step and test-set inference as ratios to dense.
 
-    python benchmarks/models.py [--device cpu|cuda] [--task lenet5,resnet32] [--batch 128] [--test-size N]
+    python benchmarks/models.py [--device cpu|cuda] [--task lenet5,resnet32] [--batch 128] [--test-size N] [--compile]
 
 Models per task: dense, trn (uniform at the task's initial rank: 25 on LeNet-5, 15 on
 ResNet-32), ours (that rank with its Gaussian gates, the
@@ -9,7 +9,11 @@ were closed, as training with λ does) and that model exported (pruned), also
 materialised as plain dense layers (its compression is the pruned model's). A training step is
 forward + method loss + backward + the task's optimizer step. Inference is one eval-mode pass
 over ``test-size`` inputs at the task's batch size, after a warm-up pass.
-The issue's targets are checked at the end; a missed target is printed as MISS.
+With ``--compile`` every model also runs through ``torch.compile`` (CUDA graphs on a GPU, as
+``rankbench run --compile on`` trains), in the same interleaved rounds, and the GPU targets are
+checked on the compiled rows against the compiled dense model (ours ≤ 1.5x dense on ResNet-32,
+≤ 2x on LeNet-5; trn ≤ 1.15x / 1.3x; exported inference ≤ 1.05x).
+The targets are checked at the end; a missed target is printed as MISS.
 """
 
 from __future__ import annotations
@@ -26,7 +30,11 @@ from rankbench.plugins.method import MethodContext
 from rankbench.plugins.registry import Registry
 from rankbench.run.config import make_config, resolve_device
 from rankbench.run.prepare import build_model
-from rankbench.run.trainer import param_groups
+from rankbench.run.trainer import compile_options, param_groups
+
+COMPILED_TARGETS = {"resnet32": (1.5, 1.15, 1.05), "lenet5": (2.0, 1.3, 1.05)}
+"""Per task: compiled ours step / compiled dense step, compiled trn / compiled dense, compiled exported
+inference / compiled dense inference (the GPU issue's targets)."""
 
 
 def sync(device: torch.device) -> None:
@@ -86,7 +94,7 @@ CPU_TEST_SIZE = {"resnet32": 1000, "resnet110": 500}
 
 
 def bench_task(registry: Registry, task_name: str, device: torch.device, batch: int, steps: int,
-               test_size: int | None) -> None:
+               test_size: int | None, compiled: dict | None = None) -> None:
     """Print one task's table of steps and inference times, and its targets."""
     rank = make_config(registry, task_name, "dense", {}).task_params["initial_rank"]
     if test_size is None:
@@ -107,6 +115,9 @@ def bench_task(registry: Registry, task_name: str, device: torch.device, batch: 
     inputs = task.example_input(test_size).to(device)
     dense_params = count_parameters(built["dense"][0])
     rows = []
+    if compiled is not None:  # after the eager rows in each round, so every contraction is planned before tracing
+        built.update({f"{label} compiled": (torch.compile(model, **compiled), m, t)
+                      for label, (model, m, t) in list(built.items())})
     step = time_steps(built, x, y, device, steps)
     torch.manual_seed(1)
     with torch.no_grad():  # close ~70% of the slices, as training with λ does
@@ -116,9 +127,12 @@ def bench_task(registry: Registry, task_name: str, device: torch.device, batch: 
     materialised = materialise(prune_model(gated.eval())).to(device)
     models = {**{k: v[0] for k, v in built.items()}, "ours exported (pruned)": exported,
               "ours exported, materialised": materialised}
+    if compiled is not None:
+        models["ours exported (pruned) compiled"] = torch.compile(exported, **compiled)
     infer = time_inference(models, inputs, batch, device)
     for label, model in models.items():
-        params = count_parameters(exported if model is materialised else model)
+        plain = getattr(model, "_orig_mod", model)
+        params = count_parameters(exported if plain is materialised else plain)
         rows.append([label, params, f"{dense_params / params:.2f}x",
                      f"{step[label] * 1e3:.2f}" if label in step else "-",
                      f"{step[label] / step['dense']:.2f}x" if label in step else "-",
@@ -132,6 +146,16 @@ def bench_task(registry: Registry, task_name: str, device: torch.device, batch: 
         ("exported, materialised, inference <= 1.05x dense", infer["ours exported, materialised"] / infer["dense"],
          1.05),
     ]
+    if compiled is not None and task_name in COMPILED_TARGETS:
+        ours_limit, trn_limit, infer_limit = COMPILED_TARGETS[task_name]
+        targets += [
+            (f"compiled gated step <= {ours_limit}x compiled dense",
+             step[f"{gated_label} compiled"] / step["dense compiled"], ours_limit),
+            (f"compiled trn step <= {trn_limit}x compiled dense",
+             step[f"{trn_label} compiled"] / step["dense compiled"], trn_limit),
+            (f"compiled exported inference <= {infer_limit}x compiled dense",
+             infer["ours exported (pruned) compiled"] / infer["dense compiled"], infer_limit),
+        ]
     print()
     print(tabulate([[name, f"{value:.2f}x", "PASS" if value <= limit else "MISS"] for name, value, limit in targets],
                    headers=[f"target ({task_name})", "measured", ""]))
@@ -145,13 +169,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--test-size", type=int, default=None,
                         help="inference inputs (default 10000; on a CPU 1000 for resnet32, 500 for resnet110)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time every model through torch.compile (CUDA graphs on a GPU)")
+    parser.add_argument("--compile-backend", default=None,
+                        help="torch.compile backend instead of rankbench's choice (aot_eager: a quick CPU check)")
     args = parser.parse_args()
     device = resolve_device(args.device)
     registry = Registry.discover()
     print(f"device {device}{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     for task_name in args.task.split(","):
-        bench_task(registry, task_name.strip(), device, args.batch, args.steps, args.test_size)
+        options = compile_options(device) if args.compile_backend is None else {"backend": args.compile_backend}
+        bench_task(registry, task_name.strip(), device, args.batch, args.steps, args.test_size,
+                   options if args.compile else None)
 
 
 if __name__ == "__main__":

@@ -33,11 +33,11 @@ class HardConcreteMask(RankSelector):
         return torch.clamp(s * (self.zeta - self.gamma) + self.gamma, 0.0, 1.0)
 
     def deterministic(self) -> Tensor:
+        """θ > 0; if no slice is on, the likeliest one (branch-free, so ``torch.compile`` keeps one graph)."""
         with torch.no_grad():
             mask = (self.theta > 0).to(self.theta.dtype)
-            if mask.sum() == 0:
-                mask[self.theta.argmax()] = 1.0
-        return mask
+            likeliest = torch.zeros_like(mask).scatter_(0, self.theta.argmax().reshape(1), 1.0)
+            return torch.where(mask.sum() > 0, mask, likeliest)
 
     def probability(self) -> Tensor:
         """φ = sigmoid(θ): the probability that each slice is on."""

@@ -18,10 +18,17 @@ def _seeds(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"{text!r}: give integers separated by commas, e.g. 0,1,2") from None
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as one line (exit 2), like every other input error."""
+
+    def error(self, message: str):
+        self.exit(2, f"rankbench: error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rankbench", description=__doc__)
+    parser = _Parser(prog="rankbench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--plugin-dir", action="append", type=Path, default=[],
                         help="folder of extra method/task plugin files (repeatable)")
 
@@ -43,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--format", default="simple", help="tabulate format of the final table")
     run.add_argument("--contraction", default="auto", choices=("auto", "weight", "input"),
                      help="training contraction of tensorized linear layers (auto: cheaper by FLOP count)")
+    run.add_argument("--compile", default="off", metavar="auto|off|on",
+                     help="torch.compile the training model (CUDA graphs on a GPU); auto: on for CUDA, off on a CPU")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--resume", default=None, metavar="RUN_ID",
                      help="continue that run (killed or crashed) from its last finished epoch, in the same MLflow "
@@ -68,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a fixed setting for every trial (repeatable)")
     study.add_argument("--tracking-uri", default=None, help="MLflow tracking URI")
     study.add_argument("--data-dir", type=Path, default=None, help="folder holding the dataset files")
+    study.add_argument("--compile", default="off", metavar="auto|off|on",
+                       help="torch.compile every trial's training model (auto: on for CUDA)")
     study.add_argument("--device", default="auto", help="auto | cpu | cuda")
     study.add_argument("--out", type=Path, default=None, help="folder for the plots (default rankbench-runs/studies/NAME)")
 
@@ -154,6 +165,7 @@ def cmd_run(args, registry) -> None:
         device=args.device, data_dir=args.data_dir, download=args.download, tracking_uri=args.tracking_uri,
         experiment=args.experiment, threads=args.threads, progress=not args.no_progress,
         contraction=args.contraction, budget_steps=parse_budget(args.budget), resume=args.resume,
+        compile=args.compile,
     )
     prepared = prepare(config, registry)
     bars: dict[int, tqdm] = {}
@@ -242,6 +254,7 @@ def cmd_study(args, registry) -> None:
           + ", ".join(f"{k} ({v})" for k, v in spec.objectives.items()), flush=True)
     outcome = studies.run_study(spec, storage_url=args.storage, workers=args.workers, tracking_uri=args.tracking_uri,
                                 plugin_dirs=args.plugin_dir, data_dir=args.data_dir, device=args.device,
+                                compile=args.compile,
                                 out_dir=args.out)
     rows = [[b["number"], ", ".join(f"{k}={v}" for k, v in b["params"].items()),
              *[f"{b[m]:.4g}" for m in spec.objectives],
@@ -253,7 +266,10 @@ def cmd_study(args, registry) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2, already printed)
+        return int(exc.code or 0)
     try:
         from rankbench.plugins.registry import Registry
 

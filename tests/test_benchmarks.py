@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-TARGET_LINE = re.compile(r"^(gated|exported).*\s\d+\.\d\dx\s+(PASS|MISS)$", re.M)
+TARGET_LINE = re.compile(r"^(gated|exported|compiled).*\s\d+\.\d\dx\s+(PASS|MISS)$", re.M)
 
 
 def run_script(name: str, *args: str, cwd: Path) -> str:
@@ -32,6 +32,15 @@ def test_models_benchmark_prints_both_tasks_and_every_target(tmp_path):
     for label in ("dense", "ours exported (pruned)", "ours exported, materialised"):
         assert out.count(f"\n{label} ") == 2
     assert len(TARGET_LINE.findall(out)) == 8  # four targets per task, each PASS or MISS
+
+
+def test_models_benchmark_adds_compiled_rows_and_their_targets(tmp_path):
+    """``--compile`` on a CPU with the aot_eager backend (inductor takes minutes per graph here)."""
+    out = run_script("models.py", "--task", "lenet5", "--batch", "8", "--steps", "2", "--test-size", "16",
+                     "--compile", "--compile-backend", "aot_eager", cwd=tmp_path)
+    for label in ("dense compiled", "trn r25 compiled", "ours r25 (gated) compiled", "ours exported (pruned) compiled"):
+        assert f"\n{label} " in out
+    assert len(TARGET_LINE.findall(out)) == 7  # four eager targets and three compiled ones
 
 
 def test_layers_benchmark_marks_the_automatic_choice(tmp_path):

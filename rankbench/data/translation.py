@@ -22,13 +22,16 @@ import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 import numpy as np
-import sentencepiece as spm
 import torch
 
 from rankbench.data.splits import DataSplits, Split, dataset_folders, file_digest
 from rankbench.errors import RankbenchError
+
+if TYPE_CHECKING:
+    import sentencepiece as spm
 
 __all__ = ["BOS", "EOS", "PAD", "TRANSLATION_DATASETS", "UNK", "corpus_bleu", "decode", "load_translation",
            "synthetic_corpus", "train_subword_model"]
@@ -200,6 +203,8 @@ def _train_proto(sentences: Iterable[str], vocab_size: int, what: str) -> bytes:
         raise RankbenchError(f"vocab_size must be an integer of at least 8, got {vocab_size}: pass a larger vocab_size")
     model = io.BytesIO()
     try:
+        import sentencepiece as spm  # imported on use: rankbench runs where only image tasks are needed without it
+
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(sentences), model_writer=model, model_type=_MODEL_TYPE, vocab_size=int(vocab_size),
             hard_vocab_limit=False,  # vocab_size is a cap: a small corpus yields fewer pieces instead of failing
@@ -249,6 +254,8 @@ def train_subword_model(sentences: Iterable[str], vocab_size: int, model_prefix:
 
 
 def _processor(proto: bytes) -> spm.SentencePieceProcessor:
+    import sentencepiece as spm
+
     return spm.SentencePieceProcessor(model_proto=proto)
 
 

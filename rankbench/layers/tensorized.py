@@ -312,7 +312,12 @@ class TensorizedLayer(nn.Module):
         raise NotImplementedError
 
     def weight(self) -> Tensor:
-        """``dense_weight``, reused across eval-mode no-grad calls until a parameter changes."""
+        """``dense_weight``, reused across eval-mode no-grad calls until a parameter changes.
+
+        Under ``torch.compile`` the weight is rebuilt inside the graph instead: the cache's
+        pointer-and-version check is Python the compiled graph (a CUDA graph) must not run."""
+        if torch.compiler.is_compiling():
+            return self.dense_weight()
         if self.training or torch.is_grad_enabled():
             self._weight_cache = None
             return self.dense_weight()

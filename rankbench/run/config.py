@@ -52,6 +52,18 @@ class RunConfig:
     budget_steps: int | None = None
     resume: str | None = None
     """A run id to continue from its last checkpoint (its own seed only)."""
+    compile: str = "off"
+    """``torch.compile`` the model for training: ``on``, ``off``, or ``auto`` (on for CUDA, see ``compiles``)."""
+
+
+COMPILE_CHOICES = ("auto", "off", "on")
+
+
+def compiles(choice: str, device: torch.device) -> bool:
+    """Whether ``--compile CHOICE`` compiles on ``device``: ``auto`` compiles on CUDA, where a training
+    step is many small kernels that CUDA graphs replay at once; on a CPU compiling costs a minute per
+    graph and eager is as fast (see the README's Performance)."""
+    return choice == "on" or (choice == "auto" and device.type == "cuda")
 
 
 def make_config(
@@ -79,6 +91,8 @@ def make_config(
     if options.get("budget_steps") is not None and "epochs" in raw:
         raise RankbenchError("--budget sets the epochs: drop --epochs / --set epochs")
     resolve_device(options.get("device", "auto"))
+    if options.get("compile", "off") not in COMPILE_CHOICES:
+        raise RankbenchError(f"--compile {options['compile']}: choose {', '.join(COMPILE_CHOICES)}")
     check_data_dir(options.get("data_dir"), bool(options.get("download")))
     check_tracking_uri(options.get("tracking_uri"))
     threads = options.get("threads")

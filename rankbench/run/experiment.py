@@ -88,7 +88,8 @@ def recorded_params(prepared: PreparedRun, seed: int, model: torch.nn.Module) ->
         records.INITIAL_RANKS: json.dumps(learned_ranks(model)),
         records.CONTRACTION: json.dumps(contraction_choices(model, prepared.batch_size)),
         records.INITIAL_PARAMETERS: count_parameters(model), records.DENSE_PARAMETERS: prepared.dense_parameters,
-        records.DEVICE: str(prepared.device), records.THREADS: torch.get_num_threads(),
+        records.DEVICE: str(prepared.device), records.COMPILE: "on" if prepared.compiled else "off",
+        records.THREADS: torch.get_num_threads(),
         records.RANKBENCH_VERSION: rankbench.__version__, records.TORCH_VERSION: torch.__version__,
         records.GIT_COMMIT: git_commit(),
     }
@@ -254,7 +255,8 @@ def _train_and_measure(prepared: PreparedRun, method: Method, model: torch.nn.Mo
 
     trained = fit(model, method, prepared.task, prepared.data, epochs=prepared.epochs, seed=seed,
                   device=prepared.device, dense_parameters=prepared.dense_parameters, on_epoch=epoch_done,
-                  resume=resume, on_checkpoint=lambda state: save_checkpoint(state, checkpoint_path))
+                  resume=resume, on_checkpoint=lambda state: save_checkpoint(state, checkpoint_path),
+                  compile=prepared.compiled)
     task = prepared.task
     test = evaluate(model, prepared.data.test, prepared.batch_size, task.loss, prepared.device, task.correct)
     ranks = learned_ranks(model)

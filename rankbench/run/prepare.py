@@ -20,7 +20,7 @@ from rankbench.layers.tensorized import count_parameters, tensorized_layers
 from rankbench.plugins.method import Method, MethodContext
 from rankbench.plugins.registry import Registry
 from rankbench.plugins.task import Task
-from rankbench.run.config import RunConfig, epochs_for_steps, resolve_device
+from rankbench.run.config import RunConfig, compiles, epochs_for_steps, resolve_device
 
 
 @dataclass(frozen=True, eq=False)
@@ -48,6 +48,11 @@ class PreparedRun:
     @property
     def batch_size(self) -> int:
         return self.task.params["batch_size"]
+
+    @property
+    def compiled(self) -> bool:
+        """Whether training runs ``torch.compile``'d (``--compile`` resolved for the device)."""
+        return compiles(self.config.compile, self.device)
 
     @property
     def steps_per_epoch(self) -> int:

@@ -54,6 +54,7 @@ CONTRACTION = _param("contraction", "training contraction per tensorized layer a
 INITIAL_PARAMETERS = _param("initial_parameters", "trainable parameters before training")
 DENSE_PARAMETERS = _param("dense_parameters", "trainable parameters of the task's dense reference model")
 DEVICE = _param("device", "torch device")
+COMPILE = _param("compile", "whether training ran torch.compile'd (on/off, --compile auto resolved for the device)")
 THREADS = _param("threads", "torch CPU threads")
 RANKBENCH_VERSION = _param("rankbench_version", "rankbench version")
 TORCH_VERSION = _param("torch_version", "torch version")

@@ -56,15 +56,24 @@ def fit(
     on_epoch: EpochCallback | None = None,
     resume: Checkpoint | None = None,
     on_checkpoint: Callable[[Checkpoint], None] | None = None,
+    compile: bool = False,
 ) -> TrainResult:
     """Train ``model`` with the task's recipe and the method's loss; evaluate on validation each epoch.
 
     ``on_checkpoint`` receives the full training state after every epoch (after ``on_epoch``);
     ``resume`` continues from one, so the remaining epochs draw exactly the random numbers an
-    uninterrupted run would."""
+    uninterrupted run would.
+
+    ``compile`` trains and validates through ``torch.compile(model)`` (CUDA graphs on a GPU, see
+    ``compile_options``): one graph per batch shape (full and last partial batch, train and eval),
+    after one eager pass per shape that makes the layers' contraction plans. On a GPU the epoch's
+    losses are summed on the device and read once per epoch (no host synchronisation per step), and
+    the time per batch is the epoch's training time over its batches; on a CPU each step is timed."""
     batch_size = task.params["batch_size"]
     if len(data.train) == 0 or len(data.val) == 0:
         raise RankbenchError(f"{data.name}: the training or validation split is empty: use a larger dataset")
+    runner = compiled_model(model, data, batch_size, device) if compile else model
+    per_step_sync = device.type != "cuda"
     lr = task.params["lr"]
     optimizer = task.optimizer(param_groups(model, lr, method.selector_lr(lr)))
     per_step = task.scheduler_interval == "step"
@@ -81,35 +90,41 @@ def fit(
     for epoch in range(first, epochs + 1):
         model.train()
         sums = {"loss": 0.0, "penalty": 0.0}
+        device_sums = torch.zeros(3, device=device, dtype=torch.float64)
         batches, batch_seconds = 0, 0.0
+        synchronize(device)
+        epoch_start = time.perf_counter()
         for x, y in iterate_batches(data.train, batch_size, shuffle=True, generator=generator):
             x, y = task.augment(x, generator).to(device), y.to(device)
-            synchronize(device)
             t0 = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            step = method.loss(model, (x, y), task.loss)
-            # one device sync per step for the three numbers
-            total, task_loss, penalty = torch.stack(
-                [step.total.detach(), step.task.detach(), step.penalty.detach().to(step.total.dtype)]
-            ).tolist()
-            if not math.isfinite(total):
-                raise TrainingDiverged(
-                    f"loss became {total} at epoch {epoch}, batch {batches + 1}: "
-                    "lower the learning rate (--set lr=...) or the penalty weight"
-                )
+            step = method.loss(runner, (x, y), task.loss)
+            losses = torch.stack([step.total.detach(), step.task.detach(), step.penalty.detach().to(step.total.dtype)])
+            if per_step_sync:  # one read per step for the three numbers
+                total, task_loss, penalty = losses.tolist()
+                if not math.isfinite(total):
+                    raise _diverged(total, epoch, f", batch {batches + 1}")
+                sums["loss"] += task_loss
+                sums["penalty"] += penalty
+            else:
+                device_sums += losses.double()
             step.total.backward()
             optimizer.step()
             if per_step and scheduler is not None:
                 scheduler.step()
-            synchronize(device)
-            batch_seconds += time.perf_counter() - t0
-            sums["loss"] += task_loss
-            sums["penalty"] += penalty
+            if per_step_sync:
+                batch_seconds += time.perf_counter() - t0
             batches += 1
+        if not per_step_sync:  # one read per epoch
+            synchronize(device)
+            batch_seconds = time.perf_counter() - epoch_start
+            total, sums["loss"], sums["penalty"] = device_sums.tolist()
+            if not math.isfinite(total):
+                raise _diverged(total, epoch, "")
         if scheduler is not None and not per_step:
             scheduler.step()
         task.calibrate(model, data.train, device)
-        val = evaluate(model, data.val, batch_size, task.loss, device, task.correct)
+        val = evaluate(runner, data.val, batch_size, task.loss, device, task.correct)
         metrics = {
             records.TRAIN_LOSS: sums["loss"] / batches,
             records.PENALTY: sums["penalty"] / batches,
@@ -134,6 +149,34 @@ def fit(
             ))
     result.train_seconds = time.perf_counter() - start
     return result
+
+
+def _diverged(total: float, epoch: int, where: str) -> TrainingDiverged:
+    return TrainingDiverged(f"loss became {total} at epoch {epoch}{where}: "
+                            "lower the learning rate (--set lr=...) or the penalty weight")
+
+
+def compile_options(device: torch.device) -> dict:
+    """``torch.compile`` arguments: CUDA graphs (``reduce-overhead``) on a GPU, inductor's default on a
+    CPU; static shapes, so each batch shape is one graph."""
+    return {"mode": "reduce-overhead" if device.type == "cuda" else "default", "dynamic": False}
+
+
+def compiled_model(model: nn.Module, data: DataSplits, batch_size: int, device: torch.device) -> nn.Module:
+    """``torch.compile(model)``, after one eager forward per batch shape it will see (train and eval
+    mode) so every tensorized layer has planned its contractions outside the traced code. The warm-up
+    leaves every random generator as it found it, so a compiled run draws what an eager one would."""
+    shapes = {(split.x.shape[1:], n) for split in (data.train, data.val)
+              for n in {min(batch_size, len(split)), len(split) % batch_size} if n}
+    was_training = model.training
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        for training in (True, False):
+            model.train(training)
+            for shape, n in shapes:
+                split = data.train if data.train.x.shape[1:] == shape else data.val
+                model(split.x[:n].to(device))
+    model.train(was_training)
+    return torch.compile(model, **compile_options(device))
 
 
 def _cpu(state: dict) -> dict:

@@ -166,6 +166,7 @@ class StudyRun:
     device: str
     parent_run_id: str
     worker: int = 0
+    compile: str = "off"
 
 
 # ---------------------------------------------------------------------------- one trial
@@ -214,8 +215,8 @@ def run_trial(trial, run: StudyRun, registry: Registry, tracker: Tracker) -> lis
         trial.set_user_attr("failure_reason", "")
     task, method, values = trial_assignments(trial, spec, registry)
     config = make_config(
-        registry, task, method, values, seeds=spec.seeds, device=run.device, data_dir=run.data_dir,
-        tracking_uri=run.tracking_uri, progress=False,
+        registry, task, method, values, seeds=spec.seeds, device=run.device, compile=run.compile,
+        data_dir=run.data_dir, tracking_uri=run.tracking_uri, progress=False,
         budget_steps=None if "epochs" in values else spec.budget_steps,  # --set epochs=N wins (smoke runs)
         tags={"mlflow.parentRunId": run.parent_run_id, "study": spec.name, "trial": str(trial.number)},
     )
@@ -388,6 +389,7 @@ def run_study(
     data_dir: Path | None = None,
     device: str = "auto",
     out_dir: Path | None = None,
+    compile: str = "off",
 ) -> "StudyOutcome":
     """Create or resume the study, run its workers to the budget, then summarise and plot."""
     from rankbench.run.config import check_data_dir
@@ -403,7 +405,7 @@ def run_study(
         tracker.experiment_id(spec.task)
         with (contextlib.nullcontext() if url.startswith("sqlite:///") else storage_lock(url, storage)):
             parent = ensure_parent_run(study, spec, tracker, url)
-    run = StudyRun(spec, url, tracker.uri, tuple(plugin_dirs), data_dir, device, parent)
+    run = StudyRun(spec, url, tracker.uri, tuple(plugin_dirs), data_dir, device, parent, compile=compile)
     deadline = time.time() + spec.timeout_s if spec.timeout_s else None
     try:
         if workers == 1:

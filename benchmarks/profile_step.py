@@ -1,0 +1,79 @@
+"""Where a training step's time goes: ``torch.profiler`` over a few steps of one model.
+
+    python benchmarks/profile_step.py [--device cuda] [--task resnet32] [--method ours] [--compile] [--steps 10]
+
+Prints the top operators by device time (CUDA) or CPU time, with their call counts, and the
+step's total CPU and device time: many small kernels and Python per layer show up as a long
+table of cheap calls and CPU time well above device time. The README's GPU section quotes it
+for every target ``benchmarks/models.py`` misses.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from rankbench.plugins.method import MethodContext
+from rankbench.plugins.registry import Registry
+from rankbench.run.config import make_config, resolve_device
+from rankbench.run.prepare import build_model
+from rankbench.run.trainer import compile_options, param_groups
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--task", default="resnet32")
+    parser.add_argument("--method", default="ours")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compile-backend", default=None)
+    parser.add_argument("--rows", type=int, default=15)
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    registry = Registry.discover()
+    params = {"rank": make_config(registry, args.task, "dense", {}).task_params["initial_rank"]} \
+        if args.method == "trn" else {}
+    config = make_config(registry, args.task, args.method, params)
+    task = registry.task(args.task)(config.task_params)
+    method = registry.method(args.method)(config.method_params)
+    model = build_model(task, method, 0, MethodContext(num_train=50000, device=device))
+    x = task.example_input(args.batch).to(device)
+    with torch.no_grad():
+        y = model.eval()(x).argmax(-1)
+    model.train()
+    optimizer = task.optimizer(param_groups(model, task.params["lr"]))
+
+    def step(runner) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        method.loss(runner, (x, y), task.loss).total.backward()
+        optimizer.step()
+
+    for _ in range(3):
+        step(model)  # eager warm-up: contraction plans
+    runner = model
+    if args.compile:
+        options = compile_options(device) if args.compile_backend is None else {"backend": args.compile_backend}
+        runner = torch.compile(model, **options)
+        for _ in range(3):
+            step(runner)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(args.steps):
+            step(runner)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    events = prof.key_averages()
+    print(f"{args.method} on {args.task}, batch {args.batch}, {args.steps} steps, "
+          f"{'compiled' if args.compile else 'eager'}, device {device}")
+    print(events.table(sort_by=sort, row_limit=args.rows, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()

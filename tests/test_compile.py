@@ -1,0 +1,77 @@
+"""``--compile``: training through ``torch.compile`` gives the eager run's numbers.
+
+On a CPU the tests compile with the ``aot_eager`` backend (the traced graphs run with eager
+kernels: the same numbers, bit for bit, and seconds instead of inductor's minute per graph);
+what they check is rankbench's side: the warm-up that plans contractions outside the traced
+code, one graph per batch shape, the random streams left as an eager run leaves them, and the
+recorded ``compile`` param. A GPU run of the compiled path is ``benchmarks/gpu.sh``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rankbench.run.trainer
+from rankbench.cli import main
+from rankbench.run.tracking import Tracker
+
+from helpers import assert_one_line_error, make_tiny_mnist
+
+RUN = ["run", "--task", "mlp2", "--set", "val_size=40", "--set", "initial_rank=3", "--set", "batch_size=48",
+       "--epochs", "2", "--no-progress", "--device", "cpu", "--threads", "1"]
+
+
+@pytest.fixture
+def aot_eager(monkeypatch):
+    monkeypatch.setattr(rankbench.run.trainer, "compile_options", lambda device: {"backend": "aot_eager"})
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def outcome(uri: str) -> dict:
+    tracker = Tracker(uri, create=False)
+    (run,) = tracker.runs()
+    history = {k: [(m.step, m.value) for m in tracker.metric_history(run.info.run_id, k)]
+               for k in ("train_loss", "val_loss", "val_accuracy", "compression")}
+    state = torch.load(tracker.download_artifact(run.info.run_id, "model/state_dict.pt"))
+    return {"params": run.data.params, "history": history, "test": run.data.metrics["test_accuracy"],
+            "state": {k: v.numpy().tobytes() for k, v in state.items()}}
+
+
+@pytest.mark.parametrize("method", ["ours", "trn", "mars"])
+def test_a_compiled_run_equals_the_eager_run_bit_for_bit(method, aot_eager, tmp_path, store_template, capsys):
+    import shutil
+
+    data = make_tiny_mnist(tmp_path / "data")  # 160 training images: batches of 48, 48, 48 and 16
+    results = {}
+    for choice in ("off", "on"):
+        shutil.copyfile(store_template, tmp_path / f"{choice}.db")
+        uri = f"sqlite:///{tmp_path / f'{choice}.db'}"
+        assert main([*RUN, "--method", method, "--data-dir", str(data), "--tracking-uri", uri,
+                     "--compile", choice]) == 0, capsys.readouterr().err
+        results[choice] = outcome(uri)
+    eager, compiled = results["off"], results["on"]
+    assert eager["params"]["compile"] == "off" and compiled["params"]["compile"] == "on"
+    assert compiled["history"] == eager["history"]
+    assert compiled["test"] == eager["test"]
+    assert compiled["state"] == eager["state"]
+
+
+def test_auto_compiles_on_cuda_only(uri, tmp_path, capsys):
+    data = make_tiny_mnist(tmp_path / "data")
+    assert main([*RUN, "--method", "ours", "--epochs", "1", "--data-dir", str(data), "--tracking-uri", uri,
+                 "--compile", "auto"]) == 0, capsys.readouterr().err
+    (run,) = Tracker(uri, create=False).runs()
+    assert run.data.params["compile"] == "off"  # a CPU: auto leaves it eager
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--method", "ours", "--compile", "maybe"], "--compile maybe"),
+    (["--method", "ours", "--contraction", "bogus"], "invalid choice: 'bogus'"),  # argparse's own errors, too
+    ([], "required: --method"),
+])
+def test_bad_command_lines_are_one_line_errors(extra, words, uri, capsys):
+    assert main([*RUN, *extra]) == 2
+    assert words in assert_one_line_error(capsys.readouterr().err)
