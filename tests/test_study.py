@@ -604,12 +604,12 @@ def resumed(tmp_path_factory, data_dir, mlflow_template):
         real = rankbench.study.runner.run_trial
         calls = []
 
-        def interrupting(trial, run, registry, tracker):
+        def interrupting(trial, run, registry, tracker, **kwargs):
             calls.append(1)
             if len(calls) == 2:  # Ctrl-C once the trial has its configuration, as during training
                 rankbench.study.runner.trial_assignments(trial, run.spec, registry)
                 raise KeyboardInterrupt
-            return real(trial, run, registry, tracker)
+            return real(trial, run, registry, tracker, **kwargs)
 
         mp.setattr(rankbench.study.runner, "run_trial", interrupting)
         result["rc_interrupted"] = main(argv)
@@ -788,6 +788,50 @@ def test_a_killed_trial_is_listed_as_died_and_its_retry_reuses_finished_seeds_an
     proc, log = start_cli(reference.argv(path, *settings), reference.root, "ref")
     assert proc.wait(timeout=120) == 0, log.read_text()
     uninterrupted = seed_outcomes(reference.uri, "cont")
+    for seed in (0, 1):
+        assert after[seed]["history"] == uninterrupted[seed]["history"], seed
+        assert after[seed]["final"] == uninterrupted[seed]["final"], seed
+
+
+def test_a_retry_finds_the_earlier_attempts_runs_by_their_trial_tag_when_it_did_not_record_them(
+        env, mlflow_template, monkeypatch, capsys):
+    """The first attempt records no ``runs`` attribute (as rankbench before it did, or a worker that
+    died first) and is interrupted (Ctrl-C) in seed 1's third epoch: the retry still reads seed 0
+    back and continues seed 1 from its checkpoint, found among the study's runs by trial tag."""
+    import optuna
+
+    import rankbench.run.tracking
+
+    path = write_study(env.root, "lineage", grid={"lambda": [0.5]})
+    settings = ["--seeds", "0,1", "--set", "epochs=4", "--set", "initial_rank=3"]
+    real_set = optuna.trial.Trial.set_user_attr
+    real_log = rankbench.run.tracking.Tracker.log_metrics
+    logged = []
+
+    def log_then_interrupt(self, run_id, metrics, step=None):
+        logged.append(run_id)
+        if len(set(logged)) == 2 and logged.count(run_id) == 3:  # seed 1, epoch 3
+            raise KeyboardInterrupt
+        return real_log(self, run_id, metrics, step)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(optuna.trial.Trial, "set_user_attr",
+                   lambda self, key, value: None if key == "runs" else real_set(self, key, value))
+        mp.setattr(rankbench.run.tracking.Tracker, "log_metrics", log_then_interrupt)
+        assert quiet_main(env.argv(path, *settings)) == 130
+    before = seed_outcomes(env.uri, "lineage")
+    assert [before[s]["status"] for s in (0, 1)] == ["FINISHED", "KILLED"]
+    assert "runs" not in trials_of(env.storage, "lineage")[0].user_attrs
+
+    assert quiet_main(env.argv(path, *settings)) == 0, capsys.readouterr().err
+    after = seed_outcomes(env.uri, "lineage")
+    assert {s: o["run_id"] for s, o in after.items()} == {s: o["run_id"] for s, o in before.items()}
+    assert after[0] == before[0] and after[1]["status"] == "FINISHED"
+
+    (env.root / "ref").mkdir()
+    reference = Env(env.root / "ref", env.data_dir, mlflow_template)
+    assert quiet_main(reference.argv(path, *settings)) == 0
+    uninterrupted = seed_outcomes(reference.uri, "lineage")
     for seed in (0, 1):
         assert after[seed]["history"] == uninterrupted[seed]["history"], seed
         assert after[seed]["final"] == uninterrupted[seed]["final"], seed

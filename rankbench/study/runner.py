@@ -197,12 +197,15 @@ def trial_assignments(trial, spec: StudySpec, registry: Registry) -> tuple[str, 
     return task, method, values
 
 
-def run_trial(trial, run: StudyRun, registry: Registry, tracker: Tracker) -> list[float]:
+def run_trial(trial, run: StudyRun, registry: Registry, tracker: Tracker,
+              retried: Sequence[int] = ()) -> list[float]:
     """Train the trial's configuration on every seed; return the objectives (means over seeds).
 
     Each seed's run id is kept in the trial's ``runs`` attribute as it starts. A retried trial
     (Optuna copies the attributes) thus reads back the seeds its earlier attempt finished and
-    continues the one it was training from that run's last checkpoint."""
+    continues the one it was training from that run's last checkpoint. A seed the attribute lacks
+    (the attempt died before recording it, or an older rankbench ran it) is looked up among the
+    study's runs tagged with one of the ``retried`` trial numbers."""
     import optuna
 
     from rankbench.run.config import make_config
@@ -231,7 +234,8 @@ def run_trial(trial, run: StudyRun, registry: Registry, tracker: Tracker) -> lis
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {epoch} ({objective}={metrics[objective]:.4g})")
 
-    runs = {int(seed): run_id for seed, run_id in trial.user_attrs.get("runs", {}).items()}
+    runs = {**earlier_runs(tracker, spec.name, retried),
+            **{int(seed): run_id for seed, run_id in trial.user_attrs.get("runs", {}).items()}}
 
     def on_start(run_id: str, seed: int, params: dict) -> None:  # a retry (which copies user attrs) finds it
         runs[seed] = run_id
@@ -255,6 +259,20 @@ def run_trial(trial, run: StudyRun, registry: Registry, tracker: Tracker) -> lis
         trial.set_user_attr(f"mean_{metric}", statistics.mean(s[metric] for s in per_seed))
     trial.set_user_attr("dataset", results[0].dataset)
     return [statistics.mean(s[m] for s in per_seed) for m in spec.objectives]
+
+
+def earlier_runs(tracker: Tracker, study: str, trials: Sequence[int]) -> dict[int, str]:
+    """Seed → the latest run of ``study`` tagged with one of ``trials`` (earlier attempts of a trial)."""
+    if not trials:
+        return {}
+    wanted = {str(n) for n in trials}
+    found = [r for status in ("FINISHED", "RUNNING", "FAILED", "KILLED")
+             for r in tracker.runs(study=study, status=status)
+             if r.data.tags.get("trial") in wanted and records.SEED in r.data.params]
+    latest: dict[int, Any] = {}
+    for r in sorted(found, key=lambda r: r.info.start_time):
+        latest[int(r.data.params[records.SEED])] = r
+    return {seed: r.info.run_id for seed, r in latest.items()}
 
 
 # ---------------------------------------------------------------------------- workers
@@ -329,8 +347,9 @@ def worker_loop(run: StudyRun, deadline: float | None = None) -> int:
             continue
         try:
             trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+            retried = storage.get_trial(trial_id).system_attrs.get("retry_history", [])
             with _Heartbeat(storage, trial_id, run.spec.heartbeat_interval):
-                values = run_trial(trial, run, registry, tracker)
+                values = run_trial(trial, run, registry, tracker, retried=retried)
         except optuna.TrialPruned as exc:
             trial.set_user_attr("pruned_reason", str(exc))
             study.tell(trial, state=TrialState.PRUNED)
