@@ -75,3 +75,28 @@ def test_auto_compiles_on_cuda_only(uri, tmp_path, capsys):
 def test_bad_command_lines_are_one_line_errors(extra, words, uri, capsys):
     assert main([*RUN, *extra]) == 2
     assert words in assert_one_line_error(capsys.readouterr().err)
+
+
+def test_compiled_inference_of_an_exported_model_rebuilds_weights_in_the_graph_without_the_cache(aot_eager):
+    """An exported (pruned) tensorized model, compiled: the same outputs as eager, and no layer ran its
+    Python weight cache (the pointer-and-version check a CUDA graph cannot contain)."""
+    from rankbench.layers.tensorized import prune_model, tensorized_layers
+    from rankbench.plugins.method import MethodContext
+    from rankbench.plugins.registry import Registry
+    from rankbench.run.config import make_config
+    from rankbench.run.prepare import build_model
+
+    registry = Registry.discover()
+    config = make_config(registry, "lenet5", "ours", {"initial_rank": 4})
+    task = registry.task("lenet5")(config.task_params)
+    model = build_model(task, registry.method("ours")(config.method_params), 0,
+                        MethodContext(num_train=100, device=torch.device("cpu")))
+    exported = prune_model(model.eval()).eval()
+    x = task.example_input(8, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        eager = exported(x)
+        for _, layer in tensorized_layers(exported):
+            layer._weight_cache = None
+        compiled = torch.compile(exported, backend="aot_eager")(x)
+    assert torch.equal(compiled, eager)
+    assert all(layer._weight_cache is None for _, layer in tensorized_layers(exported))

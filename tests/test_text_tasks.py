@@ -156,7 +156,7 @@ def test_every_method_translates_the_synthetic_corpus_end_to_end_with_bleu(metho
 
 def test_the_translator_learns_the_synthetic_corpus(tmp_path, uri, capsys):
     """Three epochs of a tiny dense Transformer: teacher-forced token accuracy climbs (the embedded
-    recipe's 10 epochs of the 2-layer d_model-64 model reach about 98 % and BLEU about 90, see the README)."""
+    recipe's 10 epochs of the 2-layer d_model-64 model: 97.7 % tokens and BLEU 94.3 for ours, see the README)."""
     assert main(["run", "--task", "iwslt14", "--method", "dense", "--set", "layers=1", "--set", "d_model=32",
                  "--set", "ffn=64", "--epochs", "3", "--no-progress", "--device", "cpu", "--threads", "1",
                  "--data-dir", str(tmp_path), "--tracking-uri", uri]) == 0, capsys.readouterr().err

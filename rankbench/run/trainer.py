@@ -176,6 +176,8 @@ def compiled_model(model: nn.Module, data: DataSplits, batch_size: int, device: 
                 split = data.train if data.train.x.shape[1:] == shape else data.val
                 model(split.x[:n].to(device))
     model.train(was_training)
+    torch.compiler.reset()  # graphs of an earlier run's model (a study worker trains one after another) would
+    # count against torch's recompile limit for the same forward code, and past it training falls back to eager
     return torch.compile(model, **compile_options(device))
 
 
