@@ -136,6 +136,67 @@ def test_a_run_killed_in_epoch_3_of_4_resumes_to_the_same_result_as_an_uninterru
     assert not list(checkpoints.glob("*.pt"))  # finished runs keep no checkpoint
 
 
+def test_a_run_on_the_embedded_digits_resumes(tmp_path, uri, monkeypatch, capsys):
+    """The recorded ``dataset`` is the data's name (``mnist-embedded-5k``), not the ``dataset`` setting
+    (``mnist``): resuming compares like with like."""
+    import rankbench.run.tracking
+
+    real_log = rankbench.run.tracking.Tracker.log_metrics
+    argv = ["run", "--method", "ours", "--task", "mlp2", "--set", "initial_rank=3", "--set", "batch_size=500",
+            "--epochs", "3", "--no-progress", "--device", "cpu", "--threads", "1", "--tracking-uri", uri]
+
+    def interrupt_in_epoch_2(self, run_id, metrics, step=None):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real_log(self, run_id, metrics, step)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(rankbench.run.tracking.Tracker, "log_metrics", interrupt_in_epoch_2)
+        assert main(argv) == 130
+    run_id = capsys.readouterr().err.split("run ")[1].split()[0]
+    assert main([*argv, "--resume", run_id]) == 0, capsys.readouterr().err
+    assert statuses(uri) == ["FINISHED"]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    assert client.get_run(run_id).data.params["dataset"] == "mnist-embedded-5k"
+    assert [m.step for m in client.get_metric_history(run_id, "val_accuracy")] == [1, 2, 3]
+
+
+def test_of_several_interrupted_attempts_at_a_seed_the_furthest_is_continued(tmp_path, uri, monkeypatch, capsys):
+    import rankbench.run.tracking
+    from rankbench.plugins.registry import Registry
+    from rankbench.run.config import make_config
+    from rankbench.run.experiment import run
+    from rankbench.run.prepare import prepare
+
+    real_log = rankbench.run.tracking.Tracker.log_metrics
+    registry = Registry.discover()
+    config = make_config(registry, "mlp2", "ours", {"initial_rank": 3, "batch_size": 500}, epochs=4,
+                         tracking_uri=uri, progress=False, threads=1)
+    prepared = prepare(config, registry)
+    attempts = []
+
+    def interrupted_at(stop: int):
+        def log_metrics(self, run_id, metrics, step=None):
+            if step == stop:
+                raise KeyboardInterrupt
+            return real_log(self, run_id, metrics, step)
+        return log_metrics
+
+    for stop in (2, 3):  # interrupted in epoch 2 (checkpoint of epoch 1), then in epoch 3 (of epoch 2)
+        with monkeypatch.context() as mp:
+            mp.setattr(rankbench.run.tracking.Tracker, "log_metrics", interrupted_at(stop))
+            with pytest.raises(KeyboardInterrupt):
+                run(prepared, on_start=lambda run_id, seed, params: attempts.append(run_id))
+    (result,) = run(prepared, earlier={0: attempts})
+    assert result.run_id == attempts[1]  # two epochs logged beats one
+    from mlflow.tracking import MlflowClient
+
+    history = MlflowClient(tracking_uri=uri).get_metric_history(attempts[1], "val_accuracy")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4]
+
+
 def test_resume_refuses_a_finished_run_and_a_different_command(tmp_path, capsys):
     data = make_tiny_mnist(tmp_path / "data")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

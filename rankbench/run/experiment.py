@@ -13,7 +13,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -104,7 +104,7 @@ def run(
     tracker: Tracker | None = None,
     on_start: Callable[[str, int, dict], None] | None = None,
     on_epoch: EpochListener | None = None,
-    earlier: Mapping[int, str] | None = None,
+    earlier: Mapping[int, Sequence[str]] | None = None,
 ) -> list[RunResult]:
     """Run every seed of a prepared run; each seed is one tracked MLflow run.
 
@@ -112,29 +112,29 @@ def run(
     error re-raised; seeds finished before it stay FINISHED. Every epoch ends
     with a checkpoint (``Tracker.checkpoint_path``); ``config.resume`` names a
     run to continue from its last one, in the same MLflow run. ``earlier`` maps
-    seeds to runs of an earlier attempt at this same run (a retried study trial):
-    a finished one is read back instead of trained again, an unfinished one with a
-    checkpoint is continued, and any other (different settings, no checkpoint,
-    still alive) is left alone and the seed starts afresh.
+    seeds to runs of earlier attempts at this same run (a retried study trial):
+    a finished one is read back instead of trained again, else the unfinished one
+    whose checkpoint is furthest on is continued; any other (different settings,
+    no checkpoint, still alive) is left alone and the seed starts afresh.
     """
     config = prepared.config
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     tracker = tracker or Tracker(config.tracking_uri)
     experiment = config.experiment or config.task
-    earlier = dict(earlier or {})
+    candidates = {seed: list(runs) for seed, runs in (earlier or {}).items()}
     seeds = config.seeds
     if config.resume is not None:
         seed = _resumed_seed(prepared, tracker)
-        seeds, earlier = (seed,), {seed: config.resume}
+        seeds, candidates = (seed,), {seed: [config.resume]}
     results = []
     for seed in seeds:
-        continuation = _continuation(prepared, tracker, earlier[seed]) if seed in earlier else None
+        continuation, earlier_run = _best_continuation(prepared, tracker, candidates.get(seed, []))
         if continuation == "finished":
             if on_start is not None:
-                on_start(earlier[seed], seed, dict(tracker.get_run(earlier[seed]).data.params))
-            tracker.set_tags(earlier[seed], config.tags)
-            results.append(recorded_result(tracker, earlier[seed]))
+                on_start(earlier_run, seed, dict(tracker.get_run(earlier_run).data.params))
+            tracker.set_tags(earlier_run, config.tags)
+            results.append(recorded_result(tracker, earlier_run))
             continue
         model, method = prepared.build(seed)
         params = recorded_params(prepared, seed, model)
@@ -145,7 +145,7 @@ def run(
             name = run_name(config.method, prepared.method_cls.hyperparameters, prepared.method_params, seed)
             run_id = tracker.start(experiment, name, params, tags)
         else:
-            run_id = earlier[seed]
+            run_id = earlier_run
             checkpoint = load_checkpoint(tracker.checkpoint_path(run_id))
             tracker.reopen(run_id, {**run_identity(), **config.tags})
         try:
@@ -163,10 +163,30 @@ def run(
     return results
 
 
+def _best_continuation(prepared: PreparedRun, tracker: Tracker, run_ids: Sequence[str]) -> tuple[str | None, str]:
+    """Among earlier attempts at one seed: a finished run, else the resumable one that got furthest
+    (most epochs logged), else none (``(None, "")``)."""
+    best: tuple[tuple[int, int], str, str] | None = None
+    for run_id in dict.fromkeys(run_ids):
+        continuation = _continuation(prepared, tracker, run_id)
+        if continuation is None:
+            continue
+        epochs = len(tracker.metric_history(run_id, records.VAL_ACCURACY)) if continuation == "resume" else 0
+        rank = (continuation == "finished", epochs)
+        if best is None or rank > best[0]:
+            best = (rank, continuation, run_id)
+    return (best[1], best[2]) if best is not None else (None, "")
+
+
+def _asked(prepared: PreparedRun) -> dict[str, Any]:
+    """What this prepared run would record for its settings (the dataset as the data's name)."""
+    return {**prepared.task.params, **prepared.method_params, records.TASK: prepared.config.task,
+            records.METHOD: prepared.config.method, records.DATASET: prepared.data.name}
+
+
 def _differing_setting(prepared: PreparedRun, params: Mapping[str, str]) -> str | None:
     """The first task/method setting this prepared run asks differently from a run's recorded params."""
-    asked = {records.TASK: prepared.config.task, records.METHOD: prepared.config.method,
-             **prepared.task.params, **prepared.method_params}
+    asked = _asked(prepared)
     differ = sorted(k for k, v in asked.items() if k in params and params[k] != param_text(v))
     return differ[0] if differ else None
 
@@ -180,8 +200,7 @@ def _resumed_seed(prepared: PreparedRun, tracker: Tracker) -> int:
         raise RankbenchError(f"--resume {run_id}: the run has finished; nothing to resume")
     key = _differing_setting(prepared, params)
     if key is not None:
-        asked = {**prepared.task.params, **prepared.method_params, records.TASK: prepared.config.task,
-                 records.METHOD: prepared.config.method}
+        asked = _asked(prepared)
         raise RankbenchError(f"--resume {run_id}: the run was started with {key}={params[key]}, this command asks "
                              f"{key}={asked[key]}: repeat the run's own command line with --resume")
     return int(params[records.SEED])

@@ -203,9 +203,10 @@ def run_trial(trial, run: StudyRun, registry: Registry, tracker: Tracker,
 
     Each seed's run id is kept in the trial's ``runs`` attribute as it starts. A retried trial
     (Optuna copies the attributes) thus reads back the seeds its earlier attempt finished and
-    continues the one it was training from that run's last checkpoint. A seed the attribute lacks
-    (the attempt died before recording it, or an older rankbench ran it) is looked up among the
-    study's runs tagged with one of the ``retried`` trial numbers."""
+    continues the one it was training from that run's last checkpoint. Runs the attribute lacks
+    (the attempt died before recording them, or an older rankbench ran it) are looked up among the
+    study's runs tagged with one of the ``retried`` trial numbers; of several attempts at a seed,
+    the one that got furthest is continued."""
     import optuna
 
     from rankbench.run.config import make_config
@@ -234,15 +235,17 @@ def run_trial(trial, run: StudyRun, registry: Registry, tracker: Tracker,
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {epoch} ({objective}={metrics[objective]:.4g})")
 
-    runs = {**earlier_runs(tracker, spec.name, retried),
-            **{int(seed): run_id for seed, run_id in trial.user_attrs.get("runs", {}).items()}}
+    earlier = earlier_runs(tracker, spec.name, retried)
+    for seed, run_id in trial.user_attrs.get("runs", {}).items():
+        earlier.setdefault(int(seed), []).append(run_id)
+    runs = {int(seed): run_id for seed, run_id in trial.user_attrs.get("runs", {}).items()}
 
     def on_start(run_id: str, seed: int, params: dict) -> None:  # a retry (which copies user attrs) finds it
         runs[seed] = run_id
         trial.set_user_attr("runs", {str(s): r for s, r in runs.items()})
 
     results = run_experiment(prepare(config, registry), tracker=tracker, on_start=on_start, on_epoch=on_epoch,
-                             earlier=dict(runs))
+                             earlier=earlier)
     per_seed = []
     for r in results:
         last = r.history[-1]
@@ -261,18 +264,18 @@ def run_trial(trial, run: StudyRun, registry: Registry, tracker: Tracker,
     return [statistics.mean(s[m] for s in per_seed) for m in spec.objectives]
 
 
-def earlier_runs(tracker: Tracker, study: str, trials: Sequence[int]) -> dict[int, str]:
-    """Seed → the latest run of ``study`` tagged with one of ``trials`` (earlier attempts of a trial)."""
+def earlier_runs(tracker: Tracker, study: str, trials: Sequence[int]) -> dict[int, list[str]]:
+    """Seed → the runs of ``study`` tagged with one of ``trials`` (earlier attempts of a trial), oldest first."""
     if not trials:
         return {}
     wanted = {str(n) for n in trials}
     found = [r for status in ("FINISHED", "RUNNING", "FAILED", "KILLED")
              for r in tracker.runs(study=study, status=status)
              if r.data.tags.get("trial") in wanted and records.SEED in r.data.params]
-    latest: dict[int, Any] = {}
+    out: dict[int, list[str]] = {}
     for r in sorted(found, key=lambda r: r.info.start_time):
-        latest[int(r.data.params[records.SEED])] = r
-    return {seed: r.info.run_id for seed, r in latest.items()}
+        out.setdefault(int(r.data.params[records.SEED]), []).append(r.info.run_id)
+    return out
 
 
 # ---------------------------------------------------------------------------- workers
