@@ -219,3 +219,21 @@ def test_the_text_tasks_pass_the_contract_with_every_builtin_method(task, no_dat
     for method in ("reinforce_l0", "mars"):
         failed += [(method, c.name, c.detail) for c in check_method(registry, method, task) if not c.passed]
     assert not failed
+
+
+def test_the_recorded_contraction_counts_an_embeddings_rows_as_indices_not_examples():
+    """256 documents of 200 tokens are 51,200 lookups: rebuilding the table is cheaper than gathering
+    them; 2 documents of 3 tokens are 6, and gathering wins (the runtime choice, recorded as is)."""
+    from rankbench.run.experiment import contraction_choices
+
+    registry = Registry.discover()
+    task_cls = registry.task("sst")
+    task = task_cls({k: h.default for k, h in task_cls.hyperparameters.items()})
+    model = task.tensorized_model(16)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    long, short = torch.randint(1, 1000, (256, 200)), torch.randint(1, 1000, (2, 3))
+    rng = torch.get_rng_state()
+    assert contraction_choices(model, long) == {"embedding": "weight"}
+    assert contraction_choices(model, short) == {"embedding": "gather"}
+    assert model.training and torch.equal(torch.get_rng_state(), rng)  # nothing changed by looking
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())

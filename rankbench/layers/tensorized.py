@@ -292,6 +292,11 @@ class TensorizedLayer(nn.Module):
             self._expr_cache[key] = min(costs, key=costs.get)
         return self._expr_cache[key]
 
+    def contraction_rows(self, x: Tensor) -> int:
+        """The rows a forward on input ``x`` contracts at once (what ``training_contraction`` takes):
+        examples times any leading dimensions (an embedding overrides it: one row per index)."""
+        return x.numel() // x.shape[-1] if x.ndim else 1
+
     def training_contraction(self, batch_size: int) -> str:
         """The contraction a training-mode, grad-enabled forward uses for ``batch_size``
         rows: ``weight`` (reconstruct the weight, then the dense op) or the layer's
@@ -559,6 +564,9 @@ class TensorizedEmbedding(TensorizedLayer):
         equation, shapes = self._gather_plan(batch)
         _, info_g = oe.contract_path(equation, *shapes, shapes=True, optimize="auto")
         return {"weight": self._reconstruction_cost(), "gather": int(info_g.opt_cost)}
+
+    def contraction_rows(self, x: Tensor) -> int:
+        return x.numel()
 
     def forward(self, indices: Tensor) -> Tensor:
         flat = indices.reshape(-1)

@@ -127,9 +127,15 @@ def died_runs(tracking_uri: str | None) -> list[str]:
     """Runs whose process died while RUNNING, now marked FAILED: one line each, with the resume command."""
     from rankbench.run.tracking import Tracker
 
+    def how(run) -> str:
+        study = run.data.tags.get("study")
+        if study:
+            return f"run its study file again (study {study}) to continue it from its last checkpoint"
+        return "continue it with its own command line and --resume " + run.info.run_id
+
     return [f"rankbench: run {r.info.run_id} ({r.data.tags.get('task', '?')}, {r.data.tags.get('method', '?')}, "
             f"seed {r.data.params.get('seed', '?')}) had died (process {r.data.tags.get('rankbench.pid')} is gone): "
-            "marked FAILED; continue it with its own command line and --resume " + r.info.run_id
+            f"marked FAILED; {how(r)}"
             for r in Tracker(tracking_uri, create=False).mark_dead_runs()]
 
 

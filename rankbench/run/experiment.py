@@ -63,9 +63,29 @@ def git_commit() -> str:
         return "unknown"
 
 
-def contraction_choices(model: torch.nn.Module, batch_size: int) -> dict[str, str]:
-    """The training contraction each tensorized layer uses at this batch size."""
-    return {name: layer.training_contraction(batch_size) for name, layer in tensorized_layers(model)}
+@torch.no_grad()
+def contraction_choices(model: torch.nn.Module, batch: torch.Tensor) -> dict[str, str]:
+    """The training contraction each tensorized layer uses on a batch like ``batch``: the rows each
+    layer sees (an LSTM's embedding sees batch × length indices) are read off one eval-mode forward,
+    which changes no weight, statistic or random stream."""
+    rows: dict[str, int] = {}
+    layers = dict(tensorized_layers(model))
+
+    def record(name: str):
+        def hook(module, args) -> None:  # a pre-hook that returns nothing leaves the input as it is
+            rows.setdefault(name, module.contraction_rows(args[0]))
+        return hook
+
+    hooks = [layer.register_forward_pre_hook(record(name)) for name, layer in layers.items()]
+    was_training = model.training
+    try:
+        with torch.random.fork_rng(devices=[batch.device] if batch.device.type == "cuda" else []):
+            model.eval()(batch)
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    return {name: layer.training_contraction(rows.get(name, len(batch))) for name, layer in layers.items()}
 
 
 def run_name(method: str, hyperparameters: Mapping[str, Hyper], params: Mapping[str, Any], seed: int) -> str:
@@ -86,7 +106,8 @@ def recorded_params(prepared: PreparedRun, seed: int, model: torch.nn.Module) ->
         records.DATASET_DIGEST: data.digest,
         records.TRAIN_SIZE: len(data.train), records.VAL_SIZE_USED: len(data.val), records.TEST_SIZE: len(data.test),
         records.INITIAL_RANKS: json.dumps(learned_ranks(model)),
-        records.CONTRACTION: json.dumps(contraction_choices(model, prepared.batch_size)),
+        records.CONTRACTION: json.dumps(contraction_choices(
+            model, data.train.x[:prepared.batch_size].to(prepared.device))),
         records.INITIAL_PARAMETERS: count_parameters(model), records.DENSE_PARAMETERS: prepared.dense_parameters,
         records.DEVICE: str(prepared.device), records.COMPILE: "on" if prepared.compiled else "off",
         records.THREADS: torch.get_num_threads(),
