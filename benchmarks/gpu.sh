@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU check of the GPU issue in one call (about 5 minutes on an H100/H200), from the repository root:
+# Every GPU check of the GPU issue in one call (at most about 9.3 minutes on an H100/H200, most of it compiling;
+# each step has a time limit), from the repository root:
 #
 #   bash benchmarks/gpu.sh
 #
@@ -21,6 +22,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD:$PWD/.gpu-wheels${PYTHONPATH:+:$PYTHONPATH}"
+# Without an install (the device machine's copy of the tree), rankbench.methods and rankbench.tasks are the
+# checkout's methods/ and tasks/, as pyproject.toml maps them.
+if ! python -c "import rankbench.tasks" 2>/dev/null; then
+  ln -sfn ../tasks rankbench/tasks
+  ln -sfn ../methods rankbench/methods
+fi
 device=${DEVICE:-cuda}
 gpu=$(python -c "import torch; print(torch.cuda.get_device_name(0).split()[1].lower() if torch.cuda.is_available() else 'cpu')")
 results=benchmarks/results
@@ -33,19 +40,27 @@ if [[ -n "${QUICK:-}" ]]; then
 else
   models=(--steps 30)
   profile=(--steps 10)
-  check=(--epochs 3)
+  check=(--epochs 2)
 fi
 data=()
 if [[ -d .gpu-data/fashion-mnist ]]; then data=(--dataset fashion-mnist --data-dir .gpu-data); fi
 
-python benchmarks/models.py --device "$device" --task lenet5,resnet32 --compile "${models[@]}" \
-  | tee "$results/models_${gpu}.txt"
-{
-  for task in lenet5 resnet32; do
+# Each step has its own time limit (seconds: MODELS_S 240, PROFILE_S 30, PROFILE_COMPILED_S 50, CHECK_S 120; about
+# 9.3 minutes in all), so one slow compile cannot eat the call (the device tool allows 600 s): a step cut short
+# keeps what it printed, marked "(cut at N s)". Give the device call timeout_s=590.
+step() {  # step LIMIT OUTFILE COMMAND...
+  local limit=$1 out=$2; shift 2
+  timeout --signal=INT "$limit" "$@" | tee -a "$out" || echo "(cut at $limit s, or failed: exit ${PIPESTATUS[0]})" | tee -a "$out"
+}
+rm -f "$results"/{models,profile,device_check}_"${gpu}".txt
+step "${MODELS_S:-240}" "$results/models_${gpu}.txt" \
+  python benchmarks/models.py --device "$device" --task lenet5,resnet32 --compile "${models[@]}"
+for task in lenet5 resnet32; do
+  step "${PROFILE_S:-30}" "$results/profile_${gpu}.txt" \
     python benchmarks/profile_step.py --device "$device" --task "$task" --method ours "${profile[@]}"
+  step "${PROFILE_COMPILED_S:-50}" "$results/profile_${gpu}.txt" \
     python benchmarks/profile_step.py --device "$device" --task "$task" --method ours --compile "${profile[@]}"
-  done
-} | tee "$results/profile_${gpu}.txt"
-python benchmarks/device_check.py --device "$device" --compile off,on "${check[@]}" "${data[@]}" \
-  | tee "$results/device_check_${gpu}.txt"
+done
+step "${CHECK_S:-120}" "$results/device_check_${gpu}.txt" \
+  python benchmarks/device_check.py --device "$device" --compile off,on "${check[@]}" "${data[@]}"
 if [[ -n "${OUT:-}" && "$results" != "${OUT}/gpu-rehearsal" ]]; then cp "$results"/*_"${gpu}".txt "$OUT"/; fi
