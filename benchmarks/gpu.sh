@@ -37,6 +37,8 @@ if [[ -n "${QUICK:-}" ]]; then
   check=(--epochs 1 --compile-backend aot_eager)
   results=${OUT:-/tmp}/gpu-rehearsal
   mkdir -p "$results"
+  MODELS_S=${MODELS_S:-1200} PROFILE_S=${PROFILE_S:-300} PROFILE_COMPILED_S=${PROFILE_COMPILED_S:-600}
+  CHECK_S=${CHECK_S:-1200}  # a CPU compiles far slower than the GPU machine
 else
   models=(--steps 30)
   profile=(--steps 10)
