@@ -24,7 +24,7 @@ from rankbench.run import records
 
 # Params that differ between seeds of one configuration, or only describe the run.
 RUN_ONLY_PARAMS = {
-    records.SEED, records.GIT_COMMIT, records.THREADS, records.DEVICE, records.RANKBENCH_VERSION,
+    records.SEED, records.GIT_COMMIT, records.THREADS, records.DEVICE, records.COMPILE, records.RANKBENCH_VERSION,
     records.TORCH_VERSION, records.DATASET_SOURCE, records.DATASET_DIGEST, records.INITIAL_RANKS,
     records.INITIAL_PARAMETERS, records.DENSE_PARAMETERS, records.VAL_SIZE_USED,
 }
