@@ -218,6 +218,13 @@ def _chattr(flag: str, path: Path) -> bool:
                                                                   capture_output=True).returncode == 0
 
 
+def run_into(database: Path, tmp_path: Path, capsys) -> tuple[int, str]:
+    """A tiny run tracked in ``database``: its exit code and its one-line error."""
+    rc = main(["run", *TINY_RUN, "--data-dir", str(make_tiny_mnist(tmp_path / "data")),
+               "--tracking-uri", f"sqlite:///{database}"])
+    return rc, assert_one_line_error(capsys.readouterr().err)
+
+
 def test_an_immutable_store_file_is_a_one_line_error_and_the_store_is_unchanged(tmp_path, store_template, capsys):
     database = tmp_path / "mlflow.db"
     shutil.copyfile(store_template, database)
@@ -225,9 +232,7 @@ def test_an_immutable_store_file_is_a_one_line_error_and_the_store_is_unchanged(
         pytest.skip("chattr +i is not available here (needs root and a filesystem with file attributes)")
     try:
         before = database.read_bytes()
-        rc = main(["run", *TINY_RUN, "--data-dir", str(make_tiny_mnist(tmp_path / "data")),
-                   "--tracking-uri", f"sqlite:///{database}"])
-        line = assert_one_line_error(capsys.readouterr().err)
+        rc, line = run_into(database, tmp_path, capsys)
         assert rc == 2
         assert str(database) in line and "readonly" in line.lower().replace(" ", "")
         assert database.read_bytes() == before
@@ -244,9 +249,7 @@ def test_a_read_only_store_folder_is_a_one_line_error_naming_the_store(tmp_path,
         pytest.skip("chattr +i is not available here (needs root and a filesystem with file attributes)")
     try:
         before = database.read_bytes()
-        rc = main(["run", *TINY_RUN, "--data-dir", str(make_tiny_mnist(tmp_path / "data")),
-                   "--tracking-uri", f"sqlite:///{database}"])
-        line = assert_one_line_error(capsys.readouterr().err)
+        rc, line = run_into(database, tmp_path, capsys)
         assert rc == 2 and str(database) in line and "writable" in line
         assert database.read_bytes() == before
         assert sorted(p.name for p in folder.iterdir()) == ["mlflow.db"]

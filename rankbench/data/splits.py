@@ -20,7 +20,7 @@ import torch
 from rankbench.errors import RankbenchError
 
 __all__ = ["DataSplits", "Split", "SYSTEM_DATA_DIRS", "dataset_folders", "default_data_dir", "download_file",
-           "file_digest", "holdout_split", "iterate_batches"]
+           "file_digest", "holdout_split", "iterate_batches", "make_data_folder"]
 
 SYSTEM_DATA_DIRS: tuple[Path, ...] = (Path("/usr/share/datasets"),)
 """Where system packages install datasets, searched after the data folder: Debian's
@@ -141,17 +141,22 @@ def iterate_batches(
             yield split.x[start : start + batch_size], split.y[start : start + batch_size]
 
 
-def download_file(url: str, target: Path, timeout_s: float, md5: str | None = None, what: str | None = None) -> Path:
-    """Fetch ``url`` to ``target`` via a temp file + rename, so an interrupted download never
-    leaves a half-written file that looks complete; with ``md5``, a file whose digest differs
-    is discarded with an error. ``what`` names what to copy by hand if it fails (default: the file's name)."""
-    directory = target.parent
+def make_data_folder(directory: Path) -> None:
+    """Create a dataset folder (and its parents); failure is a one-line error naming the fix."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise RankbenchError(
             f"could not create {directory} ({exc.strerror or exc}): set RANKBENCH_DATA_DIR to a writable directory"
         ) from exc
+
+
+def download_file(url: str, target: Path, timeout_s: float, md5: str | None = None, what: str | None = None) -> Path:
+    """Fetch ``url`` to ``target`` via a temp file + rename, so an interrupted download never
+    leaves a half-written file that looks complete; with ``md5``, a file whose digest differs
+    is discarded with an error. ``what`` names what to copy by hand if it fails (default: the file's name)."""
+    directory = target.parent
+    make_data_folder(directory)
     fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=".part")
     tmp = Path(tmp_name)
     try:

