@@ -11,7 +11,8 @@ from typing import ClassVar, Mapping
 import torch
 from torch import Tensor, nn
 
-from rankbench.plugin import SELECTOR_HYPERPARAMETERS, Bond, Hyper, Method, RankSelector, Search, StepLoss, TaskLoss
+from rankbench.plugin import (SELECTOR_HYPERPARAMETERS, Bond, Hyper, Method, RankSelector, Search, StaticInput, StepLoss,
+                              TaskLoss)
 
 
 class GaussianGate(RankSelector):
@@ -81,6 +82,7 @@ class ProbabilisticL0(Method):
         super().__init__(params)
         self.fixed = False
         self._weights: tuple[tuple, Tensor] | None = None
+        self._drawn = StaticInput()
 
     def selector(self, bond: Bond) -> RankSelector | None:
         return GaussianGate(bond.size, self.params["sigma"], self.params["offset"])
@@ -109,14 +111,16 @@ class ProbabilisticL0(Method):
 
     def draw(self, gates: list[GaussianGate]) -> list[Tensor]:
         """Every gate's training multipliers in one pass: ε drawn per gate in forward
-        order (the same numbers as drawing gate by gate), the rest fused over the model."""
+        order (the same numbers as drawing gate by gate), the rest fused over the model; views of
+        one ``StaticInput``, so a compiled model finds them where it did last step."""
         location = torch.cat([t for g in gates for t in (g.mu, g.mu_fixed)])
         if all(g.fixed for g in gates):  # the method fixes every gate at once
             z = location
         else:
             noise = torch.cat([torch.randn(g.size, device=location.device) for g in gates])
             z = location + self.params["sigma"] * noise
-        return list(torch.clamp(z + self.params["offset"], 0.0, 1.0).split([g.size for g in gates]))
+        values = self._drawn.update(torch.clamp(z + self.params["offset"], 0.0, 1.0))
+        return list(values.split([g.size for g in gates]))
 
     def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor], task_loss: TaskLoss) -> StepLoss:
         """The default task loss + penalty, with all gates drawn at once and supplied

@@ -7,12 +7,13 @@ score-function (REINFORCE) estimator can give.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from rankbench.plugin import SELECTOR_HYPERPARAMETERS, Bond, Hyper, Method, RankSelector, Search, StepLoss, TaskLoss
+from rankbench.plugin import (SELECTOR_HYPERPARAMETERS, Bond, Hyper, Method, RankSelector, Search, StaticInput, StepLoss,
+                              TaskLoss)
 
 
 class BernoulliGate(RankSelector):
@@ -70,6 +71,10 @@ class ReinforceL0(Method):
         "init_probability": Hyper(0.55, "initial gate probability π (μ + this)", minimum=0.0, maximum=1.0),
     }
 
+    def __init__(self, params: Mapping) -> None:
+        super().__init__(params)
+        self._drawn = [StaticInput() for _ in range(self.params["samples"])]
+
     def selector(self, bond: Bond) -> RankSelector | None:
         return BernoulliGate(bond.size, self.params["init_probability"])
 
@@ -79,13 +84,16 @@ class ReinforceL0(Method):
 
     def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor], task_loss: TaskLoss) -> StepLoss:
         """M forward passes, each with fresh gates drawn here (per gate, forward order:
-        the numbers the gates would draw in the forward pass) and supplied to the model."""
+        the numbers the gates would draw in the forward pass) and supplied to the model, each pass's
+        in its own ``StaticInput`` (the M passes' values are all saved for one backward)."""
         x, y = batch
         gates = self.gates(model)
         losses, log_probs, l0 = [], [], []
-        for _ in range(self.params["samples"]):
+        for sample in range(self.params["samples"]):
             drawn = [g.draw() for g in gates]
-            with RankSelector.supplied({g: g.with_fixed_slot(z) for g, z in zip(gates, drawn)}):
+            values = self._drawn[sample].update(torch.cat([g.with_fixed_slot(z) for g, z in zip(gates, drawn)])) \
+                if gates else torch.zeros(0)
+            with RankSelector.supplied(dict(zip(gates, values.split([g.size for g in gates]), strict=True))):
                 losses.append(task_loss(model(x), y))
             log_probs.append(sum((g.log_prob(z) for g, z in zip(gates, drawn)), torch.zeros((), device=x.device)))
             l0.append(sum(float(z.sum()) + 1.0 for z in drawn))

@@ -15,6 +15,7 @@ from rankbench.layers.modes import balanced_modes, padded_modes
 from rankbench.layers.tensorized import (
     Bond,
     RankSelector,
+    StaticInput,
     TensorizedConv2d,
     TensorizedEmbedding,
     TensorizedLayer,
@@ -39,7 +40,7 @@ from rankbench.run.records import TENSORIZED_COMPRESSION, Record
 
 __all__ = [
     # method interface
-    "Method", "MethodContext", "StepLoss", "TaskLoss", "SELECTOR_HYPERPARAMETERS", "RankSelector", "Bond",
+    "Method", "MethodContext", "StepLoss", "TaskLoss", "SELECTOR_HYPERPARAMETERS", "RankSelector", "StaticInput", "Bond",
     # declared hyperparameters
     "Hyper", "Search",
     # task interface and data

@@ -268,3 +268,20 @@ def test_reinforce_supplies_the_numbers_the_gates_would_draw_in_forward():
     first = [g() for g in method.gates(model)]
     torch.manual_seed(8)
     assert all(torch.equal(a, g.sample()) for a, g in zip(first, method.gates(model)))
+
+
+def test_a_static_input_keeps_its_address_passes_gradients_and_cuts_the_last_steps_graph():
+    from rankbench.plugin import StaticInput
+
+    mu = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0]))
+    static = StaticInput()
+    addresses = []
+    for step in range(3):
+        held = static.update(mu * (step + 1))
+        addresses.append(held.data_ptr())
+        assert torch.equal(held.detach(), (mu * (step + 1)).detach())
+        mu.grad = None
+        (held * torch.tensor([1.0, 10.0, 100.0])).sum().backward()  # a second step backwards through its own graph only
+        assert torch.equal(mu.grad, torch.tensor([1.0, 10.0, 100.0]) * (step + 1))
+    assert len(set(addresses)) == 1
+    assert static.update(torch.zeros(2)).shape == (2,)  # another shape: a new tensor
