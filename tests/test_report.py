@@ -416,6 +416,19 @@ def test_compare_uses_mann_whitney_only_below_five_seeds(n_ours, mwu_expected):
         assert not any(l.startswith("p (MWU):") for l in render(rows, "simple").splitlines())
 
 
+def test_a_row_of_identical_accuracies_is_compared_without_scipy_warnings():
+    """A collapsed method (every seed at chance, 10.00 %) gives a row with no spread; scipy's
+    Welch test still has the baseline's variance, and its precision warning would reach the user."""
+    import warnings
+
+    rows = group_rows([record("mars", s, 10.0) for s in range(3)] + [record("dense", s, a) for s, a in enumerate(DENSE_ACC)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compare(rows, "dense")
+    mars = next(r for r in rows if r.method == "mars")
+    assert mars.p_welch is not None and mars.p_welch < 1e-3
+
+
 # ---------------------------------------------------------------------------- 2. one seed
 
 
