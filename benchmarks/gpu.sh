@@ -5,7 +5,7 @@
 #   STEPS="models-lenet5 profile device-check" bash benchmarks/gpu.sh   # call 1: at most 500 s, timeout_s 560
 #   STEPS="models-resnet32" bash benchmarks/gpu.sh                      # call 2: at most 270 s, timeout_s 290
 #
-# (no STEPS: every step, in that order). On the first H100 run (one call, 240 s for both tasks) the
+# (no STEPS: every step, in that order, at most 770 s: more than one device call allows). On the first H100 run (one call, 240 s for both tasks) the
 # ResNet-32 compiles did not finish, nor did device_check's eager+compiled 2 epochs in 120 s.
 # models-lenet5, models-resnet32: benchmarks/models.py --compile: training steps and inference, eager and
 #    torch.compile'd (CUDA graphs), all rows interleaved; the GPU targets, PASS or MISS.
