@@ -397,6 +397,25 @@ def test_a_study_over_several_tasks_runs_every_task_and_method_pair_in_its_task_
         assert (child.data.params.get("rank") == "3") == (child.data.params["method"] == "trn")
 
 
+def test_a_study_over_several_tasks_gets_one_pareto_front_per_task(env, capsys):
+    path = env.root / "two_tasks.toml"
+    path.write_text(TWO_TASKS.replace('val_accuracy = "maximize"', 'val_accuracy = "maximize"\ncompression = "maximize"'))
+    out = env.root / "plots"
+    assert main(env.argv(path, "--set", "epochs=1", "--seeds", "0", "--out", str(out))) == 0, capsys.readouterr().err
+    assert "A new study created" not in capsys.readouterr().err
+    for task in ("mlp2", "lenet5"):
+        assert (out / f"pareto_front_{task}.png").read_bytes().startswith(PNG_MAGIC)
+    assert not (out / "pareto_front.png").exists()
+    import optuna
+
+    from rankbench.study.plots import _of_task
+
+    study = optuna.load_study(study_name="two_tasks", storage=env.storage)
+    for task in ("mlp2", "lenet5"):
+        assert sorted(t.params["method"] for t in _of_task(study, task).trials) == ["ours", "trn"]
+        assert {t.params["task"] for t in _of_task(study, task).trials} == {task}
+
+
 def test_task_and_tasks_together_or_neither_is_a_one_line_error():
     import tomllib
 

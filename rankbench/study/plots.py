@@ -8,20 +8,34 @@ from pathlib import Path
 from rankbench.study.spec import StudySpec
 
 
-def _figures(study, spec: StudySpec) -> dict[str, tuple[str, dict]]:
-    """name → (function name in optuna.visualization[.matplotlib], keyword arguments)."""
+def _figures(study, spec: StudySpec) -> dict[str, tuple[str, dict, object]]:
+    """name → (function name in optuna.visualization[.matplotlib], keyword arguments, the study it plots).
+    A study over several tasks gets one Pareto front per task: accuracies of different tasks on one
+    set of axes compare nothing."""
     names = list(spec.objectives)
     first = (lambda t: t.values[0]) if len(names) > 1 else None
     target = {"target": first, "target_name": names[0]} if first else {"target_name": names[0]}
-    figures: dict[str, tuple[str, dict]] = {"history": ("plot_optimization_history", target)}
+    figures: dict[str, tuple[str, dict, object]] = {"history": ("plot_optimization_history", target, study)}
     params = [p for p in spec.search] + (["method"] if len(spec.methods) > 1 else [])
-    if len(names) > 1:
-        figures["pareto_front"] = ("plot_pareto_front", {"target_names": names})
+    if len(names) > 1 and len(spec.tasks) > 1:
+        for task in spec.tasks:
+            figures[f"pareto_front_{task}"] = ("plot_pareto_front", {"target_names": names}, _of_task(study, task))
+    elif len(names) > 1:
+        figures["pareto_front"] = ("plot_pareto_front", {"target_names": names}, study)
     if len(spec.search) >= 2:
-        figures["contour"] = ("plot_contour", {"params": list(spec.search)[:2], **target})
+        figures["contour"] = ("plot_contour", {"params": list(spec.search)[:2], **target}, study)
     if len(params) >= 2:
-        figures["importances"] = ("plot_param_importances", target)
+        figures["importances"] = ("plot_param_importances", target, study)
     return figures
+
+
+def _of_task(study, task: str):
+    """An in-memory copy of ``study`` holding only the trials of ``task``."""
+    import optuna
+
+    part = optuna.create_study(directions=study.directions)
+    part.add_trials([t for t in study.get_trials(deepcopy=False) if t.params.get("task") == task])
+    return part
 
 
 def write_plots(study, spec: StudySpec, folder: Path) -> list[Path]:
@@ -40,11 +54,11 @@ def write_plots(study, spec: StudySpec, folder: Path) -> list[Path]:
     if not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
         return []
     written = []
-    for name, (function, kwargs) in _figures(study, spec).items():
+    for name, (function, kwargs, source) in _figures(study, spec).items():
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                ax = getattr(om, function)(study, **kwargs)
+                ax = getattr(om, function)(source, **kwargs)
                 figure = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
                 figure.set_size_inches(8, 6)
                 figure.tight_layout()
@@ -54,7 +68,7 @@ def write_plots(study, spec: StudySpec, folder: Path) -> list[Path]:
                 written.append(png)
                 try:
                     html = folder / f"{name}.html"
-                    getattr(ov, function)(study, **kwargs).write_html(str(html), include_plotlyjs="directory")
+                    getattr(ov, function)(source, **kwargs).write_html(str(html), include_plotlyjs="directory")
                     written.append(html)
                 except ImportError:
                     pass
