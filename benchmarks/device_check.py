@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import statistics
 import time
@@ -86,8 +87,8 @@ def main() -> None:
     parser.add_argument("--compile", default="off", help="comma-separated: off, on (both: side by side)")
     parser.add_argument("--compile-backend", default=None, help="instead of rankbench's (aot_eager: a CPU rehearsal)")
     args = parser.parse_args()
-    if args.compile_backend is not None:
-        trainer.compile_options = lambda device: {"backend": args.compile_backend}
+    if args.compile_backend is not None:  # fit compiles with trainer.compile_options(device)
+        trainer.compile_options = functools.partial(trainer.compile_options, backend=args.compile_backend)
     device = resolve_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device {device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}")

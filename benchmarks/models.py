@@ -183,9 +183,8 @@ def main() -> None:
     print(f"device {device}{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     for task_name in args.task.split(","):
-        options = compile_options(device) if args.compile_backend is None else {"backend": args.compile_backend}
         bench_task(registry, task_name.strip(), device, args.batch, args.steps, args.test_size,
-                   options if args.compile else None)
+                   compile_options(device, args.compile_backend) if args.compile else None)
 
 
 if __name__ == "__main__":

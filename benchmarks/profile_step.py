@@ -70,8 +70,7 @@ def main() -> None:
         step(model)  # eager warm-up: contraction plans
     runner = model
     if args.compile:
-        options = compile_options(device) if args.compile_backend is None else {"backend": args.compile_backend}
-        runner = torch.compile(model, **options)
+        runner = torch.compile(model, **compile_options(device, args.compile_backend))
         for _ in range(3):
             step(runner)
     if device.type == "cuda":

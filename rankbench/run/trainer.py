@@ -156,9 +156,12 @@ def _diverged(total: float, epoch: int, where: str) -> TrainingDiverged:
                             "lower the learning rate (--set lr=...) or the penalty weight")
 
 
-def compile_options(device: torch.device) -> dict:
+def compile_options(device: torch.device, backend: str | None = None) -> dict:
     """``torch.compile`` arguments: CUDA graphs (``reduce-overhead``) on a GPU, inductor's default on a
-    CPU; static shapes, so each batch shape is one graph."""
+    CPU; static shapes, so each batch shape is one graph. A ``backend`` (the benchmarks' CPU rehearsal
+    uses ``aot_eager``) replaces that choice."""
+    if backend is not None:
+        return {"backend": backend}
     return {"mode": "reduce-overhead" if device.type == "cuda" else "default", "dynamic": False}
 
 
