@@ -91,9 +91,11 @@ class ReinforceL0(Method):
         losses, log_probs, l0 = [], [], []
         for sample in range(self.params["samples"]):
             drawn = [g.draw() for g in gates]
-            values = self._drawn[sample].update(torch.cat([g.with_fixed_slot(z) for g, z in zip(gates, drawn)])) \
-                if gates else torch.zeros(0)
-            with RankSelector.supplied(dict(zip(gates, values.split([g.size for g in gates]), strict=True))):
+            supplied = {}
+            if gates:
+                values = self._drawn[sample].update(torch.cat([g.with_fixed_slot(z) for g, z in zip(gates, drawn)]))
+                supplied = dict(zip(gates, values.split([g.size for g in gates]), strict=True))
+            with RankSelector.supplied(supplied):
                 losses.append(task_loss(model(x), y))
             log_probs.append(sum((g.log_prob(z) for g, z in zip(gates, drawn)), torch.zeros((), device=x.device)))
             l0.append(sum(float(z.sum()) + 1.0 for z in drawn))

@@ -235,10 +235,10 @@ def run_trial(trial, run: StudyRun, registry: Registry, tracker: Tracker,
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {epoch} ({objective}={metrics[objective]:.4g})")
 
-    earlier = earlier_runs(tracker, spec.name, retried)
-    for seed, run_id in trial.user_attrs.get("runs", {}).items():
-        earlier.setdefault(int(seed), []).append(run_id)
     runs = {int(seed): run_id for seed, run_id in trial.user_attrs.get("runs", {}).items()}
+    earlier = earlier_runs(tracker, spec.name, retried)
+    for seed, run_id in runs.items():
+        earlier.setdefault(seed, []).append(run_id)
 
     def on_start(run_id: str, seed: int, params: dict) -> None:  # a retry (which copies user attrs) finds it
         runs[seed] = run_id
