@@ -12,10 +12,16 @@ from rankbench.errors import RankbenchError
 
 
 def _seeds(text: str) -> tuple[int, ...]:
+    from rankbench.run.config import check_seeds
+
     try:
-        return tuple(int(s) for s in text.split(",") if s.strip())
+        seeds = tuple(int(s) for s in text.split(",") if s.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: give integers separated by commas, e.g. 0,1,2") from None
+    try:
+        return check_seeds(seeds)
+    except RankbenchError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--seeds: ")) from None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
     run.add_argument("--budget", default=None, metavar="steps=N",
                      help="train for N optimizer steps (sets the epochs from the training-set size)")
-    run.add_argument("--seeds", type=_seeds, default=(0,), help="comma-separated seeds, one run each")
+    run.add_argument("--seeds", type=_seeds, default=None, help="comma-separated seeds, one run each (default 0)")
     run.add_argument("--device", default="auto", help="auto | cpu | cuda")
     run.add_argument("--data-dir", type=Path, default=None, help="folder holding the dataset files")
     run.add_argument("--download", action="store_true", help="fetch missing dataset files")
@@ -160,8 +166,11 @@ def cmd_run(args, registry) -> None:
     from rankbench.run.prepare import prepare
     from rankbench.run.tracking import Tracker
 
+    check_table_format(args.format)
+    if args.resume is not None and args.seeds is not None:
+        check_resumed_seed(args.resume, args.seeds, args.tracking_uri)
     config = make_config(
-        registry, args.task, args.method, args.assignments, epochs=args.epochs, seeds=args.seeds,
+        registry, args.task, args.method, args.assignments, epochs=args.epochs, seeds=args.seeds or (0,),
         device=args.device, data_dir=args.data_dir, download=args.download, tracking_uri=args.tracking_uri,
         experiment=args.experiment, threads=args.threads, progress=not args.no_progress,
         contraction=args.contraction, budget_steps=parse_budget(args.budget), resume=args.resume,
@@ -198,6 +207,31 @@ def cmd_run(args, registry) -> None:
     print(results_table(results, tablefmt=args.format, shown=type(prepared.task).metrics))
     print(f"tracking: {tracker.uri} (experiment {config.experiment or config.task}); "
           f"open it with: mlflow ui --backend-store-uri {tracker.uri}")
+
+
+def check_resumed_seed(run_id: str, seeds: Sequence[int], tracking_uri: str | None) -> None:
+    """``--resume`` continues one run's own seed: ``--seeds`` (from the run's own command line) must hold
+    it, and any other seed it names is not run, which is said."""
+    from rankbench.run.tracking import Tracker
+
+    seed = Tracker(tracking_uri, create=False).get_run(run_id).data.params.get("seed")
+    if seed is None or not seed.isdigit():
+        return  # not a training run: resuming it is refused with its reason
+    if int(seed) not in seeds:
+        raise RankbenchError(f"--resume {run_id}: that run is seed {seed}, but --seeds asks "
+                             f"{','.join(map(str, seeds))}: repeat the run's own command line, or drop --seeds")
+    others = [s for s in seeds if s != int(seed)]
+    if others:
+        print(f"rankbench: warning: --resume continues seed {seed} only; seeds {','.join(map(str, others))} of "
+              "--seeds are not run (run them without --resume)", file=sys.stderr)
+
+
+def check_table_format(name: str) -> None:
+    """A tabulate format the final table can be printed in, checked before any training."""
+    from tabulate import tabulate_formats
+
+    if name not in tabulate_formats:
+        raise RankbenchError(f"--format {name}: choose one of {', '.join(tabulate_formats)}")
 
 
 def cmd_check_plugin(args, registry) -> int:
@@ -266,10 +300,17 @@ def cmd_study(args, registry) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from rankbench.run.stopping import graceful_stop
+
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2, already printed)
         return int(exc.code or 0)
+    with graceful_stop():  # SIGTERM (a scheduler's preemption) stops like Ctrl-C; a second signal waits
+        return _command(args)
+
+
+def _command(args: argparse.Namespace) -> int:
     try:
         from rankbench.plugins.registry import Registry
 
@@ -290,12 +331,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RankbenchError as exc:
         print(f"rankbench: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("rankbench: interrupted; the unfinished run is marked KILLED, finished runs are kept", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print(interrupted_line(exc), file=sys.stderr)
+        from rankbench.run.stopping import exit_code
+
+        return exit_code(exc)
     except BrokenPipeError:  # the reader went away (rankbench list | head): not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except SystemExit as exc:  # plugin code that exits: rankbench's own commands never call sys.exit
+        print(f"rankbench: error: plugin code called sys.exit({exc.code!r}) during `rankbench {args.command}`: a "
+              "plugin must raise an exception instead (finished runs are kept; the unfinished one is marked FAILED)",
+              file=sys.stderr)
+        return 2
     except Exception as exc:  # a bug, not bad input: one line, the traceback on request
         if os.environ.get("RANKBENCH_DEBUG"):
             raise
@@ -303,6 +351,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"rankbench: internal error: {type(exc).__name__}: {text} (finished runs are kept; "
               "RANKBENCH_DEBUG=1 shows the traceback; please report it)", file=sys.stderr)
         return 1
+
+
+def interrupted_line(exc: KeyboardInterrupt) -> str:
+    """What a stop by Ctrl-C or SIGTERM says: which run is now KILLED and how to continue it."""
+    from rankbench.run.stopping import signal_name
+
+    by = "" if signal_name(exc) == "SIGINT" else f" by {signal_name(exc)}"
+    stopped = getattr(exc, "stopped_run", None)
+    if stopped is None:
+        return f"rankbench: interrupted{by}; the unfinished run is marked KILLED, finished runs are kept"
+    if stopped.study is not None:
+        how = f"run the study file again (study {stopped.study}) to continue it"
+    elif stopped.resumable:
+        how = f"continue it with its own command line and --resume {stopped.run_id}"
+    else:
+        how = "it finished no epoch: start it again (without --resume)"
+    return (f"rankbench: interrupted{by}; run {stopped.run_id} (seed {stopped.seed}) is marked KILLED, finished "
+            f"runs are kept; {how}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,15 @@ from pathlib import Path
 import numpy as np
 
 
+def toml_module():
+    """``tomllib`` (Python 3.11+), else its backport ``tomli`` (Python 3.10)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:
+        import tomli as tomllib
+    return tomllib
+
+
 def write_idx(path: Path, magic: int, array: np.ndarray) -> None:
     header = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
     path.write_bytes(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())

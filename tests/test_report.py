@@ -25,7 +25,10 @@ import statistics
 import subprocess
 import sys
 import time
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 import urllib.error
 import urllib.request
 from pathlib import Path

@@ -36,7 +36,7 @@ from rankbench.errors import RankbenchError
 from rankbench.plugins.registry import Registry
 from rankbench.study.spec import load_study_file, parse_study
 
-from helpers import assert_one_line_error, make_tiny_cifar10, make_tiny_mnist
+from helpers import assert_one_line_error, make_tiny_cifar10, make_tiny_mnist, toml_module
 
 REPO = Path(__file__).resolve().parent.parent
 STUDIES = sorted((REPO / "studies").glob("*.toml"))
@@ -320,7 +320,7 @@ name = "grid"
 
 
 def test_method_search_grids_each_method_over_its_own_keys_only():
-    spec = parse_study(__import__("tomllib").loads(PER_METHOD), Registry.discover())
+    spec = parse_study(toml_module().loads(PER_METHOD), Registry.discover())
     assert spec.points() == {
         "trn rank=2": ("trn", {"rank": 2}), "trn rank=3": ("trn", {"rank": 3}),
         "ours lambda=0.1": ("ours", {"lambda": 0.1}), "ours lambda=0.5": ("ours", {"lambda": 0.5}),
@@ -356,7 +356,7 @@ def test_a_method_search_study_runs_every_point_once_with_its_own_values_and_the
 ])
 def test_bad_method_search_tables_are_one_line_errors(text, words):
     with pytest.raises(RankbenchError) as info:
-        parse_study(__import__("tomllib").loads(text), Registry.discover())
+        parse_study(toml_module().loads(text), Registry.discover())
     assert all(w in str(info.value) for w in words), str(info.value)
 
 
@@ -417,7 +417,7 @@ def test_a_study_over_several_tasks_gets_one_pareto_front_per_task(env, capsys):
 
 
 def test_task_and_tasks_together_or_neither_is_a_one_line_error():
-    import tomllib
+    tomllib = toml_module()
 
     both = TWO_TASKS.replace('tasks = ["mlp2", "lenet5"]', 'task = "mlp2"\ntasks = ["mlp2"]')
     neither = TWO_TASKS.replace('tasks = ["mlp2", "lenet5"]\n', "")

@@ -95,7 +95,11 @@ def parse_assignments(items: Sequence[str]) -> dict[str, str]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise RankbenchError(f"--set {item!r}: write key=value, e.g. --set lambda=0.2")
-        out[key.strip()] = value.strip()
+        key = key.strip()
+        if key in out:
+            raise RankbenchError(f"--set {key!r} is given twice ({out[key]!r}, then {value.strip()!r}): give each "
+                                 "key once")
+        out[key] = value.strip()
     return out
 
 

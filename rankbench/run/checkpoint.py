@@ -11,7 +11,9 @@ one (on a CPU, bit for bit).
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,20 +37,49 @@ class Checkpoint:
     data_rng: torch.Tensor
     cuda_rng: list[torch.Tensor] = field(default_factory=list)
     history: list[dict[str, float]] = field(default_factory=list)
+    train_seconds: float = 0.0
+    """Seconds spent in the training loop up to here, over every attempt (a resumed run logs the sum)."""
+    wall_seconds: float = 0.0
+    """Wall seconds of the run up to here, over every attempt."""
 
 
 def save_checkpoint(checkpoint: Checkpoint, path: Path) -> None:
-    """Write atomically: a temporary file in the same folder, then a rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    """Write atomically: a temporary file in the same folder, then a rename over ``path``.
+
+    ``torch.save`` reports a full disk as a ``RuntimeError`` (its zip writer's "enforce fail"),
+    not an ``OSError``: either way the temporary file is removed, the previous checkpoint stays
+    whole, and the error is one line naming the folder and its free space."""
+    tmp: str | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
         with os.fdopen(fd, "wb") as handle:
             torch.save(checkpoint.__dict__, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise RankbenchError(f"cannot write checkpoint {path} ({exc.strerror or exc}): check that its folder is "
-                             "writable and its disk has space") from None
+    except (OSError, RuntimeError) as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise RankbenchError(_write_failure(path, exc)) from None
+
+
+def _write_failure(path: Path, exc: BaseException) -> str:
+    free = _free_bytes(path.parent)
+    if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (free is not None and free < 1 << 20):
+        left = "" if free is None else f" ({free // 1024} KiB free)"
+        return (f"cannot write checkpoint {path}: the disk holding {path.parent} is full{left}: free space there "
+                "or move the store (--tracking-uri)")
+    text = str(exc).strip()
+    reason = getattr(exc, "strerror", None) or (text.splitlines()[0] if text else type(exc).__name__)
+    return f"cannot write checkpoint {path} ({reason}): check that {path.parent} is writable"
+
+
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
 
 
 def load_checkpoint(path: Path) -> Checkpoint:

@@ -57,6 +57,37 @@ class RunConfig:
 
 
 COMPILE_CHOICES = ("auto", "off", "on")
+CONTRACTIONS = ("auto", "weight", "input")
+SEED_LIMIT = 2**32
+"""Seeds lie in [0, 2³²): every generator a run seeds (torch's, numpy's in the data splits) takes them."""
+MAX_EXPERIMENT_NAME = 500
+"""MLflow's limit on an experiment's name."""
+
+
+def check_seeds(seeds: Sequence[int], option: str = "--seeds") -> tuple[int, ...]:
+    """Seeds are replicates: each one once, each in [0, 2³²)."""
+    seeds = tuple(seeds)
+    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
+        raise RankbenchError(f"{option}: give integers, e.g. {option} 0,1,2")
+    out_of_range = [s for s in seeds if not 0 <= s < SEED_LIMIT]
+    if out_of_range:
+        raise RankbenchError(f"{option}: seed {out_of_range[0]} is out of range: seeds lie in [0, 2**32)")
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise RankbenchError(f"{option}: seed {repeated[0]} is given twice: one seed is one replicate, give "
+                             "each seed once (e.g. 0,1,2)")
+    return seeds
+
+
+def check_experiment(name: str | None) -> None:
+    """An ``--experiment`` name MLflow would refuse (empty, or over its 500 characters), found before any work."""
+    if name is None:
+        return
+    if not name.strip():
+        raise RankbenchError("--experiment: give a non-empty name (default: the task name)")
+    if len(name) > MAX_EXPERIMENT_NAME:
+        raise RankbenchError(f"--experiment: the name has {len(name)} characters; MLflow allows at most "
+                             f"{MAX_EXPERIMENT_NAME}: choose a shorter name")
 
 
 def compiles(choice: str, device: torch.device) -> bool:
@@ -87,6 +118,8 @@ def make_config(
     task_cls, method_cls = registry.task(task), registry.method(method)
     raw = dict(assignments) if isinstance(assignments, Mapping) else parse_assignments(assignments)
     if epochs is not None:
+        if "epochs" in raw:
+            raise RankbenchError(f"--epochs {epochs} and --set epochs={raw['epochs']}: give the epochs once")
         raw["epochs"] = task_cls.hyperparameters["epochs"].validate("--epochs", epochs)
     if options.get("budget_steps") is not None and "epochs" in raw:
         raise RankbenchError("--budget sets the epochs: drop --epochs / --set epochs")
@@ -98,6 +131,9 @@ def make_config(
     threads = options.get("threads")
     if threads is not None and threads < 1:
         raise RankbenchError("--threads must be >= 1")
+    if options.get("contraction", "auto") not in CONTRACTIONS:
+        raise RankbenchError(f"--contraction {options['contraction']}: choose {', '.join(CONTRACTIONS)}")
+    check_experiment(options.get("experiment"))
     both = set(method_cls.hyperparameters) & set(task_cls.hyperparameters)
     if both & set(raw):
         raise RankbenchError(f"--set {sorted(both & set(raw))[0]} is declared by both {method} and {task}")
@@ -112,9 +148,7 @@ def make_config(
     defaults = {k: v for k, v in task_cls.method_defaults.get(method, {}).items() if k not in method_raw}
     method_params = resolve(method_cls.hyperparameters, {**defaults, **method_raw}, f"method {method}")
     task_params = resolve(task_cls.hyperparameters, task_raw, f"task {task}")
-    seeds = tuple(seeds)
-    if not seeds or any(s < 0 for s in seeds):
-        raise RankbenchError("--seeds: give non-negative integers, e.g. --seeds 0,1,2")
+    seeds = check_seeds(seeds)
     return RunConfig(task=task, method=method, task_params=task_params, method_params=method_params,
                      seeds=seeds, explicit=frozenset(raw), **options)
 
@@ -151,6 +185,9 @@ def resolve_device(name: str) -> torch.device:
         raise RankbenchError(f"--device {name}: choose auto, cpu, cuda or cuda:N") from None
     if device.type not in ("cpu", "cuda"):
         raise RankbenchError(f"--device {name}: choose auto, cpu, cuda or cuda:N")
+    if device.type == "cpu" and device.index not in (None, 0):
+        raise RankbenchError(f"--device {name}: the CPU has no numbered devices: use --device cpu "
+                             "(and --threads N for its cores)")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise RankbenchError(f"--device {name}: no CUDA device is available here; use --device cpu or auto")

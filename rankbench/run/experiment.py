@@ -26,8 +26,9 @@ from rankbench.run import records
 from rankbench.run.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from rankbench.run.metrics import evaluate, inference_seconds, total_rank
 from rankbench.run.prepare import PreparedRun
-from rankbench.run.tracking import Tracker, param_text, run_identity
-from rankbench.run.trainer import fit
+from rankbench.run.stopping import signal_name
+from rankbench.run.tracking import HOST_TAG, PID_TAG, Tracker, param_text, run_identity
+from rankbench.run.trainer import TrainingDiverged, fit
 
 
 @dataclass
@@ -116,6 +117,18 @@ def recorded_params(prepared: PreparedRun, seed: int, model: torch.nn.Module) ->
     }
 
 
+@dataclass(frozen=True)
+class StoppedRun:
+    """The run a stop signal interrupted, attached to the ``KeyboardInterrupt`` as ``stopped_run``,
+    so the command line can say how to continue it."""
+
+    run_id: str
+    seed: int
+    resumable: bool
+    """Whether it has a checkpoint (it finished an epoch)."""
+    study: str | None = None
+
+
 EpochListener = Callable[[int, int, dict[str, float]], None]
 
 
@@ -173,12 +186,23 @@ def run(
             if on_start is not None:
                 on_start(run_id, seed, params)
             results.append(_train_and_measure(prepared, method, model, seed, tracker, run_id, on_epoch, checkpoint))
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (rankbench.run.stopping)
+            reason = "interrupted" if signal_name(exc) == "SIGINT" else f"interrupted by {signal_name(exc)}"
             with contextlib.suppress(RankbenchError):  # a store that cannot take it: the first error is reported
-                tracker.fail(run_id, "interrupted", killed=True)
+                tracker.fail(run_id, reason, killed=True)
+            exc.stopped_run = StoppedRun(run_id, seed, tracker.checkpoint_path(run_id).is_file(),  # type: ignore[attr-defined]
+                                         config.tags.get("study"))
             raise
-        except Exception as exc:
+        except RankbenchError as exc:
             with contextlib.suppress(RankbenchError):  # the run stays RUNNING; the next report marks it dead
+                tracker.fail(run_id, f"{type(exc).__name__}: {exc}")
+            resumable = tracker.checkpoint_path(run_id).is_file() and not isinstance(exc, TrainingDiverged)
+            if resumable and "study" not in config.tags:
+                raise type(exc)(f"{exc}; run {run_id} is marked FAILED: then continue it with its own command "
+                                f"line and --resume {run_id}") from None
+            raise
+        except BaseException as exc:  # a bug, or plugin code that called sys.exit: the run is not left RUNNING
+            with contextlib.suppress(RankbenchError):
                 tracker.fail(run_id, f"{type(exc).__name__}: {exc}")
             raise
     return results
@@ -216,9 +240,19 @@ def _resumed_seed(prepared: PreparedRun, tracker: Tracker) -> int:
     """The seed of the run to resume, after checking that this command asks for what it ran."""
     run_id = prepared.config.resume
     recorded = tracker.get_run(run_id)
-    params = recorded.data.params
+    params, tags = recorded.data.params, recorded.data.tags
+    if tags.get("rankbench.role") == "study":
+        raise RankbenchError(f"--resume {run_id}: that is the parent run of study {tags.get('study', '?')}: run the "
+                             "study file again (rankbench study FILE) to continue its unfinished trials")
+    if records.SEED not in params or records.METHOD not in params:
+        raise RankbenchError(f"--resume {run_id}: not a rankbench training run (it has no seed or method param): "
+                             "give the id a `rankbench run` printed")
     if recorded.info.status == "FINISHED":
         raise RankbenchError(f"--resume {run_id}: the run has finished; nothing to resume")
+    if recorded.info.status == "RUNNING" and not tracker.process_gone(recorded):
+        raise RankbenchError(f"--resume {run_id}: the run is still being trained by process "
+                             f"{tags.get(PID_TAG, '?')} on {tags.get(HOST_TAG, '?')}: wait for it, or stop that "
+                             "process first (Ctrl-C or kill marks the run KILLED), then resume")
     key = _differing_setting(prepared, params)
     if key is not None:
         asked = _asked(prepared)
@@ -279,14 +313,29 @@ def recorded_result(tracker: Tracker, run_id: str) -> RunResult:
     )
 
 
+def _log_unlogged_epochs(tracker: Tracker, run_id: str, resume: Checkpoint) -> None:
+    """Log the checkpoint's epochs that the store lacks: an epoch is checkpointed before it is logged,
+    so a run stopped between the two has one epoch to catch up, and none is ever logged twice."""
+    logged = {m.step for m in tracker.metric_history(run_id, records.VAL_ACCURACY)}
+    for epoch, metrics in enumerate(resume.history, start=1):
+        if epoch not in logged:
+            tracker.log_metrics(run_id, metrics, step=epoch)
+
+
 def _train_and_measure(prepared: PreparedRun, method: Method, model: torch.nn.Module, seed: int, tracker: Tracker,
                        run_id: str, on_epoch: EpochListener | None, resume: Checkpoint | None = None) -> RunResult:
-    start = time.perf_counter()
+    start = time.perf_counter() - (resume.wall_seconds if resume is not None else 0.0)  # a resumed run logs the sum
     data = prepared.data
     if resume is None:
         tracker.log_dataset(run_id, data.name, data.digest, data.source,
                             {"train": len(data.train), "validation": len(data.val), "test": len(data.test)})
+    else:
+        _log_unlogged_epochs(tracker, run_id, resume)
     checkpoint_path = tracker.checkpoint_path(run_id)
+
+    def checkpoint(state: Checkpoint) -> None:
+        state.wall_seconds = time.perf_counter() - start
+        save_checkpoint(state, checkpoint_path)
 
     def epoch_done(epoch: int, metrics: dict[str, float]) -> None:
         tracker.log_metrics(run_id, metrics, step=epoch)
@@ -295,7 +344,7 @@ def _train_and_measure(prepared: PreparedRun, method: Method, model: torch.nn.Mo
 
     trained = fit(model, method, prepared.task, prepared.data, epochs=prepared.epochs, seed=seed,
                   device=prepared.device, dense_parameters=prepared.dense_parameters, on_epoch=epoch_done,
-                  resume=resume, on_checkpoint=lambda state: save_checkpoint(state, checkpoint_path),
+                  resume=resume, on_checkpoint=checkpoint,
                   compile=prepared.compiled)
     task = prepared.task
     test = evaluate(model, prepared.data.test, prepared.batch_size, task.loss, prepared.device, task.correct)
@@ -320,6 +369,7 @@ def _train_and_measure(prepared: PreparedRun, method: Method, model: torch.nn.Mo
         records.TEST_ACCURACY: result.test_accuracy, records.TEST_TOP5: result.test_top5,
         records.TEST_LOSS: test.loss, records.PARAMETERS: parameters,
         records.INFERENCE_SECONDS: result.inference_seconds, records.WALL_SECONDS: result.wall_seconds,
+        records.TRAIN_SECONDS: trained.train_seconds,
         records.TENSORIZED_COMPRESSION: tensorized_compression(model, prepared.dense_parameters),
         **task_metrics,
     }

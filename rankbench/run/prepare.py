@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from rankbench.data import DataSplits
+from rankbench.errors import RankbenchError
 from rankbench.layers.tensorized import count_parameters, tensorized_layers
 from rankbench.plugins.method import Method, MethodContext
 from rankbench.plugins.registry import Registry
@@ -79,8 +80,51 @@ def prepare(config: RunConfig, registry: Registry, *, data: DataSplits | None = 
     if config.budget_steps is not None:
         task_params["epochs"] = epochs_for_steps(config.budget_steps, len(data.train), task_params["batch_size"])
     task = task_cls(task_params)
+    check_fits_in_memory(task, method_cls(method_params), device)
     return PreparedRun(config=config, task=task, method_cls=method_cls, method_params=method_params, data=data,
                        recipe=recipe, device=device, dense_parameters=count_parameters(task.dense_model()))
+
+
+TRAINING_COPIES = 4
+"""Copies of every parameter that training with Adam holds: the weights, their gradients and its two moments."""
+
+
+def check_fits_in_memory(task: Task, method: Method, device: torch.device) -> None:
+    """Refuse, before anything is allocated, a model whose training state alone exceeds the memory
+    the device has free (a huge ``initial_rank`` once failed on an 800 GB allocation after the data
+    had loaded): the model is built on the ``meta`` device, which allocates nothing."""
+    rank = method.initial_rank(task.params["initial_rank"]) if method.tensorized else None
+    try:
+        with torch.device("meta"):
+            model = task.tensorized_model(rank) if method.tensorized else task.dense_model()
+    except RankbenchError:
+        raise
+    except Exception:  # a plugin's model that cannot be built without memory: the check is left to torch
+        return
+    parameters = sum(p.numel() for p in model.parameters())
+    needed = TRAINING_COPIES * sum(p.numel() * p.element_size() for p in model.parameters())
+    free = available_memory(device)
+    if free is not None and needed > free:
+        at = "" if rank is None else f" at rank {rank}"
+        raise RankbenchError(
+            f"task {task.name} with method {method.name}{at} is a model of {parameters:,} parameters: training it "
+            f"needs {needed / 2**30:.1f} GiB (weights, gradients, Adam's moments) but {device.type} has "
+            f"{free / 2**30:.1f} GiB free: lower the rank (--set initial_rank=N, or the method's own rank setting)")
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for tensors on ``device``: the GPU's free memory, or the machine's available memory
+    (Linux ``MemAvailable``); None where it cannot be read."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def build_model(task: Task, method: Method, seed: int, context: MethodContext,

@@ -29,6 +29,7 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     train_seconds_per_batch: float = float("nan")
     train_seconds: float = 0.0
+    """Seconds in the training loop, over every attempt of a resumed run."""
 
 
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -60,9 +61,10 @@ def fit(
 ) -> TrainResult:
     """Train ``model`` with the task's recipe and the method's loss; evaluate on validation each epoch.
 
-    ``on_checkpoint`` receives the full training state after every epoch (after ``on_epoch``);
-    ``resume`` continues from one, so the remaining epochs draw exactly the random numbers an
-    uninterrupted run would.
+    ``on_checkpoint`` receives the full training state after every epoch, before ``on_epoch``
+    (which logs it): an epoch is recorded only once it can be resumed from, so a failed or
+    interrupted write never makes a resumed run log an epoch twice. ``resume`` continues from a
+    checkpoint, so the remaining epochs draw exactly the random numbers an uninterrupted run would.
 
     ``compile`` trains and validates through ``torch.compile(model)`` (CUDA graphs on a GPU, see
     ``compile_options``): one graph per batch shape (full and last partial batch, train and eval),
@@ -81,7 +83,9 @@ def fit(
     generator = torch.Generator().manual_seed(seed)
     result = TrainResult()
     first = 1
+    earlier_seconds = 0.0
     if resume is not None:
+        earlier_seconds = resume.train_seconds
         first = _restore(resume, model, method, optimizer, scheduler, generator, device) + 1
         result.history = list(resume.history)
         if result.history:
@@ -137,17 +141,17 @@ def fit(
         method.on_epoch_end(model, epoch, metrics)
         result.history.append(metrics)
         result.train_seconds_per_batch = metrics[records.TRAIN_SECONDS_PER_BATCH]
-        if on_epoch is not None:
-            on_epoch(epoch, metrics)
         if on_checkpoint is not None:
             on_checkpoint(Checkpoint(
                 epoch=epoch, model=_cpu(model.state_dict()), optimizer=optimizer.state_dict(),
                 scheduler=None if scheduler is None else scheduler.state_dict(), method=method.state_dict(),
                 torch_rng=torch.get_rng_state(), data_rng=generator.get_state(),
                 cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                history=list(result.history),
+                history=list(result.history), train_seconds=earlier_seconds + time.perf_counter() - start,
             ))
-    result.train_seconds = time.perf_counter() - start
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+    result.train_seconds = earlier_seconds + time.perf_counter() - start
     return result
 
 
