@@ -1,3 +1,3 @@
 """rankbench: compare rank-selection methods for tensor-decomposed neural networks."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -154,6 +154,11 @@ def cmd_list(registry) -> None:
                 text = ", ".join(f"{k}={v}" for k, v in values.items())
                 print(f"      (defaults for {method}: {text})")
         print()
+    if registry.broken:
+        print("broken (cannot be used; every other plugin works):")
+        for name, reason in sorted(registry.broken.items()):
+            print(f"  {name:14s} {reason}")
+        print()
 
 
 def cmd_run(args, registry) -> None:

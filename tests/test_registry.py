@@ -123,27 +123,36 @@ def test_entry_points_are_skipped_when_disabled(monkeypatch):
     assert "ep_method" not in registry.methods
 
 
-def test_entry_point_that_fails_to_load_is_a_user_error(monkeypatch):
+def test_an_entry_point_that_fails_to_load_is_listed_broken_and_every_other_plugin_works(monkeypatch):
     broken = FakeEntryPoint("broken", "thirdparty.broken:Gone", error=ImportError("No module named 'thirdparty'"))
-    fake_entry_points(monkeypatch, {METHOD_GROUP: [broken]})
-    with pytest.raises(RankbenchError, match=r"entry point 'broken'.*thirdparty\.broken:Gone.*fix or uninstall"):
-        Registry.discover()
+    fake_entry_points(monkeypatch, {METHOD_GROUP: [broken, FakeEntryPoint("x", "x:X", EntryPointMethod)]})
+    registry = Registry.discover()
+    assert "ep_method" in registry.methods and "ours" in registry.methods
+    assert registry.broken["broken"] == ("entry point 'broken' (thirdparty.broken:Gone) in group rankbench.methods "
+                                         "fails to load (ImportError: No module named 'thirdparty'): fix or "
+                                         "uninstall that package")
+    with pytest.raises(RankbenchError, match=r"method 'broken' is broken: entry point 'broken'.*fix or uninstall"):
+        registry.method("broken")
+    with pytest.raises(RankbenchError, match=r"unknown method 'nope'.*\(1 plugin\(s\) are broken: see `rankbench list`\)"):
+        registry.method("nope")
 
 
-def test_entry_point_that_is_not_a_plugin_is_a_user_error(monkeypatch):
+def test_an_entry_point_that_is_not_a_plugin_is_listed_broken(monkeypatch):
     fake_entry_points(monkeypatch, {METHOD_GROUP: [FakeEntryPoint("junk", "thirdparty:junk", 42)]})
-    with pytest.raises(RankbenchError, match=r"thirdparty:junk is neither a Method/Task subclass"):
-        Registry.discover()
+    registry = Registry.discover()
+    assert "thirdparty:junk is neither a Method/Task subclass" in registry.broken["junk"]
+    assert "ours" in registry.methods
 
 
-def test_entry_point_clashing_with_a_built_in_is_a_user_error(monkeypatch):
+def test_an_entry_point_clashing_with_a_built_in_is_broken_and_the_built_in_stays(monkeypatch):
     class Impostor(Method):
         name: ClassVar[str] = "ours"
 
-    fake_entry_points(monkeypatch, {METHOD_GROUP: [FakeEntryPoint("ours", "thirdparty:Impostor", Impostor)]})
-    with pytest.raises(RankbenchError, match=r"two methods named 'ours'.*built-in rankbench\.methods\.ours"
-                                             r".*entry point thirdparty:Impostor"):
-        Registry.discover()
+    fake_entry_points(monkeypatch, {METHOD_GROUP: [FakeEntryPoint("impostor", "thirdparty:Impostor", Impostor)]})
+    registry = Registry.discover()
+    assert registry.method("ours") is not Impostor
+    assert registry.broken["impostor"].startswith("two methods named 'ours': built-in rankbench.methods.ours and "
+                                                  "entry point thirdparty:Impostor")
 
 
 # ---------------------------------------------------------------------------- plugin folders
@@ -166,5 +175,55 @@ def test_plugin_dir_problems_are_user_errors(tmp_path):
     with pytest.raises(RankbenchError, match="no such folder"):
         Registry.discover(plugin_dirs=[tmp_path / "absent"], entry_point_groups=False)
     (tmp_path / "boom.py").write_text("raise ValueError('boom at import')\n")
-    with pytest.raises(RankbenchError, match=r"boom\.py fails to import \(ValueError: boom at import\)"):
-        Registry.discover(plugin_dirs=[tmp_path], entry_point_groups=False)
+    registry = Registry.discover(plugin_dirs=[tmp_path], entry_point_groups=False)
+    assert "boom.py fails to import (ValueError: boom at import)" in registry.broken["boom"]
+    assert "ours" in registry.methods
+
+
+OLD_PATHS = Path(__file__).parent / "plugins_v010"
+SHIMS = ("rankbench.config", "rankbench.method", "rankbench.tensorized", "rankbench.task", "rankbench.registry")
+
+
+def test_a_plugin_written_against_the_0_1_0_module_paths_loads_and_runs_with_a_deprecation_warning(
+        monkeypatch, tmp_path, capsys):
+    import sys
+
+    from rankbench.cli import main
+
+    from helpers import make_tiny_mnist
+
+    for name in SHIMS:
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    with pytest.warns(DeprecationWarning, match=r"rankbench\.config is deprecated since rankbench 0\.2\.0"):
+        registry = Registry.discover(plugin_dirs=[OLD_PATHS], entry_point_groups=False)
+    assert "old_paths" in registry.methods and not registry.broken
+    monkeypatch.chdir(tmp_path)
+    rc = main(["run", "--plugin-dir", str(OLD_PATHS), "--method", "old_paths", "--task", "mlp2", "--epochs", "1",
+               "--set", "val_size=40", "--set", "initial_rank=3", "--no-progress", "--data-dir",
+               str(make_tiny_mnist(tmp_path / "data")), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
+    assert rc == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("shim", SHIMS)
+def test_every_0_1_0_module_path_warns_and_forwards(shim, monkeypatch):
+    import importlib
+    import sys
+
+    monkeypatch.delitem(sys.modules, shim, raising=False)
+    with pytest.warns(DeprecationWarning, match=f"{shim} is deprecated"):
+        module = importlib.import_module(shim)
+    for name in getattr(module, "__all__", ["TensorRingLinear", "prune_model", "learned_ranks"]):
+        assert getattr(module, name) is not None
+
+
+def test_a_broken_plugin_is_listed_with_its_reason_and_the_others_still_run(tmp_path, capsys):
+    from rankbench.cli import main
+
+    (tmp_path / "boom.py").write_text("from rankbench.nowhere import Thing\n")
+    assert main(["list", "--plugin-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "broken (cannot be used; every other plugin works):" in out
+    assert "boom           plugin file" in out and "ModuleNotFoundError: No module named 'rankbench.nowhere'" in out
+    assert "  ours " in out
+    assert main(["run", "--plugin-dir", str(tmp_path), "--method", "boom", "--task", "mlp2"]) == 2
+    assert "method 'boom' is broken: plugin file" in capsys.readouterr().err

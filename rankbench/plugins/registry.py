@@ -1,7 +1,10 @@
 """Find method and task plugins: built-ins, entry points and ``--plugin-dir`` folders.
 
 Plugins are discovered, not registered: any ``Method`` or ``Task`` subclass with
-a ``name`` defined in a scanned module is a plugin (benchopt-style).
+a ``name`` defined in a scanned module is a plugin (benchopt-style). A plugin that
+fails to import, is not a plugin, or takes a name already taken is *broken*: it is
+listed with its reason (``rankbench list``), using it is a one-line error, and every
+other method and task still works, so one bad package cannot stop every command.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ class Registry:
     methods: dict[str, type[Method]] = field(default_factory=dict)
     tasks: dict[str, type[Task]] = field(default_factory=dict)
     origins: dict[str, str] = field(default_factory=dict)
+    broken: dict[str, str] = field(default_factory=dict)
+    """Name (an entry point's, a plugin file's stem, or the clashing plugin's) → why it cannot be used."""
 
     @classmethod
     def discover(cls, plugin_dirs: Sequence[Path] = (), entry_point_groups: bool = True) -> "Registry":
@@ -43,18 +48,28 @@ class Registry:
         if entry_point_groups:
             for group in (METHOD_GROUP, TASK_GROUP):
                 for ep in entry_points(group=group):
+                    origin = f"entry point {ep.value}"
                     try:
                         obj = ep.load()
                     except Exception as exc:
-                        raise RankbenchError(
-                            f"entry point {ep.name!r} ({ep.value}) in group {group} fails to load ({exc}): "
-                            "fix or uninstall that package"
-                        ) from None
-                    registry.add_object(obj, origin=f"entry point {ep.value}")
+                        registry.broken[ep.name] = (f"entry point {ep.name!r} ({ep.value}) in group {group} fails "
+                                                    f"to load ({_one_line(exc)}): fix or uninstall that package")
+                        continue
+                    registry._isolated(ep.name, lambda: registry.add_object(obj, origin=origin))
         for directory in plugin_dirs:
-            for module in _directory_modules(Path(directory)):
-                registry.add_module(module, origin=f"plugin file {module.__file__}")
+            for path, module in _directory_modules(Path(directory)):
+                if isinstance(module, str):
+                    registry.broken[path.stem] = module
+                    continue
+                registry._isolated(path.stem, lambda: registry.add_module(module, origin=f"plugin file {path}"))
         return registry
+
+    def _isolated(self, name: str, add) -> None:
+        """Run ``add``; a plugin it refuses (not a plugin, a clashing name) is broken, not fatal."""
+        try:
+            add()
+        except RankbenchError as exc:
+            self.broken[name] = str(exc)
 
     def add_object(self, obj: object, origin: str) -> None:
         if isinstance(obj, ModuleType):
@@ -80,15 +95,19 @@ class Registry:
         table[plugin.name] = plugin
         self.origins[key] = origin
 
+    def _lookup(self, kind: str, table: dict, name: str):
+        if name in table:
+            return table[name]
+        if name in self.broken:
+            raise RankbenchError(f"{kind} {name!r} is broken: {self.broken[name]}")
+        also = f" ({len(self.broken)} plugin(s) are broken: see `rankbench list`)" if self.broken else ""
+        raise RankbenchError(f"unknown {kind} {name!r}: choose one of {', '.join(sorted(table))}{also}")
+
     def method(self, name: str) -> type[Method]:
-        if name not in self.methods:
-            raise RankbenchError(f"unknown method {name!r}: choose one of {', '.join(sorted(self.methods))}")
-        return self.methods[name]
+        return self._lookup("method", self.methods, name)
 
     def task(self, name: str) -> type[Task]:
-        if name not in self.tasks:
-            raise RankbenchError(f"unknown task {name!r}: choose one of {', '.join(sorted(self.tasks))}")
-        return self.tasks[name]
+        return self._lookup("task", self.tasks, name)
 
 
 def _package_modules(package_name: str) -> Iterable[ModuleType]:
@@ -98,7 +117,13 @@ def _package_modules(package_name: str) -> Iterable[ModuleType]:
             yield importlib.import_module(f"{package_name}.{info.name}")
 
 
-def _directory_modules(directory: Path) -> Iterable[ModuleType]:
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def _directory_modules(directory: Path) -> Iterable[tuple[Path, ModuleType | str]]:
+    """Each plugin file of a folder with its module, or with why it fails to import."""
     if not directory.is_dir():
         raise RankbenchError(f"--plugin-dir {directory}: no such folder")
     for path in sorted(directory.glob("*.py")):
@@ -106,7 +131,7 @@ def _directory_modules(directory: Path) -> Iterable[ModuleType]:
             continue
         module_name = "rankbench_plugin_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10] + "_" + path.stem
         if module_name in sys.modules:
-            yield sys.modules[module_name]
+            yield path, sys.modules[module_name]
             continue
         spec = importlib.util.spec_from_file_location(module_name, path)
         assert spec is not None and spec.loader is not None
@@ -116,5 +141,6 @@ def _directory_modules(directory: Path) -> Iterable[ModuleType]:
             spec.loader.exec_module(module)
         except Exception as exc:
             del sys.modules[module_name]
-            raise RankbenchError(f"plugin file {path} fails to import ({type(exc).__name__}: {exc}): fix it") from None
-        yield module
+            yield path, f"plugin file {path} fails to import ({_one_line(exc)}): fix it"
+            continue
+        yield path, module
