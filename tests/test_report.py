@@ -58,7 +58,7 @@ LEARNED_RANKS = {"conv1": [3, 3, 5, 3], "conv2": [9, 6, 5, 7, 9], "fc1": [16, 16
 PER_EPOCH = ("train_loss", "penalty", "val_loss", "val_accuracy", "compression", "total_rank",
              "train_seconds_per_batch")
 FINAL = ("test_accuracy", "test_top5", "test_loss", "compression", "parameters", "inference_seconds",
-         "wall_seconds", "tensorized_compression")
+         "wall_seconds", "train_seconds", "tensorized_compression")
 
 # Known numbers of the main store: dense with 5 seeds, ours with 3, trn with 1.
 DENSE_ACC = [97.20, 97.55, 96.90, 97.80, 97.15]
@@ -237,7 +237,7 @@ class Store:
             dense = int(params["dense_parameters"])
             final = {"test_accuracy": accuracy, "test_top5": 99.9, "test_loss": 0.1, "compression": compression,
                      "parameters": round(dense / compression), "inference_seconds": inference, "wall_seconds": 12.5,
-                     "tensorized_compression": compression}
+                     "train_seconds": 11.5, "tensorized_compression": compression}
             metrics += [Metric(k, float(v), now, epochs) for k, v in final.items()]
         for i in range(0, len(metrics), 1000):
             self.client.log_batch(run_id, metrics=metrics[i:i + 1000])
