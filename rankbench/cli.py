@@ -165,7 +165,7 @@ def cmd_run(args, registry) -> None:
     from tqdm import tqdm
 
     from rankbench.report.tables import results_table
-    from rankbench.run import records
+    from rankbench import records
     from rankbench.run.config import make_config, parse_budget
     from rankbench.run.experiment import run
     from rankbench.run.prepare import prepare
@@ -242,7 +242,7 @@ def check_table_format(name: str) -> None:
 def cmd_check_plugin(args, registry) -> int:
     from tabulate import tabulate
 
-    from rankbench.plugins.contract import check_plugin
+    from rankbench.contract import check_plugin
 
     passed = failed = 0
     for title, checks in check_plugin(registry, args.name, args.task):
@@ -259,7 +259,7 @@ def cmd_check_plugin(args, registry) -> int:
 def cmd_study(args, registry) -> None:
     from tabulate import tabulate
 
-    from rankbench.plugins.hyper import parse_assignments
+    from rankbench.hyper import parse_assignments
     from rankbench.study import runner as studies
 
     if args.list:

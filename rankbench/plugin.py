@@ -30,13 +30,13 @@ from rankbench.layers.tensorized import (
     selectors,
     tensorized_layers,
 )
-from rankbench.plugins.contract import Check, check_method, check_task
-from rankbench.plugins.hyper import Hyper, Search
+from rankbench.contract import Check, check_method, check_task
+from rankbench.hyper import Hyper, Search
 from rankbench.plugins.method import SELECTOR_HYPERPARAMETERS, Method, MethodContext, StepLoss, TaskLoss
 from rankbench.plugins.registry import Registry
 from rankbench.plugins.task import Task
 from rankbench.run.metrics import recalibrate_batchnorm
-from rankbench.run.records import TENSORIZED_COMPRESSION, Record
+from rankbench.records import TENSORIZED_COMPRESSION, Record
 
 __all__ = [
     # method interface

@@ -95,3 +95,73 @@ def test_a_set_value_crosses_each_stage_once(tmp_path, monkeypatch, capsys):
     assert calls == {"make_config": 1, "prepare": 1, "recipe_for": 1, "method_params_for": 1}
     assert seen_lambdas and all(v == pytest.approx(0.37) for v in seen_lambdas)
     assert "lambda=0.37" in capsys.readouterr().out
+
+
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("rankbench", "rankbench.errors", "rankbench.records", "rankbench.hyper"),
+    ("rankbench.layers", "rankbench.data"),
+    ("rankbench.plugins",),
+    ("rankbench.run",),
+    ("rankbench.study", "rankbench.report", "rankbench.export", "rankbench.contract"),
+    ("rankbench.cli", "rankbench.plugin", "rankbench.config", "rankbench.method", "rankbench.task",
+     "rankbench.tensorized", "rankbench.registry"),
+)
+"""The layers, lowest first: a module imports only from its own layer and the ones below it. The
+package root holds only ``__version__``; the top layer is the command line, the public plugin
+surface and the 0.1.0 aliases."""
+
+
+def layer_of(module: str) -> int:
+    matches = [(len(name), i) for i, names in enumerate(LAYERS) for name in names
+               if module == name or (name != "rankbench" and module.startswith(name + "."))]
+    assert matches, f"{module} is in no layer: add it to LAYERS"
+    return max(matches)[1]
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(path: Path) -> list[tuple[int, str]]:
+    """Every rankbench module a file imports (at module level or inside functions), by line."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            for alias in node.names:
+                child = f"{node.module}.{alias.name}"
+                is_module = node.module.startswith("rankbench") and _is_module(child)
+                found.append((node.lineno, child if is_module else node.module))
+    return [(line, name) for line, name in found if name == "rankbench" or name.startswith("rankbench.")]
+
+
+def _is_module(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # the parent is a module, not a package: ``name`` is an attribute
+        return False
+
+
+def test_imports_flow_one_way_through_the_layers():
+    against = [f"{path.relative_to(ROOT)}:{line}: {module_name(path)} imports {target}"
+               for path in CORE for line, target in imported_modules(path)
+               if layer_of(target) > layer_of(module_name(path))]
+    assert against == []
+
+
+def test_the_layer_check_sees_an_upward_import(tmp_path):
+    """The check above can fail: a data module importing the trainer is caught."""
+    upward = ROOT / "rankbench" / "data" / "_upward_probe.py"
+    upward.write_text("from rankbench.run.trainer import fit\nfrom rankbench import records\n")
+    try:
+        imports = imported_modules(upward)
+        assert imports == [(1, "rankbench.run.trainer"), (2, "rankbench.records")]
+        assert layer_of("rankbench.run.trainer") > layer_of(module_name(upward)) >= layer_of("rankbench.records")
+    finally:
+        upward.unlink()

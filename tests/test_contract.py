@@ -1,4 +1,4 @@
-"""The plugin contract (``rankbench.plugins.contract``) and ``rankbench check-plugin``.
+"""The plugin contract (``rankbench.contract``) and ``rankbench check-plugin``.
 
 Every built-in method passes the contract on every built-in task; broken plugins,
 written into ``tmp_path``, fail the check that should catch them; the plugin
@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from rankbench.cli import main
-from rankbench.plugins import contract
-from rankbench.plugins.contract import Check, check_method, check_task
+from rankbench import contract
+from rankbench.contract import Check, check_method, check_task
 from rankbench.plugins.registry import Registry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -361,7 +361,7 @@ def test_check_plugin_of_a_name_that_is_both_a_method_and_a_task_checks_both(tmp
 
 def test_a_task_without_offline_data_is_checked_on_random_stand_in_inputs(tmp_path, monkeypatch) -> None:
     """CIFAR-10 has no offline copy: the contract runs on random inputs and says so."""
-    from rankbench.plugins import contract
+    from rankbench import contract
 
     monkeypatch.setenv("RANKBENCH_DATA_DIR", str(tmp_path))
     monkeypatch.setattr(contract, "_DATA_CACHE", {})

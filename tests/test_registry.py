@@ -10,7 +10,7 @@ import pytest
 
 import rankbench.plugins.registry as registry_module
 from rankbench.errors import RankbenchError
-from rankbench.plugins.hyper import Hyper
+from rankbench.hyper import Hyper
 from rankbench.plugins.method import Method
 from rankbench.plugins.registry import METHOD_GROUP, TASK_GROUP, Registry
 from rankbench.plugins.task import Task

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from rankbench.cli import main
-from rankbench.plugins.contract import check_method, check_task
+from rankbench.contract import check_method, check_task
 from rankbench.plugins.registry import Registry
 from rankbench.run.experiment import tensorized_compression
 from rankbench.run.tracking import Tracker

@@ -74,7 +74,7 @@ def embedded_run(tmp_path_factory, registry, store_template):
 
 
 def test_every_name_a_run_records_is_declared_in_records(embedded_run, registry):
-    from rankbench.run import records
+    from rankbench import records
 
     uri, result = embedded_run
     run = client_for(uri).get_run(result.run_id)

@@ -271,7 +271,7 @@ def _load_embedded(split_seed: int, sizes: tuple[int, int, int]) -> DataSplits:
 
 def mnist_family_hyperparameters() -> dict:
     """The data options every MNIST-family task declares (``--set dataset=...`` etc.)."""
-    from rankbench.plugins.hyper import Hyper
+    from rankbench.hyper import Hyper
 
     return {
         "dataset": Hyper("mnist", "dataset (mnist falls back to the embedded 5k digits)", choices=DATASETS),

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from rankbench.layers.tensorized import Bond, RankSelector, bonds
-from rankbench.plugins.hyper import Hyper, Search
+from rankbench.hyper import Hyper, Search
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rankbench.data import DataSplits, Split
-from rankbench.plugins.hyper import Hyper
-from rankbench.run.metrics import classification_hits
-from rankbench.run.records import Record
+from rankbench.hyper import Hyper
+from rankbench.records import Record
+
+
+def classification_hits(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Top-1 and top-5 hits of (batch, classes) outputs against class labels."""
+    k = min(5, outputs.shape[1])
+    top1 = (outputs.argmax(1) == targets).sum()
+    top5 = (outputs.topk(k, dim=1).indices == targets[:, None]).any(1).sum()
+    return top1, top5, int(targets.shape[0])
+
 
 
 class Task:

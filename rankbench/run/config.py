@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from rankbench.errors import RankbenchError
-from rankbench.plugins.hyper import parse_assignments, resolve
+from rankbench.hyper import parse_assignments, resolve
 from rankbench.plugins.registry import Registry
 
 

@@ -1,7 +1,7 @@
 """One experiment from a prepared run: every seed built, trained, measured and tracked.
 
 ``config`` → ``prepare`` → :func:`run` → ``trainer.fit`` → ``metrics`` → ``tracking``;
-the names it records are declared in ``rankbench.run.records``.
+the names it records are declared in ``rankbench.records``.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import torch
 import rankbench
 from rankbench.errors import RankbenchError
 from rankbench.layers.tensorized import count_parameters, learned_ranks, prune_model, tensorized_layers
-from rankbench.plugins.hyper import Hyper
+from rankbench.hyper import Hyper
 from rankbench.plugins.method import Method
-from rankbench.run import records
+from rankbench import records
 from rankbench.run.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from rankbench.run.metrics import evaluate, inference_seconds, total_rank
 from rankbench.run.prepare import PreparedRun

@@ -12,6 +12,7 @@ from torch import nn
 
 from rankbench.data import Split, iterate_batches
 from rankbench.layers.tensorized import count_parameters, learned_ranks
+from rankbench.plugins.task import classification_hits
 
 
 @dataclass(frozen=True)
@@ -46,14 +47,6 @@ def evaluate(model: nn.Module, split: Split, batch_size: int, loss_fn, device: t
         n += count
     model.train(was_training)
     return Evaluation(total_loss / n, 100.0 * correct / n, 100.0 * correct5 / n)
-
-
-def classification_hits(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Top-1 and top-5 hits of (batch, classes) outputs against class labels."""
-    k = min(5, outputs.shape[1])
-    top1 = (outputs.argmax(1) == targets).sum()
-    top5 = (outputs.topk(k, dim=1).indices == targets[:, None]).any(1).sum()
-    return top1, top5, int(targets.shape[0])
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ from rankbench.errors import RankbenchError
 from rankbench.layers.tensorized import selector_parameters, weight_parameters
 from rankbench.plugins.method import Method
 from rankbench.plugins.task import Task
-from rankbench.run import records
+from rankbench import records
 from rankbench.run.checkpoint import Checkpoint
 from rankbench.run.metrics import compression_ratio, evaluate, synchronize, total_rank
 

@@ -35,11 +35,11 @@ from rankbench.layers.tensorized import (
     selector_parameters,
     tensorized_layers,
 )
-from rankbench.plugins.hyper import Hyper, resolve
+from rankbench.hyper import Hyper, resolve
 from rankbench.plugins.method import ROLES, Method, StepLoss
 from rankbench.plugins.registry import Registry
 from rankbench.plugins.task import Task
-from rankbench.run.records import Record
+from rankbench.records import Record
 
 __all__ = ["Check", "check_method", "check_plugin", "check_task", "task_methods", "SMALL_RANK", "BATCH", "REQUIRED_TASK_KEYS"]
 
