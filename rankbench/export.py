@@ -32,9 +32,16 @@ def rebuild(run_id: str, registry: Registry, tracking_uri: str | None = None) ->
     from rankbench.run.tracking import Tracker
 
     tracker = Tracker(tracking_uri, create=False)
-    params = tracker.get_run(run_id).data.params
+    stored = tracker.get_run(run_id)
+    params = stored.data.params
     if "task" not in params or "method" not in params:
         raise RankbenchError(f"run {run_id} is not a rankbench training run")
+    if stored.info.status != "FINISHED":
+        study = stored.data.tags.get("study")
+        how = (f"run its study file again (study {study})" if study
+               else f"resume it with its own command line and --resume {run_id}")
+        raise RankbenchError(f"run {run_id} did not finish (status {stored.info.status}): only finished runs have "
+                             f"weights: {how}, then export it")
     task_cls, method_cls = registry.task(params["task"]), registry.method(params["method"])
     values = {}
     for declared in (task_cls.hyperparameters, method_cls.hyperparameters):
@@ -83,11 +90,22 @@ def export(model: nn.Module, example: torch.Tensor, materialised: bool = False) 
 
 def export_run(run_id: str, out: Path, registry: Registry, tracking_uri: str | None = None,
                materialised: bool = False) -> Exported:
-    """``rankbench export``: rebuild, prune, verify, save ``{"model", "run_id", "parameters", "ranks"}``."""
+    """``rankbench export``: rebuild, prune, verify, save ``{"model", "run_id", "parameters", "ranks"}``.
+    ``out`` is a file path (its folder is made); a folder or an unwritable path is a one-line error,
+    a folder found before any work."""
+    out = Path(out)
+    if out.is_dir():
+        raise RankbenchError(f"--out {out}: is a folder: name the file to write, e.g. --out {out / f'{run_id}.pt'}")
     model, task = rebuild(run_id, registry, tracking_uri)
     example = task.example_input(8, torch.Generator().manual_seed(0))
     result = export(model, example, materialised)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": result.model, "run_id": run_id, "parameters": result.parameters, "ranks": result.ranks,
-                "materialised": materialised}, out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "wb") as fh:
+            torch.save({"model": result.model, "run_id": run_id, "parameters": result.parameters,
+                        "ranks": result.ranks, "materialised": materialised}, fh)
+    except OSError as exc:
+        blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+        why = f"{blocker} is a file, not a folder" if blocker is not None else exc.strerror or type(exc).__name__
+        raise RankbenchError(f"--out {out}: cannot write it ({why}): name a file in a folder you can write") from None
     return result

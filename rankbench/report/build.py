@@ -3,17 +3,21 @@ compare rows with a baseline, render paper-ready tables.
 
 A row is one (task, dataset, method, settings) configuration; its seeds are
 the runs that share it. Rows never mix datasets or splits: the dataset name,
-its sizes and the split seed are part of every row's key.
+its sizes and the split seed are part of every row's key. A seed counts once:
+of several finished runs of one configuration and seed (a command repeated),
+the newest is used and the others are reported as ignored duplicates.
 """
 
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import json
 import math
+import socket
 import statistics
-import tomllib
+import sys
 import warnings
 from dataclasses import dataclass, field
 from importlib import resources
@@ -22,6 +26,11 @@ from typing import Any, Iterable, Sequence
 from rankbench.errors import RankbenchError
 from rankbench.plugins.registry import Registry
 from rankbench.run import records
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 # Params that differ between seeds of one configuration, or only describe the run.
 RUN_ONLY_PARAMS = {
@@ -44,6 +53,9 @@ class RunRecord:
     params: dict[str, str]
     metrics: dict[str, float]
     tags: dict[str, str]
+    start_time: int = 0
+    end_time: int = 0
+    """MLflow's start and end times (ms): the newest of duplicate runs is the one used."""
 
     @property
     def study(self) -> str | None:
@@ -69,6 +81,13 @@ class Row:
     p_mwu: float | None = None
     shown: tuple[str, ...] = ()
     """The task's own final metrics (``Task.metrics``: BLEU, tensorized compression), shown as columns."""
+    duplicates: list[RunRecord] = field(default_factory=list)
+    """Older finished runs of the same settings and seed as one of ``runs``: ignored, so that a
+    repeated command does not count one seed several times (n and p-values stay honest)."""
+
+    @property
+    def ignored_duplicates(self) -> int:
+        return len(self.duplicates)
 
     def values(self, metric: str) -> list[float]:
         """``metric`` of every seed (read under its legacy name in older stores, see ``records.metric``)."""
@@ -98,7 +117,8 @@ def load_runs(tracking_uri: str | None = None, *, task: str | None = None, metho
             continue
         out.append(RunRecord(run.info.run_id, run.info.experiment_id, tags.get("task", params.get("task", "")),
                              tags["method"], tags.get("dataset", params.get("dataset", "")),
-                             int(params.get("seed", 0)), dict(params), dict(run.data.metrics), dict(tags)))
+                             int(params.get("seed", 0)), dict(params), dict(run.data.metrics), dict(tags),
+                             run.info.start_time or 0, run.info.end_time or 0))
     return sorted(out, key=lambda r: (r.task, r.dataset, r.method, r.seed, r.run_id))
 
 
@@ -125,19 +145,34 @@ class MethodDeclarations:
 
 
 def died_runs(tracking_uri: str | None) -> list[str]:
-    """Runs whose process died while RUNNING, now marked FAILED: one line each, with the resume command."""
-    from rankbench.run.tracking import Tracker
+    """Runs whose process died while RUNNING, now marked FAILED: one line each, with why it was
+    found dead and how to go on (``--resume`` only where a checkpoint of a finished epoch exists)."""
+    from rankbench.run.tracking import HOST_TAG, Tracker
+
+    tracker = Tracker(tracking_uri, create=False)
 
     def how(run) -> str:
-        study = run.data.tags.get("study")
+        run_id, tags = run.info.run_id, run.data.tags
+        study = tags.get("study")
         if study:
             return f"run its study file again (study {study}) to continue it from its last checkpoint"
-        return "continue it with its own command line and --resume " + run.info.run_id
+        if tracker.checkpoint_path(run_id).is_file():
+            return "continue it with its own command line and --resume " + run_id
+        if records.VAL_ACCURACY not in run.data.metrics:
+            return ("it finished no epoch, so there is nothing to resume: start it again with its own command line, "
+                    "without --resume")
+        if tags.get(HOST_TAG) and tags[HOST_TAG] != socket.gethostname():
+            return (f"its checkpoint is on {tags[HOST_TAG]}: continue it there with its own command line and "
+                    f"--resume {run_id}")
+        return ("its checkpoint is gone, so it cannot be resumed: start it again with its own command line, "
+                "without --resume")
+
+    def why(run) -> str:
+        return run.data.tags.get("failure_reason", "its process is gone")
 
     return [f"rankbench: run {r.info.run_id} ({r.data.tags.get('task', '?')}, {r.data.tags.get('method', '?')}, "
-            f"seed {r.data.params.get('seed', '?')}) had died (process {r.data.tags.get('rankbench.pid')} is gone): "
-            f"marked FAILED; {how(r)}"
-            for r in Tracker(tracking_uri, create=False).mark_dead_runs()]
+            f"seed {r.data.params.get('seed', '?')}) had died ({why(r)}): marked FAILED; {how(r)}"
+            for r in tracker.mark_dead_runs()]
 
 
 def group_rows(run_records: Iterable[RunRecord], group_by: Sequence[str] | None = None,
@@ -146,6 +181,9 @@ def group_rows(run_records: Iterable[RunRecord], group_by: Sequence[str] | None 
     (plus task, method and the data key, always). ``declarations`` (default: the installed
     plugins') say which settings label a row and each method's role."""
     declarations = declarations or MethodDeclarations.of()
+    run_records, older = newest_per_seed(run_records)
+    if group_by:
+        check_group_by(group_by, run_records)
     groups: dict[tuple, list[RunRecord]] = {}
     settings_of: dict[tuple, dict[str, str]] = {}
     for r in run_records:
@@ -166,8 +204,45 @@ def group_rows(run_records: Iterable[RunRecord], group_by: Sequence[str] | None 
         peers = [dict(k[2]) for k in groups if k[0] == key[0] and dict(k[2])["dataset"] == data["dataset"]]
         settings.update({k: v for k, v in data.items() if k != "dataset" and any(p[k] != v for p in peers)})
         rows.append(Row(key[0], runs[0].dataset, key[1], settings, sorted(runs, key=lambda r: r.seed),
-                        role=declarations.role(key[1]), full_settings=settings_of[key]))
+                        role=declarations.role(key[1]), full_settings=settings_of[key],
+                        duplicates=[d for r in runs for d in older.get(r.run_id, [])]))
     return sorted(rows, key=lambda row: (row.task, row.dataset, row.method, tuple(row.settings.items())))
+
+
+def configuration(r: RunRecord) -> tuple:
+    """What makes two runs replicates of one configuration: task, method, data and every setting
+    except the per-run ones (``RUN_ONLY_PARAMS``), i.e. the default row key."""
+    settings = tuple(sorted((k, v) for k, v in r.params.items() if k not in RUN_ONLY_PARAMS))
+    return r.task, r.method, r.dataset, tuple((k, r.params.get(k, "")) for k in DATA_KEY), settings
+
+
+def newest_per_seed(run_records: Iterable[RunRecord]) -> tuple[list[RunRecord], dict[str, list[RunRecord]]]:
+    """One run per (configuration, seed): the newest (by end time, then start time); returns those
+    and, by the id of each kept run, the older duplicates it replaces. A seed run twice is one
+    sample, not two: counting both would shrink the std and the p-values."""
+    by_seed: dict[tuple, list[RunRecord]] = {}
+    for r in run_records:
+        by_seed.setdefault((configuration(r), r.seed), []).append(r)
+    kept, older = [], {}
+    for runs in by_seed.values():
+        runs = sorted(runs, key=lambda r: (r.end_time, r.start_time, r.run_id), reverse=True)
+        kept.append(runs[0])
+        if runs[1:]:
+            older[runs[0].run_id] = runs[1:]
+    return kept, older
+
+
+def check_group_by(group_by: Sequence[str], run_records: Sequence[RunRecord]) -> None:
+    """Every ``--group-by`` name is a param of some selected run, else a one-line error listing
+    the params they have (close matches first)."""
+    have = sorted({k for r in run_records for k in r.params} - RUN_ONLY_PARAMS)
+    for name in group_by:
+        if any(name in r.params for r in run_records):
+            continue
+        close = difflib.get_close_matches(name, have, n=3, cutoff=0.6)
+        listed = [*close, *(k for k in have if k not in close)]
+        raise RankbenchError(f"--group-by {name}: no selected run has that param: choose from "
+                             f"{', '.join(listed) or 'none (the runs have no params)'}")
 
 
 def _distinguishing(settings: dict[str, str], key: tuple, all_settings: dict[tuple, dict[str, str]],
@@ -293,8 +368,15 @@ def table_rows(rows: list[Row], shown: Sequence[str] = ()) -> list[list[str]]:
     return out
 
 
+def duplicates_note(count: int) -> str:
+    return (f"{count} duplicate run{'s' if count != 1 else ''} (same settings and seed) ignored: the newest run "
+            "of each seed is used")
+
+
 def render(rows: list[Row], tablefmt: str) -> str:
-    """Tables per (task, dataset), in any tabulate format or csv, with footnotes."""
+    """Tables per (task, dataset), in any tabulate format or csv, with footnotes. csv has no place
+    for a footnote (a trailing line would not be csv, a column would change every table's header):
+    the note on ignored duplicate runs goes to stderr instead, as ``rankbench: note: ...``."""
     from tabulate import tabulate, tabulate_formats
 
     if tablefmt != "csv" and tablefmt not in tabulate_formats:
@@ -317,6 +399,9 @@ def render(rows: list[Row], tablefmt: str) -> str:
         for task, dataset in keys:
             for line in table_rows(group_of(task, dataset), shown):
                 writer.writerow([task, dataset, *line])
+        ignored = sum(r.ignored_duplicates for r in rows)
+        if ignored:
+            print(f"rankbench: note: {duplicates_note(ignored)}", file=sys.stderr)
         return buf.getvalue().rstrip("\n")
     for task, dataset in keys:
         group = group_of(task, dataset)
@@ -336,6 +421,9 @@ def render(rows: list[Row], tablefmt: str) -> str:
         if pairs:
             notes.append("Δacc and p compare each row with the baseline row at the nearest compression: "
                          + "; ".join(pairs))
+        ignored = sum(r.ignored_duplicates for r in group)
+        if ignored:
+            notes.append(duplicates_note(ignored))
         if any(r.source == "published" for r in group):
             notes.append("published rows come from the papers (rankbench/report/published.toml); their data and "
                          "compression definitions may differ from this run's")

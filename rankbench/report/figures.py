@@ -14,6 +14,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from rankbench.errors import RankbenchError
 from rankbench.report.build import MethodDeclarations, Row, ranks_of
 from rankbench.run import records
 
@@ -213,12 +214,28 @@ REPORT_SUFFIXES = {"csv": "csv", "tsv": "tsv", "latex": "tex", "latex_raw": "tex
 """File suffix of a report table in each format (``txt`` for the rest)."""
 
 
+def check_out(out: Path) -> None:
+    """``report --out`` names a folder (new or existing), not a file: checkable before any work."""
+    if out.exists() and not out.is_dir():
+        raise RankbenchError(f"--out {out}: is a file: name a folder for the table and the figures, "
+                             f"e.g. --out {out.with_name(out.stem + '-report')}")
+
+
 def write_report(rows: list[Row], text: str, tablefmt: str, tracking_uri: str | None, out: Path,
                  registry=None) -> list[str]:
     """``rankbench report --out DIR``: the rendered table and every figure the rows support,
-    written into ``out``; returns one line per file written or figure skipped."""
-    out.mkdir(parents=True, exist_ok=True)
+    written into ``out``; returns one line per file written or figure skipped. ``out`` that is a
+    file, or a folder that cannot be written, is a one-line error."""
+    out = Path(out)
+    check_out(out)
     table = out / f"report.{REPORT_SUFFIXES.get(tablefmt, 'txt')}"
-    table.write_text(text + "\n")
-    written, skipped = write_figures(rows, tracking_uri, out, MethodDeclarations.of(registry))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        table.write_text(text + "\n")
+        written, skipped = write_figures(rows, tracking_uri, out, MethodDeclarations.of(registry))
+    except OSError as exc:
+        blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+        why = (f"{blocker} is a file, not a folder" if blocker is not None
+               else f"{exc.strerror or type(exc).__name__}{f': {exc.filename}' if exc.filename else ''}")
+        raise RankbenchError(f"--out {out}: cannot write into it ({why}): name a folder you can write") from None
     return [f"wrote {table}", *(f"wrote {path}" for path in written), *(f"skipped {reason}" for reason in skipped)]

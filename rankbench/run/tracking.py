@@ -6,7 +6,9 @@ import contextlib
 import functools
 import logging
 import os
+import re
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, TypeVar
@@ -17,6 +19,20 @@ T = TypeVar("T")
 DEFAULT_DIR = Path("rankbench-runs")
 PID_TAG, HOST_TAG = "rankbench.pid", "rankbench.host"
 """Tags naming the process that runs a run, so a run whose process died can be told apart."""
+HEARTBEAT_TAG = "rankbench.heartbeat"
+"""Unix seconds (as text) of a running run's last sign of life, so a run that died on another
+machine, whose process cannot be checked from here, is found dead too."""
+HEARTBEAT_INTERVAL_ENV, HEARTBEAT_GRACE_ENV = "RANKBENCH_HEARTBEAT_INTERVAL", "RANKBENCH_HEARTBEAT_GRACE"
+HEARTBEAT_INTERVAL_S, HEARTBEAT_GRACE_S = 30.0, 300.0
+"""Defaults: a beat every 30 s; a run whose last beat is over 300 s old is dead (a beat can be late
+while the store is busy, so the grace is several intervals)."""
+MAX_EXPERIMENT_NAME = 500
+"""MLflow's limit on an experiment's name (``mlflow.utils.validation.MAX_EXPERIMENT_NAME_LENGTH``)."""
+OPENING_HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
+                       "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5", "MLFLOW_HTTP_REQUEST_TIMEOUT": "4"}
+"""MLflow's HTTP retry limits while a server store is first opened: a server that is not there is
+an error within seconds (MLflow's defaults retry for about 4 minutes); the run's own writes keep
+MLflow's retries. A limit the user set in the environment is kept."""
 PRUNED_MODEL_FOLDER = "pruned_model"
 """Where each run's exported (pruned) model is logged as an MLflow PyTorch model."""
 
@@ -44,6 +60,21 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
+DAMAGED = ("file is not a database", "database disk image is malformed", "file is encrypted or is not a database")
+
+
+def _damaged(uri: str, exc: BaseException) -> str | None:
+    """The message for a store file that is not an MLflow SQLite store or is damaged, else None:
+    its cause is the file, so "check that it is writable" would send the user the wrong way."""
+    text = str(getattr(exc, "orig", None) or exc).lower()
+    if not any(d in text for d in DAMAGED):
+        return None
+    database = sqlite_database(uri)
+    what = f"{database}" if database is not None else uri
+    return (f"tracking store {uri}: {what} is not an MLflow SQLite store, or it is damaged ({_one_line(exc)}): "
+            "point --tracking-uri at your store (or at a new file, e.g. sqlite:///rankbench-runs/mlflow.db)")
+
+
 def _writes(what: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
     """A write to the store whose failure (read-only file or folder, a disk I/O error, a full disk)
     is a one-line ``RankbenchError`` naming the store and the cause, not a traceback."""
@@ -56,8 +87,9 @@ def _writes(what: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
             except RankbenchError:
                 raise
             except Exception as exc:
-                raise RankbenchError(f"cannot write {what} to tracking store {self.uri} ({_one_line(exc)}): "
-                                     "check that the store is writable and its disk has space") from None
+                raise RankbenchError(_damaged(self.uri, exc) or (
+                    f"cannot write {what} to tracking store {self.uri} ({_one_line(exc)}): "
+                    "check that the store is writable and its disk has space")) from None
 
         return wrapper
 
@@ -84,6 +116,9 @@ class Tracker:
 
         self.uri = resolve_tracking_uri(tracking_uri, create)
         database = sqlite_database(self.uri)
+        if database is not None and database.is_dir():
+            raise RankbenchError(f"tracking store {self.uri}: {database} is a folder: give the database file, "
+                                 f"e.g. --tracking-uri sqlite:///{database / 'mlflow.db'}")
         if database is not None and not database.exists():
             if not create:
                 raise RankbenchError(f"no tracking store at {database}: run `rankbench run ...` first, "
@@ -92,19 +127,28 @@ class Tracker:
                 raise RankbenchError(f"tracking store {self.uri}: the folder {database.parent} does not exist: "
                                      "create it or fix --tracking-uri")
         try:
-            with _creation_lock(database):
+            with _creation_lock(database), _opening_http_limits(self.uri):
                 self._client = MlflowClient(tracking_uri=self.uri)
                 self._client.search_experiments(max_results=1)  # creates and migrates a new store, locked
         except RankbenchError:
             raise
         except Exception as exc:
-            raise RankbenchError(f"cannot open tracking store {self.uri} ({_one_line(exc)}): check --tracking-uri "
-                                 "and that the store is readable and writable") from None
+            raise RankbenchError(_opening_error(self.uri, exc)) from None
 
     # ------------------------------------------------------------------------ experiments
     @_writes("the experiment")
     def experiment_id(self, name: str) -> str:
+        """The id of experiment ``name``, created if new. A deleted one is not used (MLflow keeps
+        its name, so a new one cannot take it): the error says how to restore it."""
+        if len(name) > MAX_EXPERIMENT_NAME:
+            raise RankbenchError(f"--experiment: the name has {len(name)} characters, MLflow allows at most "
+                                 f"{MAX_EXPERIMENT_NAME}: choose a shorter --experiment")
         experiment = self._client.get_experiment_by_name(name)
+        if experiment is not None and experiment.lifecycle_stage == "deleted":
+            raise RankbenchError(
+                f"--experiment {name}: that MLflow experiment (id {experiment.experiment_id}) is deleted in "
+                f"{self.uri}: restore it with `MLFLOW_TRACKING_URI={self.uri} mlflow experiments restore "
+                f"--experiment-id {experiment.experiment_id}`, or choose another --experiment")
         if experiment is not None:
             return experiment.experiment_id
         return self._client.create_experiment(name, artifact_location=self.artifact_root())
@@ -176,28 +220,61 @@ class Tracker:
         except Exception as exc:
             if missing and getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":
                 raise RankbenchError(missing) from None
+            damaged = _damaged(self.uri, exc)
+            if damaged:
+                raise RankbenchError(damaged) from None
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise RankbenchError(
                 f"cannot read {what} from {self.uri} ({type(exc).__name__}: {reason}): check --tracking-uri"
             ) from None
 
     def mark_dead_runs(self, study: str | None = None) -> list[Any]:
-        """Runs still RUNNING whose process on this machine is gone (killed, crashed): each is marked
-        FAILED with the reason, so none stays RUNNING forever; returns them (they can be resumed)."""
+        """Runs still RUNNING whose process is gone (killed, crashed, its machine lost): each is
+        marked FAILED with the reason (``death_reason``), so none stays RUNNING forever; returns
+        them as stored now (FAILED, tag ``failure_reason``; they can be resumed)."""
         dead = []
         for run in self.runs(status="RUNNING", study=study):
-            if self.process_gone(run):
-                self.fail(run.info.run_id, f"process {run.data.tags[PID_TAG]} on {run.data.tags[HOST_TAG]} died")
-                dead.append(run)
+            reason = self.death_reason(run)
+            if reason is not None:
+                self.fail(run.info.run_id, reason)
+                dead.append(self.get_run(run.info.run_id))
         return dead
 
     @staticmethod
     def process_gone(run: Any) -> bool:
-        """Whether the process a run's tags name is known to have ended (only a process on this
-        machine can be checked; any other counts as alive)."""
+        """Whether the process that runs ``run`` is known to have ended (see ``death_reason``)."""
+        return Tracker.death_reason(run) is not None
+
+    @staticmethod
+    def death_reason(run: Any) -> str | None:
+        """Why a RUNNING run is known to be dead, else None. A run of a process on this machine is
+        dead when that process is gone; any other (another machine, or no pid tag) when its heartbeat
+        is older than the grace period (``RANKBENCH_HEARTBEAT_GRACE``, default 300 s). A run without
+        a heartbeat tag (an older rankbench) cannot be judged and counts as alive."""
         tags = run.data.tags
-        return (tags.get(PID_TAG, "").isdigit() and tags.get(HOST_TAG) == socket.gethostname()
-                and not _alive(int(tags[PID_TAG])))
+        host = tags.get(HOST_TAG) or "an unknown host"
+        if tags.get(PID_TAG, "").isdigit() and tags.get(HOST_TAG) == socket.gethostname():
+            return None if _alive(int(tags[PID_TAG])) else f"process {tags[PID_TAG]} on {host} is gone"
+        try:
+            beat = float(tags[HEARTBEAT_TAG])
+        except (KeyError, ValueError):
+            return None
+        silent = time.time() - beat
+        grace = _seconds_from_env(HEARTBEAT_GRACE_ENV, HEARTBEAT_GRACE_S)
+        return f"no heartbeat from {host} for {silent:.0f} s" if silent > grace else None
+
+    def heartbeat(self, run_id: str, interval_s: float | None = None) -> "Heartbeat":
+        """A context manager that keeps run ``run_id`` visibly alive: the tag ``rankbench.heartbeat``
+        (unix seconds) is set on entry, then every ``interval_s`` (default ``RANKBENCH_HEARTBEAT_INTERVAL``,
+        else 30 s) by a daemon thread until exit; ``death_reason`` reads it from any machine."""
+        interval = _seconds_from_env(HEARTBEAT_INTERVAL_ENV, HEARTBEAT_INTERVAL_S) if interval_s is None else interval_s
+        if not interval > 0:
+            raise RankbenchError(f"heartbeat interval {interval!r}: give a positive number of seconds")
+        return Heartbeat(self, run_id, float(interval))
+
+    @_writes("the heartbeat")
+    def _beat(self, run_id: str) -> None:
+        self._client.set_tag(run_id, HEARTBEAT_TAG, f"{time.time():.3f}")
 
     # ------------------------------------------------------------------------ writing
     @_writes("a new run")
@@ -214,10 +291,16 @@ class Tracker:
     @_writes("the run status")
     def reopen(self, run_id: str, tags: Mapping[str, str] | None = None) -> None:
         """Mark a finished, failed or killed run RUNNING again (a resumed run, a resumed study's
-        parent run), with ``tags`` updated (the resuming process)."""
-        self.get_run(run_id)
+        parent run), with ``tags`` updated (the resuming process) and the ``failure_reason`` of
+        the earlier attempt removed. Its heartbeat is renewed: the earlier attempt's last beat is
+        old, and would make the resumed run look dead until its own heartbeat starts."""
+        stored = self.get_run(run_id)
+        if "failure_reason" in stored.data.tags:  # the failed attempt's reason would outlive its success
+            self._client.delete_tag(run_id, "failure_reason")
         for key, value in (tags or {}).items():
             self._client.set_tag(run_id, key, value)
+        if HEARTBEAT_TAG in stored.data.tags:
+            self._beat(run_id)
         self._client.update_run(run_id, status="RUNNING")
 
     @_writes("tags")
@@ -320,6 +403,116 @@ def _creation_lock(database: Path | None) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+JOIN_TIMEOUT_S = 60.0
+
+
+class Heartbeat:
+    """``Tracker.heartbeat``'s context manager: a beat on entry, then one per interval from a daemon
+    thread, stopped and joined on exit. A failed beat in the thread is ignored (the store may be
+    busy for a moment; a run that stays silent past the grace period is judged dead anyway)."""
+
+    def __init__(self, tracker: Tracker, run_id: str, interval_s: float) -> None:
+        self.tracker, self.run_id, self.interval_s = tracker, run_id, interval_s
+        self.beats = self.failed = 0
+        """Beats written, and beats of the thread that the store refused (ignored)."""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "Heartbeat":
+        self.tracker._beat(self.run_id)
+        self.beats += 1
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name=f"rankbench-heartbeat-{self.run_id}", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=JOIN_TIMEOUT_S)  # a beat stuck in a store's retries does not hold the run
+            self._thread = None
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.tracker._beat(self.run_id)
+                self.beats += 1
+            except Exception:  # as Optuna's heartbeat thread: the next beat may get through
+                self.failed += 1
+
+
+def _seconds_from_env(name: str, default: float) -> float:
+    """A positive number of seconds from environment variable ``name``, else ``default``."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise RankbenchError(f"{name}={text}: give a positive number of seconds, e.g. {name}={default:g}")
+    return value
+
+
+@contextlib.contextmanager
+def _opening_http_limits(uri: str) -> Iterator[None]:
+    """``OPENING_HTTP_LIMITS`` in the environment while a server store is first opened, then as before."""
+    if not uri.startswith(("http://", "https://")):
+        yield
+        return
+    chosen = {k: v for k, v in OPENING_HTTP_LIMITS.items() if k not in os.environ}
+    os.environ.update(chosen)
+    try:
+        yield
+    finally:
+        for key in chosen:
+            os.environ.pop(key, None)
+
+
+def _opening_error(uri: str, exc: BaseException) -> str:
+    """The one line for a store that cannot be opened, naming the fix its cause calls for."""
+    damaged = _damaged(uri, exc)
+    if damaged:
+        return damaged
+    found = re.search(r"found version (\S+?),? but expected (\S+?)\)", str(exc))
+    known = _known_schema_revision(found.group(1)) if found else None
+    if found and known is not None:
+        revision, head = found.groups()
+        if not known:
+            import mlflow
+
+            return (f"tracking store {uri} was written by a newer MLflow (schema {revision}; mlflow "
+                    f"{mlflow.__version__} here knows up to {head}): upgrade mlflow (pip install -U mlflow) "
+                    "or point --tracking-uri at another store")
+        return (f"tracking store {uri} has an older MLflow schema ({revision}; this mlflow expects {head}): back "
+                f"it up, then upgrade it with `mlflow db upgrade {uri}`, or point --tracking-uri at another store")
+    if uri.startswith(("http://", "https://")):
+        return (f"cannot reach tracking server {uri} ({_one_line(exc)}): check --tracking-uri and that the server "
+                "is running (mlflow server ...)")
+    return (f"cannot open tracking store {uri} ({_one_line(exc)}): check --tracking-uri "
+            "and that the store is readable and writable")
+
+
+def _known_schema_revision(revision: str) -> bool | None:
+    """Whether the installed MLflow's migrations know schema ``revision`` (an unknown one was written
+    by a newer MLflow); None when its migrations cannot be read (then MLflow's own message stands)."""
+    try:
+        from alembic.script import ScriptDirectory
+        from alembic.util import CommandError
+        from mlflow.store.db.utils import _get_alembic_config
+
+        script = ScriptDirectory.from_config(_get_alembic_config(""))
+    except Exception:
+        return None
+    try:
+        return script.get_revision(revision) is not None
+    except CommandError:  # "Can't locate revision identified by ..."
+        return False
+    except Exception:
+        return None
 
 
 def _alive(pid: int) -> bool:
