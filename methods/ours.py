@@ -11,7 +11,7 @@ from typing import ClassVar, Mapping
 import torch
 from torch import Tensor, nn
 
-from rankbench.plugin import (SELECTOR_HYPERPARAMETERS, Bond, Hyper, Method, RankSelector, Search, StaticInput, StepLoss,
+from rankbench.plugin import (SELECTOR_HYPERPARAMETERS, Bond, Hyper, Method, MethodDefaults, RankSelector, Search, StaticInput, StepLoss,
                               TaskLoss)
 
 
@@ -76,6 +76,15 @@ class ProbabilisticL0(Method):
             None, "fix the gates once the compression ratio reaches this (none: never)",
             type=float, minimum=1.0, nullable=True, label=True,
         ),
+    }
+    task_defaults: ClassVar[dict[str, Mapping[str, object] | MethodDefaults]] = {
+        "lenet5": {"lambda": 1.0, "sigma": 0.5},
+        "resnet32": MethodDefaults({"lambda": 0.1, "target_compression": 5.0},
+                                   "the paper fixes the gates at 5.0x on ResNet-32"),
+        "resnet110": MethodDefaults({"lambda": 0.1, "target_compression": 5.6},
+                                    "the paper fixes the gates at 5.6x on ResNet-110"),
+        "sst": {"lambda": 0.005},
+        "iwslt14": {"lambda": 0.01},
     }
 
     def __init__(self, params: Mapping) -> None:

@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
                      help="override a method or task hyperparameter (repeatable)")
     run.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
+    run.add_argument("--recipe", default=None, metavar="NAME",
+                     help="the task's named defaults (paper, embedded, ...; default: chosen for the data loaded)")
     run.add_argument("--budget", default=None, metavar="steps=N",
                      help="train for N optimizer steps (sets the epochs from the training-set size)")
     run.add_argument("--seeds", type=_seeds, default=None, help="comma-separated seeds, one run each (default 0)")
@@ -63,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue that run (killed or crashed) from its last finished epoch, in the same MLflow "
                           "run; give the run's own command line")
 
-    sub.add_parser("list", parents=[common], help="list methods and tasks with their hyperparameters")
+    listing = sub.add_parser("list", parents=[common], help="list methods and tasks with their hyperparameters")
+    listing.add_argument("--recipes", action="store_true",
+                         help="every resolved default of every task, recipe and method, and where it came from")
 
     check = sub.add_parser("check-plugin", parents=[common],
                            help="run the plugin contract checks on a method or task (exit 1 if any fails)")
@@ -124,6 +128,10 @@ def cmd_report(args, registry) -> None:
 
     from rankbench.report.build import died_runs
 
+    if args.out is not None:
+        from rankbench.report.figures import check_out
+
+        check_out(args.out)
     for line in died_runs(args.tracking_uri):
         print(line, file=sys.stderr)
     group_by = [g.strip() for g in args.group_by.split(",") if g.strip()] if args.group_by else None
@@ -137,7 +145,12 @@ def cmd_report(args, registry) -> None:
             print(line)
 
 
-def cmd_list(registry) -> None:
+def cmd_list(registry, recipes: bool = False) -> None:
+    from rankbench.plugins.defaults import method_defaults
+
+    if recipes:
+        cmd_list_recipes(registry)
+        return
     for title, table in (("methods", registry.methods), ("tasks", registry.tasks)):
         print(f"{title}:")
         for name in sorted(table):
@@ -145,20 +158,40 @@ def cmd_list(registry) -> None:
             print(f"  {name:14s} {plugin.description}")
             for key, hyper in plugin.hyperparameters.items():
                 print(f"      {key} = {hyper.describe():22s} {hyper.help}")
-            embedded = [f"{k}={v}" for k, v in getattr(plugin, "embedded_recipe", {}).items()]
-            embedded += [f"{method} {k}={v}" for method, values in getattr(plugin, "embedded_method_defaults", {}).items()
-                         for k, v in values.items()]
-            if embedded:
-                print(f"      (recipe on the embedded default data: {', '.join(embedded)}; {plugin.embedded_recipe_why})")
-            for method, values in getattr(plugin, "method_defaults", {}).items():
-                text = ", ".join(f"{k}={v}" for k, v in values.items())
-                print(f"      (defaults for {method}: {text})")
+            for name, recipe in getattr(plugin, "recipes", {}).items():
+                values = ", ".join(f"{k}={v}" for k, v in recipe.task.items()) or "no task values"
+                when = ", chosen on the embedded default data" if recipe.on_embedded_data else ""
+                print(f"      (recipe {name}{when}: {values}; {recipe.why})")
+            for key in getattr(plugin, "task_defaults", {}):
+                values = ", ".join(f"{k}={v}" for k, v in method_defaults(plugin, key).values.items())
+                print(f"      (defaults on {key}: {values})")
         print()
     if registry.broken:
         print("broken (cannot be used; every other plugin works):")
         for name, reason in sorted(registry.broken.items()):
             print(f"  {name:14s} {reason}")
         print()
+
+
+def cmd_list_recipes(registry) -> None:
+    """Every resolved default of every (task, recipe, method), and where each came from."""
+    from tabulate import tabulate
+
+    from rankbench.plugins.defaults import recipes_of, resolve_defaults
+
+    for task_name in sorted(registry.tasks):
+        task_cls = registry.tasks[task_name]
+        for recipe in recipes_of(task_cls):
+            rows = []
+            for method_name in sorted(registry.methods):
+                resolved = resolve_defaults(task_cls, registry.methods[method_name], recipe, {}, {})
+                if not rows:
+                    rows += [[k, "none" if v is None else v, resolved.sources[k]] for k, v in resolved.task.items()]
+                rows += [[f"{method_name}: {k}", "none" if v is None else v, resolved.sources[k]]
+                         for k, v in resolved.method.items()]
+            print(f"{task_name}, recipe {recipe}:")
+            print(tabulate(rows, headers=["key", "value", "from"], disable_numparse=True))
+            print()
 
 
 def cmd_run(args, registry) -> None:
@@ -179,8 +212,9 @@ def cmd_run(args, registry) -> None:
         device=args.device, data_dir=args.data_dir, download=args.download, tracking_uri=args.tracking_uri,
         experiment=args.experiment, threads=args.threads, progress=not args.no_progress,
         contraction=args.contraction, budget_steps=parse_budget(args.budget), resume=args.resume,
-        compile=args.compile,
+        compile=args.compile, recipe=args.recipe,
     )
+    tracker = Tracker(config.tracking_uri)  # a store that cannot be opened is found before the data loads
     prepared = prepare(config, registry)
     bars: dict[int, tqdm] = {}
 
@@ -191,7 +225,8 @@ def cmd_run(args, registry) -> None:
             print(f"method {config.method}: "
                   + (", ".join(f"{k}={params[k]}" for k in prepared.method_params) or "-"))
             recipe = ", ".join(f"{k}={v}" for k, v in prepared.task.recipe().items())
-            why = f" ({task_cls.embedded_recipe_why})" if prepared.recipe == "embedded" else ""
+            reasons = prepared.defaults.why if prepared.defaults is not None else ()
+            why = f" ({'; '.join(reasons)})" if reasons else ""
             print(f"recipe {prepared.recipe}: {recipe}{why}")
             print(f"data: {prepared.data.describe()}")
             print(f"device: {params[records.DEVICE]}, threads: {params[records.THREADS]}", flush=True)
@@ -207,7 +242,6 @@ def cmd_run(args, registry) -> None:
         if epoch == bar.total:
             bar.close()
 
-    tracker = Tracker(config.tracking_uri)
     results = run(prepared, tracker=tracker, on_start=on_start, on_epoch=on_epoch)
     print(results_table(results, tablefmt=args.format, shown=type(prepared.task).metrics))
     print(f"tracking: {tracker.uri} (experiment {config.experiment or config.task}); "
@@ -321,7 +355,7 @@ def _command(args: argparse.Namespace) -> int:
 
         registry = Registry.discover(plugin_dirs=args.plugin_dir)
         if args.command == "list":
-            cmd_list(registry)
+            cmd_list(registry, args.recipes)
         elif args.command == "run":
             cmd_run(args, registry)
         elif args.command == "check-plugin":

@@ -36,6 +36,7 @@ from rankbench.layers.tensorized import (
     tensorized_layers,
 )
 from rankbench.hyper import Hyper, resolve
+from rankbench.plugins.defaults import Recipe, check_declarations, recipes_of, resolve_defaults
 from rankbench.plugins.method import ROLES, Method, StepLoss
 from rankbench.plugins.registry import Registry
 from rankbench.plugins.task import Task
@@ -412,15 +413,13 @@ def check_task(registry: Registry, name: str) -> list[Check]:
                  "metrics must be final-kind rankbench.plugin.Record names")
         absent = [k for k in task_cls.recipe_keys if k not in task_cls.hyperparameters]
         _require(not absent, f"recipe_keys {', '.join(absent)} are not declared hyperparameters")
-        for key, value in task_cls.embedded_recipe.items():
-            _require(key in task_cls.hyperparameters, f"embedded_recipe key {key!r} is not a declared hyperparameter")
-            task_cls.hyperparameters[key].validate(key, value)
-        for method, values in task_cls.method_defaults.items():
-            if method in registry.methods:
-                make_config(registry, name, method)  # the task's defaults for that method validate
-        for method, values in task_cls.embedded_method_defaults.items():
-            if method in registry.methods:
-                make_config(registry, name, method, values)  # and its embedded-data defaults
+        for recipe_name, recipe in task_cls.recipes.items():
+            _require(isinstance(recipe, Recipe), f"recipe {recipe_name!r} is not a rankbench.plugin.Recipe")
+        problem = check_declarations({name: task_cls}, {}).get(name)
+        _require(problem is None, problem or "")
+        for recipe_name in recipes_of(task_cls):
+            for method in registry.methods:  # every method's defaults on this task resolve
+                resolve_defaults(task_cls, registry.methods[method], recipe_name, {}, {})
         params = _default_params(task_cls)
         state.update(task_cls=task_cls, task=task_cls(params))
         return ", ".join(f"{k}={v}" for k, v in params.items())

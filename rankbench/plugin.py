@@ -32,6 +32,7 @@ from rankbench.layers.tensorized import (
 )
 from rankbench.contract import Check, check_method, check_task
 from rankbench.hyper import Hyper, Search
+from rankbench.plugins.defaults import MethodDefaults, Recipe
 from rankbench.plugins.method import SELECTOR_HYPERPARAMETERS, Method, MethodContext, StepLoss, TaskLoss
 from rankbench.plugins.registry import Registry
 from rankbench.plugins.task import Task
@@ -41,8 +42,8 @@ from rankbench.records import TENSORIZED_COMPRESSION, Record
 __all__ = [
     # method interface
     "Method", "MethodContext", "StepLoss", "TaskLoss", "SELECTOR_HYPERPARAMETERS", "RankSelector", "StaticInput", "Bond",
-    # declared hyperparameters
-    "Hyper", "Search",
+    # declared hyperparameters and defaults
+    "Hyper", "Search", "Recipe", "MethodDefaults",
     # task interface and data
     "Task", "Record", "TENSORIZED_COMPRESSION", "DataSplits", "Split", "DATASETS", "default_data_dir", "download_file", "holdout_split",
     "iterate_batches", "load_mnist_family", "load_mnist_family_from", "mnist_family_hyperparameters",

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rankbench.plugin import (
+    Recipe,
     TENSORIZED_COMPRESSION,
     DataSplits,
     Hyper,
@@ -150,13 +151,12 @@ class Iwslt14Task(Task):
         "decomposition": Hyper("tr", "tensor ring (the paper's) or tensor train", choices=("tr", "tt")),
     }
     recipe_keys: ClassVar[tuple[str, ...]] = ("epochs", "batch_size", "lr", "layers", "d_model", "ffn")
-    embedded_recipe: ClassVar[dict[str, Any]] = {"layers": 2, "d_model": 64, "ffn": 256, "epochs": 10,
-                                                 "batch_size": 32, "lr": 1e-3, "initial_rank": 16}
-    embedded_recipe_why: ClassVar[str] = (
-        "the synthetic corpus runs a scaled-down model a 2-core CPU trains in minutes: 2/2 layers, d_model 64, "
-        "FFN 256, 10 epochs of batch 32 at lr 1e-3, rank 16; real BLEU needs the "
-        "IWSLT'14 files and the paper's recipe")
-    method_defaults: ClassVar[dict[str, dict[str, Any]]] = {"ours": {"lambda": 0.01}}
+    recipes: ClassVar[dict[str, Recipe]] = {"embedded": Recipe(
+        task={"layers": 2, "d_model": 64, "ffn": 256, "epochs": 10, "batch_size": 32, "lr": 1e-3, "initial_rank": 16},
+        on_embedded_data=True,
+        why="the synthetic corpus runs a scaled-down model a 2-core CPU trains in minutes: 2/2 layers, d_model 64, "
+            "FFN 256, 10 epochs of batch 32 at lr 1e-3, rank 16; real BLEU needs the IWSLT'14 files and the "
+            "paper's recipe")}
 
     def load_data(self, data_dir: Path | None, download: bool) -> DataSplits:
         p = self.params
@@ -164,13 +164,12 @@ class Iwslt14Task(Task):
                                 max_tokens=p["max_tokens"], corpus_seed=p["corpus_seed"])
 
     @classmethod
-    def recipe_for(cls, data: DataSplits, params: Mapping[str, Any], explicit: Iterable[str],
-                   method: str | None = None) -> tuple[str, dict[str, Any]]:
-        """The recipe, with ``vocab_size`` set to the trained subword vocabulary's size."""
-        recipe, resolved = super().recipe_for(data, params, explicit, method)
+    def adapt_to_data(cls, data: DataSplits, params: Mapping[str, Any]) -> dict[str, Any]:
+        """``vocab_size`` set to the trained subword vocabulary's size."""
+        resolved = dict(params)
         if data.vocabulary:
             resolved["vocab_size"] = len(data.vocabulary)
-        return recipe, resolved
+        return resolved
 
     def _model(self, source: nn.Module, target: nn.Module) -> Translator:
         p = self.params

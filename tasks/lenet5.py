@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rankbench.plugin import (
+    Recipe,
     DataSplits,
     Hyper,
     Task,
@@ -18,7 +19,6 @@ from rankbench.plugin import (
     load_mnist_family_from,
     mnist_family_hyperparameters,
 )
-from rankbench.tasks._digits import EMBEDDED_PRIOR_N, MARS_PRIOR_WHY
 
 
 class LeNet5(nn.Module):
@@ -43,14 +43,10 @@ class LeNet5Task(Task):
 
     name: ClassVar[str] = "lenet5"
     description: ClassVar[str] = "LeNet-5 (429,100 params) on MNIST-family digits, TR/TT tensorized"
-    method_defaults: ClassVar[dict[str, dict[str, Any]]] = {"ours": {"lambda": 1.0, "sigma": 0.5}}
-    embedded_recipe: ClassVar[dict[str, Any]] = {"lr": 1e-3}
-    embedded_method_defaults: ClassVar[dict[str, dict[str, Any]]] = {"mars": {"prior_n": EMBEDDED_PRIOR_N}}
-    embedded_recipe_why: ClassVar[str] = (
-        "4,000 training digits give 32 steps per epoch instead of ~430 on full MNIST; at the paper's 5e-4 "
-        "a 15-epoch run of ours ends at 92.4% test (seeds 0-2), at 1e-3 at 95.5%; " + MARS_PRIOR_WHY
-        + " (measured on mlp2, see its recipe)"
-    )
+    recipes: ClassVar[dict[str, Recipe]] = {"embedded": Recipe(
+        task={"lr": 1e-3}, on_embedded_data=True,
+        why="4,000 training digits give 32 steps per epoch instead of ~430 on full MNIST; at the paper's 5e-4 "
+            "a 15-epoch run of ours ends at 92.4% test (seeds 0-2), at 1e-3 at 95.5%")}
     input_shape: ClassVar[tuple[int, ...]] = (1, 28, 28)
     hyperparameters: ClassVar[dict[str, Hyper]] = {
         **mnist_family_hyperparameters(),

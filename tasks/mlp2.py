@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from rankbench.plugin import (
+    Recipe,
     DataSplits,
     Hyper,
     Task,
@@ -16,7 +17,6 @@ from rankbench.plugin import (
     load_mnist_family_from,
     mnist_family_hyperparameters,
 )
-from rankbench.tasks._digits import EMBEDDED_PRIOR_N, MARS_PRIOR_WHY
 
 
 class TwoLayerMLP(nn.Module):
@@ -38,15 +38,8 @@ class Mlp2Task(Task):
     name: ClassVar[str] = "mlp2"
     description: ClassVar[str] = "2-layer MLP (MARS 2FC-Net, 496,885 params) on MNIST-family digits, TT-matrix"
     recipe_keys: ClassVar[tuple[str, ...]] = ("epochs", "batch_size", "lr", "lr_decay")
-    embedded_method_defaults: ClassVar[dict[str, dict[str, Any]]] = {
-        "mars": {"prior_n": EMBEDDED_PRIOR_N, "selector_lr": 0.03}
-    }
-    embedded_recipe_why: ClassVar[str] = (
-        MARS_PRIOR_WHY + "; and its masks, which start closed, get selector_lr 0.03: with 32 steps per epoch "
-        "they stay closed for 60-100 of the 300 epochs at the weights' 1e-2. Test accuracy of mars, seeds 0-2: "
-        "N=4,000 80.0% (seed 0, 391x); N=60,000 93.4/87.4/86.8%; N=60,000 and selector_lr 0.03 "
-        "94.6/93.2/95.0% at 210/188/197x; N=4,000 and selector_lr 0.03 10% (all ranks 1)"
-    )
+    recipes: ClassVar[dict[str, Recipe]] = {"embedded": Recipe(
+        on_embedded_data=True, why="4,000 training digits give 32 steps per epoch instead of ~470 on full MNIST")}
     input_shape: ClassVar[tuple[int, ...]] = (1, 28, 28)
     hyperparameters: ClassVar[dict[str, Hyper]] = {
         **mnist_family_hyperparameters(),

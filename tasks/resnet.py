@@ -105,7 +105,6 @@ class ResNet32Task(Task):
     name: ClassVar[str] = "resnet32"
     depth_n: ClassVar[int] = 5
     description: ClassVar[str] = "ResNet-32 on CIFAR-10 (python batches), every conv and the fc as a tensor ring"
-    method_defaults: ClassVar[dict[str, dict[str, Any]]] = {"ours": {"lambda": 0.1, "target_compression": 5.0}}
     recipe_keys: ClassVar[tuple[str, ...]] = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "augment")
     input_shape: ClassVar[tuple[int, ...]] = (3, 32, 32)
     hyperparameters: ClassVar[dict[str, Hyper]] = {
@@ -162,4 +161,3 @@ class ResNet110Task(ResNet32Task):
     name: ClassVar[str] = "resnet110"
     depth_n: ClassVar[int] = 18
     description: ClassVar[str] = "ResNet-110 on CIFAR-10 (python batches), every conv and the fc as a tensor ring"
-    method_defaults: ClassVar[dict[str, dict[str, Any]]] = {"ours": {"lambda": 0.1, "target_compression": 5.6}}

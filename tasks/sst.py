@@ -92,7 +92,6 @@ class SstTask(Task):
         "decomposition": Hyper("tt", "tensor train (the paper's) or tensor ring", choices=("tt", "tr")),
         "modes": Hyper(3, "cores of the embedding (vocabulary and dimension modes each)", minimum=1, maximum=8),
     }
-    method_defaults: ClassVar[dict[str, dict[str, Any]]] = {"ours": {"lambda": 0.005}}
 
     def load_data(self, data_dir: Path | None, download: bool) -> DataSplits:
         p = self.params
@@ -101,13 +100,12 @@ class SstTask(Task):
                                         max_length=p["max_length"])
 
     @classmethod
-    def recipe_for(cls, data: DataSplits, params: Mapping[str, Any], explicit: Iterable[str],
-                   method: str | None = None) -> tuple[str, dict[str, Any]]:
-        """The recipe, with ``vocab_size`` lowered to the words the training split actually has."""
-        recipe, resolved = super().recipe_for(data, params, explicit, method)
+    def adapt_to_data(cls, data: DataSplits, params: Mapping[str, Any]) -> dict[str, Any]:
+        """``vocab_size`` lowered to the words the training split actually has."""
+        resolved = dict(params)
         if data.vocabulary:
             resolved["vocab_size"] = min(resolved["vocab_size"], len(data.vocabulary) - 2)
-        return recipe, resolved
+        return resolved
 
     @property
     def rows(self) -> int:

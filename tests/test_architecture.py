@@ -54,7 +54,7 @@ def test_the_builtin_plugins_and_the_docs_import_only_the_public_plugin_surface(
 
 def test_a_set_value_crosses_each_stage_once(tmp_path, monkeypatch, capsys):
     """``--set lambda=0.37``: parsed and validated once (make_config), resolved for the data once
-    (prepare: recipe_for and method_params_for), handed to one method per seed, read by its penalty."""
+    (prepare: resolve_defaults, adapt_to_data), handed to one method per seed, read by its penalty."""
     calls: dict[str, int] = {}
     seen_lambdas: list[float] = []
 
@@ -69,15 +69,16 @@ def test_a_set_value_crosses_each_stage_once(tmp_path, monkeypatch, capsys):
 
     spy(rankbench.run.config, "make_config")
     spy(rankbench.run.prepare, "prepare")
+    spy(rankbench.run.config, "resolve_defaults")
+    spy(rankbench.run.prepare, "resolve_defaults")
     task_cls = rankbench.plugins.task.Task
-    for name in ("recipe_for", "method_params_for"):
-        real = getattr(task_cls, name).__func__
+    real_adapt = task_cls.adapt_to_data.__func__
 
-        def counted(cls, *args, _real=real, _name=name, **kwargs):
-            calls[_name] = calls.get(_name, 0) + 1
-            return _real(cls, *args, **kwargs)
+    def adapt(cls, *args, **kwargs):
+        calls["adapt_to_data"] = calls.get("adapt_to_data", 0) + 1
+        return real_adapt(cls, *args, **kwargs)
 
-        monkeypatch.setattr(task_cls, name, classmethod(counted))
+    monkeypatch.setattr(task_cls, "adapt_to_data", classmethod(adapt))
     ours = Registry.discover(entry_point_groups=False).method("ours")
     real_penalty = ours.penalty
 
@@ -92,7 +93,8 @@ def test_a_set_value_crosses_each_stage_once(tmp_path, monkeypatch, capsys):
             "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--no-progress", "--device", "cpu"]
     monkeypatch.chdir(tmp_path)
     assert main(argv) == 0, capsys.readouterr().err
-    assert calls == {"make_config": 1, "prepare": 1, "recipe_for": 1, "method_params_for": 1}
+    # resolved twice by one function: for the paper recipe in make_config, for the data's recipe in prepare
+    assert calls == {"make_config": 1, "prepare": 1, "resolve_defaults": 2, "adapt_to_data": 1}
     assert seen_lambdas and all(v == pytest.approx(0.37) for v in seen_lambdas)
     assert "lambda=0.37" in capsys.readouterr().out
 

@@ -102,7 +102,8 @@ def test_list_prints_every_plugin_with_description_and_hyperparameter_defaults(c
     lenet = listed["tasks"]["lenet5"][1]
     assert any(re.match(r"epochs = 150\s", d) for d in lenet)
     assert any(re.match(r"initial_rank = 25\s", d) for d in lenet)
-    assert any("defaults for ours" in d and "lambda=1.0" in d for d in lenet)
+    assert any(d.startswith("(recipe embedded, chosen on the embedded default data: lr=0.001;") for d in lenet)
+    assert "(defaults on lenet5: lambda=1.0, sigma=0.5)" in ours
 
 
 def test_console_script_list_subprocess(tmp_path):
@@ -293,9 +294,11 @@ def test_plugin_dir_listing_without_plugins_is_unchanged(tmp_path, capsys):
     assert capsys.readouterr().out == plain
 
 
-def test_plugin_file_that_fails_to_import_exits_2(tmp_path, capsys):
+def test_plugin_file_that_fails_to_import_is_listed_broken_and_running_it_exits_2(tmp_path, capsys):
     (tmp_path / "broken.py").write_text("import rankbench_no_such_module_xyz\n")
-    assert main(["list", "--plugin-dir", str(tmp_path)]) == 2
+    assert main(["list", "--plugin-dir", str(tmp_path)]) == 0
+    assert "rankbench_no_such_module_xyz" in capsys.readouterr().out.split("broken (cannot be used")[1]
+    assert main(["run", "--method", "broken", "--task", "mlp2", "--plugin-dir", str(tmp_path)]) == 2
     line = assert_one_line_error(capsys.readouterr().err)
     assert "broken.py" in line and "rankbench_no_such_module_xyz" in line
 
@@ -314,20 +317,21 @@ PLUGIN_TEMPLATE = (
 )
 
 
-def test_two_plugins_with_the_same_name_exit_2(tmp_path, capsys):
+def test_a_second_plugin_with_a_taken_name_is_listed_broken_naming_both_files(tmp_path, capsys):
     (tmp_path / "first.py").write_text(PLUGIN_TEMPLATE.format(cls="A", name="twin"))
     (tmp_path / "second.py").write_text(PLUGIN_TEMPLATE.format(cls="B", name="twin"))
-    assert main(["list", "--plugin-dir", str(tmp_path)]) == 2
-    line = assert_one_line_error(capsys.readouterr().err)
-    assert "'twin'" in line and "first.py" in line and "second.py" in line
+    assert main(["list", "--plugin-dir", str(tmp_path)]) == 0
+    (line,) = [l for l in capsys.readouterr().out.splitlines() if l.startswith("  second ")]
+    assert "'twin'" in line and "first.py" in line and "second.py" in line and "rename one" in line
 
 
-def test_plugin_named_like_a_built_in_exits_2(tmp_path, capsys):
+def test_a_plugin_named_like_a_built_in_is_broken_and_the_built_in_runs(tmp_path, capsys):
     (tmp_path / "shadow.py").write_text(PLUGIN_TEMPLATE.format(cls="Shadow", name="ours"))
-    assert main(["run", "--method", "ours", "--task", "lenet5", "--plugin-dir", str(tmp_path),
-                 "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]) == 2
-    line = assert_one_line_error(capsys.readouterr().err)
-    assert "'ours'" in line and "shadow.py" in line
+    from rankbench.plugins.registry import Registry
+
+    registry = Registry.discover(plugin_dirs=[tmp_path])
+    assert "'ours'" in registry.broken["shadow"] and "shadow.py" in registry.broken["shadow"]
+    assert registry.origins["method:ours"] == "built-in rankbench.methods.ours"
 
 
 def test_a_closed_pipe_is_not_an_error(tmp_path):

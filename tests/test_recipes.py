@@ -15,8 +15,6 @@ from rankbench.run.trainer import fit
 REGISTRY = Registry.discover(entry_point_groups=False)
 
 
-
-
 @pytest.mark.parametrize("method", ["ours", "reinforce_l0", "mars"])
 def test_every_selector_method_declares_selector_lr(method):
     hyper = REGISTRY.method(method).hyperparameters["selector_lr"]
@@ -81,30 +79,105 @@ def test_cli_budget_conflicts_with_epochs(tmp_path, capsys):
 
 
 def test_mars_uses_full_mnist_prior_weight_on_the_embedded_digits_only(tmp_path):
-    """MARS's priors are weighted 1/N; the embedded recipe sets N to full MNIST's 60,000."""
+    """MARS's priors are weighted 1/N; its defaults on mlp2's embedded recipe set N to full MNIST's 60,000."""
     from rankbench.data.mnist import load_mnist_family
-    from rankbench.tasks._digits import EMBEDDED_PRIOR_N
+    from rankbench.methods.mars import FULL_MNIST_N
+    from rankbench.run.prepare import prepare
 
     from helpers import make_tiny_mnist
 
-    task_cls = REGISTRY.task("mlp2")
-    embedded = task_cls(make_config(REGISTRY, "mlp2", "mars").task_params).load_data(None, False)
-    full = load_mnist_family("mnist", make_tiny_mnist(tmp_path), val_size=40)
-    assert embedded.embedded and not full.embedded
     config = make_config(REGISTRY, "mlp2", "mars")
-    assert config.method_params["prior_n"] is None
-    assert task_cls.method_params_for(embedded, "mars", config.method_params, config.explicit)["prior_n"] \
-        == EMBEDDED_PRIOR_N == 60000
-    assert task_cls.method_params_for(embedded, "mars", config.method_params, config.explicit)["selector_lr"] == 0.03
-    assert task_cls.method_params_for(full, "mars", config.method_params, config.explicit) == config.method_params
-    assert config.method_params["prior_n"] is None and config.method_params["selector_lr"] is None
-    assert task_cls.recipe_for(embedded, config.task_params, config.explicit, "mars")[0] == "embedded"
-    assert task_cls.recipe_for(full, config.task_params, config.explicit, "mars")[0] == "paper"
-    ours = make_config(REGISTRY, "mlp2", "ours")
-    assert task_cls.method_params_for(embedded, "ours", ours.method_params, ours.explicit) == ours.method_params
-    assert task_cls.recipe_for(embedded, ours.task_params, ours.explicit, "ours")[0] == "paper"
-    chosen = make_config(REGISTRY, "mlp2", "mars", {"prior_n": 4000})
-    assert task_cls.method_params_for(embedded, "mars", chosen.method_params, chosen.explicit)["prior_n"] == 4000
+    assert config.method_params["prior_n"] is None and config.method_params["selector_lr"] is None  # paper
+    full = load_mnist_family("mnist", make_tiny_mnist(tmp_path), val_size=40)
+    on_embedded = prepare(config, REGISTRY)
+    on_full = prepare(make_config(REGISTRY, "mlp2", "mars", {"val_size": 40}, data_dir=tmp_path), REGISTRY, data=full)
+    assert on_embedded.data.embedded and not full.embedded
+    assert on_embedded.recipe == "embedded" and on_full.recipe == "paper"
+    assert on_embedded.method_params["prior_n"] == FULL_MNIST_N == 60000
+    assert on_embedded.method_params["selector_lr"] == 0.03
+    assert on_full.method_params == config.method_params
+    assert on_embedded.defaults.sources["prior_n"] == "mars defaults on mlp2/embedded"
+    ours = prepare(make_config(REGISTRY, "mlp2", "ours"), REGISTRY, data=on_embedded.data)
+    assert ours.recipe == "paper" and ours.method_params == make_config(REGISTRY, "mlp2", "ours").method_params
+    chosen = prepare(make_config(REGISTRY, "mlp2", "mars", {"prior_n": 4000}), REGISTRY, data=on_embedded.data)
+    assert chosen.method_params["prior_n"] == 4000 and chosen.defaults.sources["prior_n"] == "set"
+
+
+def test_defaults_resolve_in_the_documented_order_and_say_where_each_came_from():
+    from rankbench.plugins.defaults import resolve_defaults
+
+    lenet5, ours, mars = REGISTRY.task("lenet5"), REGISTRY.method("ours"), REGISTRY.method("mars")
+    paper = resolve_defaults(lenet5, ours, "paper", {}, {})
+    assert paper.method["lambda"] == 1.0 and paper.sources["lambda"] == "ours defaults on lenet5"
+    assert paper.task["lr"] == 5e-4 and paper.sources["lr"] == "default" and paper.recipe == "paper"
+    embedded = resolve_defaults(lenet5, ours, "embedded", {}, {})
+    assert embedded.task["lr"] == 1e-3 and embedded.sources["lr"] == "recipe embedded"
+    assert embedded.recipe == "embedded" and "32 steps per epoch" in embedded.why[0]
+    chosen = resolve_defaults(lenet5, ours, "embedded", {"lr": 0.3}, {"lambda": 0.2})
+    assert (chosen.task["lr"], chosen.method["lambda"]) == (0.3, 0.2)
+    assert chosen.sources["lr"] == chosen.sources["lambda"] == "set"
+    assert resolve_defaults(lenet5, mars, "embedded", {}, {}).method["prior_n"] == 60000
+    with pytest.raises(RankbenchError, match="--recipe fast: task lenet5 has the recipes paper, embedded"):
+        resolve_defaults(lenet5, ours, "fast", {}, {})
+
+
+def test_recipe_on_the_command_line_is_used_and_recorded(tmp_path, capsys):
+    from helpers import make_tiny_mnist
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    argv = ["run", "--task", "lenet5", "--method", "trn", "--set", "rank=2", "--set", "val_size=40", "--epochs", "1",
+            "--no-progress", "--tracking-uri", uri, "--data-dir", str(make_tiny_mnist(tmp_path / "data"))]
+    assert main([*argv, "--recipe", "embedded"]) == 0
+    out = capsys.readouterr().out
+    assert "lr=0.001" in out.splitlines()[0] and out.splitlines()[2].startswith("recipe embedded:")
+    assert main([*argv, "--recipe", "quick"]) == 2
+    assert "--recipe quick: task lenet5 has the recipes paper, embedded" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("table, fragment", [
+    ({"nosuch": {"lambda": 1.0}}, "task_defaults names task 'nosuch', which is not installed"),
+    ({"lenet5/fast": {"lambda": 1.0}}, "task_defaults names recipe 'lenet5/fast', but task lenet5 has paper, embedded"),
+    ({"lenet5": {"lamda": 1.0}}, "task_defaults['lenet5']: 'lamda' is not a declared hyperparameter"),
+    ({"lenet5": {"lambda": -1.0}}, "task_defaults['lenet5']: lambda=-1.0: must be >= 0.0"),
+])
+def test_a_method_whose_defaults_table_is_wrong_is_broken_at_discovery(tmp_path, table, fragment):
+    from rankbench.plugins.registry import Registry
+
+    (tmp_path / "typo.py").write_text(
+        "from rankbench.plugin import Hyper, Method\n"
+        "class Typo(Method):\n"
+        "    name = 'typo'\n"
+        "    hyperparameters = {'lambda': Hyper(0.5, 'weight', minimum=0.0)}\n"
+        f"    task_defaults = {table!r}\n"
+    )
+    registry = Registry.discover(plugin_dirs=[tmp_path], entry_point_groups=False)
+    assert "typo" not in registry.methods and fragment in registry.broken["typo"]
+    assert "ours" in registry.methods
+
+
+def test_a_method_declaring_a_task_key_is_broken_at_discovery(tmp_path):
+    from rankbench.plugins.registry import Registry
+
+    (tmp_path / "clash.py").write_text(
+        "from rankbench.plugin import Hyper, Method\n"
+        "class Clash(Method):\n"
+        "    name = 'clash'\n"
+        "    hyperparameters = {'lr': Hyper(0.5, 'its own learning rate')}\n"
+    )
+    registry = Registry.discover(plugin_dirs=[tmp_path], entry_point_groups=False)
+    assert registry.broken["clash"].startswith("method clash declares 'lr', which task")
+
+
+def test_list_recipes_shows_every_resolved_default_and_its_source(capsys):
+    assert main(["list", "--recipes"]) == 0
+    out = capsys.readouterr().out
+    block = out.split("lenet5, recipe embedded:")[1].split("\n\n")[0]
+    rows = {line.split()[0] + (" " + line.split()[1] if line.startswith(tuple(REGISTRY.methods)) else ""):
+            line.split() for line in block.splitlines()[2:]}
+    assert rows["lr"][-2:] == ["recipe", "embedded"] and rows["lr"][1] == "0.001"
+    assert rows["ours: lambda"][2] == "1.0" and rows["ours: lambda"][3:] == ["ours", "defaults", "on", "lenet5"]
+    assert rows["mars: prior_n"][2] == "60000" and rows["mars: prior_n"][-1] == "lenet5/embedded"
+    assert rows["epochs"][1:] == ["150", "default"]
 
 
 def test_mars_penalty_is_divided_by_prior_n_when_set():
@@ -131,3 +204,22 @@ def test_the_embedded_mars_run_records_and_prints_its_prior_n(tmp_path, capsys):
         [mlflow.MlflowClient(uri).get_experiment_by_name("mlp2").experiment_id])
     assert found.data.params["prior_n"] == "60000" and found.data.params["recipe"] == "embedded"
     assert found.data.params["selector_lr"] == "0.03"
+
+
+def test_the_docs_method_with_per_task_defaults_is_one_file_that_works(tmp_path):
+    """docs/plugins.md's example, as written there: dropped into a plugin folder, its defaults resolve."""
+    import re
+    from pathlib import Path
+
+    from rankbench.plugins.defaults import resolve_defaults
+
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "plugins.md").read_text(encoding="utf-8")
+    (block,) = [b for b in re.findall(r"^```python\n(.*?)^```", docs, re.S | re.M) if "class ScaledPenalty" in b]
+    (tmp_path / "scaled_penalty.py").write_text(block)
+    registry = Registry.discover(plugin_dirs=[tmp_path], entry_point_groups=False)
+    method = registry.method("scaled_penalty")
+    assert resolve_defaults(registry.task("lenet5"), method, "paper", {}, {}).method == {"weight": 1e-3}
+    on_mlp2 = resolve_defaults(registry.task("mlp2"), method, "embedded", {}, {})
+    assert on_mlp2.method == {"weight": 1e-2} and on_mlp2.recipe == "embedded"
+    assert on_mlp2.why[-1] == "32 steps per epoch need a stronger pull"
+    assert resolve_defaults(registry.task("resnet32"), method, "paper", {}, {}).method == {"weight": 1e-4}

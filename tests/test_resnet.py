@@ -415,8 +415,8 @@ def test_list_shows_the_resnets_and_their_defaults(capsys):
     tasks = out.split("tasks:", 1)[1]
     for name in ("resnet32", "resnet110"):
         assert re.search(rf"^  {name}\s+ResNet-{name[6:]} on CIFAR-10", tasks, re.M), tasks
-    assert "(defaults for ours: lambda=0.1, target_compression=5.0)" in tasks
-    assert "(defaults for ours: lambda=0.1, target_compression=5.6)" in tasks
+    assert "(defaults on resnet32: lambda=0.1, target_compression=5.0)" in out.split("tasks:", 1)[0]
+    assert "(defaults on resnet110: lambda=0.1, target_compression=5.6)" in out.split("tasks:", 1)[0]
     assert {"resnet32", "resnet110"} <= set(Registry.discover().tasks)
     for name, target in (("resnet32", 5.0), ("resnet110", 5.6)):
         params = make_config(REGISTRY, name, "ours").method_params

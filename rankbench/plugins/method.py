@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from rankbench.layers.tensorized import Bond, RankSelector, bonds
 from rankbench.hyper import Hyper, Search
+from rankbench.plugins.defaults import MethodDefaults
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,9 @@ class Method:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     hyperparameters: ClassVar[dict[str, Hyper]] = {}
+    task_defaults: ClassVar[dict[str, Mapping[str, Any] | MethodDefaults]] = {}
+    """Defaults on a task (``"lenet5": {"lambda": 1.0}``) or on one of its recipes (``"mlp2/embedded"``),
+    with ``MethodDefaults(values, why)`` to say why; checked at discovery (``rankbench.plugins.defaults``)."""
     tensorized: ClassVar[bool] = True
     role: ClassVar[Role] = "selector"
     """How reports and figures treat the method: ``reference`` (the 1x model, e.g. dense),

@@ -22,6 +22,7 @@ from types import ModuleType
 from typing import Iterable, Sequence
 
 from rankbench.errors import RankbenchError
+from rankbench.plugins.defaults import check_declarations
 from rankbench.plugins.method import Method
 from rankbench.plugins.task import Task
 
@@ -62,6 +63,9 @@ class Registry:
                     registry.broken[path.stem] = module
                     continue
                 registry._isolated(path.stem, lambda: registry.add_module(module, origin=f"plugin file {path}"))
+        for name, reason in check_declarations(registry.tasks, registry.methods).items():
+            registry.methods.pop(name, None) if name in registry.methods else registry.tasks.pop(name, None)
+            registry.broken[name] = reason
         return registry
 
     def _isolated(self, name: str, add) -> None:

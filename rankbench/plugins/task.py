@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from rankbench.data import DataSplits, Split
 from rankbench.hyper import Hyper
+from rankbench.plugins.defaults import Recipe
 from rankbench.records import Record
 
 
@@ -27,18 +28,18 @@ class Task:
     """Base class of tasks; one subclass per file in ``tasks/``.
 
     ``hyperparameters`` declares the training recipe (``epochs``,
-    ``batch_size``, ``lr``, ``initial_rank`` at least) and data options; ``method_defaults``
-    gives per-method defaults the paper states for this task (e.g. λ).
+    ``batch_size``, ``lr``, ``initial_rank`` at least; their defaults are the paper's) and data
+    options; ``recipes`` names other sets of defaults (``embedded``, for the small embedded data).
+    A task never names a method: a method's defaults for a task live with the method
+    (``Method.task_defaults``; the order is in ``rankbench.plugins.defaults``).
     """
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     hyperparameters: ClassVar[dict[str, Hyper]] = {}
-    method_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
+    recipes: ClassVar[dict[str, Recipe]] = {}
+    """Named defaults besides ``paper`` (the hyperparameters' own), e.g. ``embedded``."""
     recipe_keys: ClassVar[tuple[str, ...]] = ("epochs", "batch_size", "lr")
-    embedded_recipe: ClassVar[dict[str, Any]] = {}
-    embedded_method_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
-    embedded_recipe_why: ClassVar[str] = ""
     input_shape: ClassVar[tuple[int, ...] | None] = None
     scheduler_interval: ClassVar[str] = "epoch"
     """When ``scheduler`` steps: ``"epoch"`` (once per epoch) or ``"step"`` (after every optimizer step,
@@ -103,29 +104,7 @@ class Task:
         return {k: self.params[k] for k in self.recipe_keys if k in self.params}
 
     @classmethod
-    def recipe_for(cls, data: DataSplits, params: Mapping[str, Any], explicit: Iterable[str],
-                   method: str | None = None) -> tuple[str, dict[str, Any]]:
-        """The recipe's name and the parameters for the data actually loaded.
-
-        The hyperparameter defaults are the paper's recipe, meant for the full
-        dataset; on the small embedded default the task's ``embedded_recipe``
-        replaces them, except for keys the user set explicitly. The name is
-        ``embedded`` when the embedded data changes the task's or ``method``'s
-        parameters (``embedded_method_defaults``), else ``paper``.
-        """
-        adjusts = bool(cls.embedded_recipe) or (method is not None and method in cls.embedded_method_defaults)
-        if not data.embedded or not adjusts:
-            return "paper", dict(params)
-        chosen = set(explicit)
-        return "embedded", {**params, **{k: v for k, v in cls.embedded_recipe.items() if k not in chosen}}
-
-    @classmethod
-    def method_params_for(cls, data: DataSplits, method: str, params: Mapping[str, Any],
-                          explicit: Iterable[str]) -> dict[str, Any]:
-        """``method``'s parameters for the data actually loaded: on the embedded default
-        the task's ``embedded_method_defaults[method]`` apply, except keys set explicitly."""
-        if not data.embedded:
-            return dict(params)
-        chosen = set(explicit)
-        overrides = cls.embedded_method_defaults.get(method, {})
-        return {**params, **{k: v for k, v in overrides.items() if k not in chosen}}
+    def adapt_to_data(cls, data: DataSplits, params: Mapping[str, Any]) -> dict[str, Any]:
+        """The resolved parameters fitted to the data actually loaded (a text task lowers its vocabulary
+        to the words the training split has); default: unchanged."""
+        return dict(params)

@@ -11,6 +11,7 @@ import torch
 
 from rankbench.errors import RankbenchError
 from rankbench.hyper import parse_assignments, resolve
+from rankbench.plugins.defaults import PAPER, resolve_defaults
 from rankbench.plugins.registry import Registry
 
 
@@ -54,6 +55,13 @@ class RunConfig:
     """A run id to continue from its last checkpoint (its own seed only)."""
     compile: str = "off"
     """``torch.compile`` the model for training: ``on``, ``off``, or ``auto`` (on for CUDA, see ``compiles``)."""
+    recipe: str | None = None
+    """``--recipe NAME``; None: chosen for the data (``embedded`` on the embedded default data)."""
+
+    def set_values(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The task's and the method's values the user set (validated), as opposed to defaults."""
+        return ({k: v for k, v in self.task_params.items() if k in self.explicit},
+                {k: v for k, v in self.method_params.items() if k in self.explicit})
 
 
 COMPILE_CHOICES = ("auto", "off", "on")
@@ -109,8 +117,9 @@ def make_config(
 ) -> RunConfig:
     """Validate a task, a method and ``key=value`` overrides into a ``RunConfig``.
 
-    A key belongs to the method or to the task (its recipe and data options);
-    method defaults are the method's own, then the task's ``method_defaults``.
+    A key belongs to the method or to the task (its recipe and data options). The params are
+    resolved for the ``paper`` recipe (or ``--recipe``) in ``rankbench.plugins.defaults``' order;
+    ``prepare`` resolves them again, the same way, for the recipe the loaded data chooses.
     Every check of the request happens here, before any data is loaded: the
     keys and their values, the seeds, ``threads``, and a step budget that would
     contradict explicit epochs.
@@ -145,9 +154,12 @@ def make_config(
         raise RankbenchError(
             f"unknown --set key {sorted(unknown)[0]!r} for method {method} on task {task}: valid are {', '.join(valid)}"
         )
-    defaults = {k: v for k, v in task_cls.method_defaults.get(method, {}).items() if k not in method_raw}
-    method_params = resolve(method_cls.hyperparameters, {**defaults, **method_raw}, f"method {method}")
-    task_params = resolve(task_cls.hyperparameters, task_raw, f"task {task}")
+    method_set = resolve(method_cls.hyperparameters, method_raw, f"method {method}")
+    task_set = resolve(task_cls.hyperparameters, task_raw, f"task {task}")
+    recipe = options.get("recipe")
+    resolved = resolve_defaults(task_cls, method_cls, recipe or PAPER, {k: task_set[k] for k in task_raw},
+                                {k: method_set[k] for k in method_raw})
+    task_params, method_params = resolved.task, resolved.method
     seeds = check_seeds(seeds)
     return RunConfig(task=task, method=method, task_params=task_params, method_params=method_params,
                      seeds=seeds, explicit=frozenset(raw), **options)

@@ -182,29 +182,31 @@ def run(
             run_id = earlier_run
             checkpoint = load_checkpoint(tracker.checkpoint_path(run_id))
             tracker.reopen(run_id, {**run_identity(), **config.tags})
-        try:
-            if on_start is not None:
-                on_start(run_id, seed, params)
-            results.append(_train_and_measure(prepared, method, model, seed, tracker, run_id, on_epoch, checkpoint))
-        except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (rankbench.run.stopping)
-            reason = "interrupted" if signal_name(exc) == "SIGINT" else f"interrupted by {signal_name(exc)}"
-            with contextlib.suppress(RankbenchError):  # a store that cannot take it: the first error is reported
-                tracker.fail(run_id, reason, killed=True)
-            exc.stopped_run = StoppedRun(run_id, seed, tracker.checkpoint_path(run_id).is_file(),  # type: ignore[attr-defined]
-                                         config.tags.get("study"))
-            raise
-        except RankbenchError as exc:
-            with contextlib.suppress(RankbenchError):  # the run stays RUNNING; the next report marks it dead
-                tracker.fail(run_id, f"{type(exc).__name__}: {exc}")
-            resumable = tracker.checkpoint_path(run_id).is_file() and not isinstance(exc, TrainingDiverged)
-            if resumable and "study" not in config.tags:
-                raise type(exc)(f"{exc}; run {run_id} is marked FAILED: then continue it with its own command "
-                                f"line and --resume {run_id}") from None
-            raise
-        except BaseException as exc:  # a bug, or plugin code that called sys.exit: the run is not left RUNNING
-            with contextlib.suppress(RankbenchError):
-                tracker.fail(run_id, f"{type(exc).__name__}: {exc}")
-            raise
+        with tracker.heartbeat(run_id):  # another machine can tell this run is alive (Tracker.death_reason)
+            try:
+                if on_start is not None:
+                    on_start(run_id, seed, params)
+                results.append(_train_and_measure(prepared, method, model, seed, tracker, run_id, on_epoch,
+                                                  checkpoint))
+            except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (rankbench.run.stopping)
+                reason = "interrupted" if signal_name(exc) == "SIGINT" else f"interrupted by {signal_name(exc)}"
+                with contextlib.suppress(RankbenchError):  # a store that cannot take it: the first error is reported
+                    tracker.fail(run_id, reason, killed=True)
+                resumable = tracker.checkpoint_path(run_id).is_file()
+                exc.stopped_run = StoppedRun(run_id, seed, resumable, config.tags.get("study"))  # type: ignore
+                raise
+            except RankbenchError as exc:
+                with contextlib.suppress(RankbenchError):  # the run stays RUNNING; the next report marks it dead
+                    tracker.fail(run_id, f"{type(exc).__name__}: {exc}")
+                resumable = tracker.checkpoint_path(run_id).is_file() and not isinstance(exc, TrainingDiverged)
+                if resumable and "study" not in config.tags:
+                    raise type(exc)(f"{exc}; run {run_id} is marked FAILED: then continue it with its own "
+                                    f"command line and --resume {run_id}") from None
+                raise
+            except BaseException as exc:  # a bug, or plugin code that called sys.exit: not left RUNNING
+                with contextlib.suppress(RankbenchError):
+                    tracker.fail(run_id, f"{type(exc).__name__}: {exc}")
+                raise
     return results
 
 

@@ -18,6 +18,7 @@ from torch import nn
 from rankbench.data import DataSplits
 from rankbench.errors import RankbenchError
 from rankbench.layers.tensorized import count_parameters, tensorized_layers
+from rankbench.plugins.defaults import Resolved, automatic_recipe, resolve_defaults
 from rankbench.plugins.method import Method, MethodContext
 from rankbench.plugins.registry import Registry
 from rankbench.plugins.task import Task
@@ -41,6 +42,8 @@ class PreparedRun:
     recipe: str
     device: torch.device
     dense_parameters: int
+    defaults: Resolved | None = None
+    """Where each value came from, and why (``rankbench.plugins.defaults``)."""
 
     @property
     def epochs(self) -> int:
@@ -75,14 +78,17 @@ def prepare(config: RunConfig, registry: Registry, *, data: DataSplits | None = 
     task_cls, method_cls = registry.task(config.task), registry.method(config.method)
     if data is None:
         data = task_cls(config.task_params).load_data(config.data_dir, config.download)
-    recipe, task_params = task_cls.recipe_for(data, config.task_params, config.explicit, config.method)
-    method_params = task_cls.method_params_for(data, config.method, config.method_params, config.explicit)
+    recipe = config.recipe or automatic_recipe(task_cls, data.embedded)
+    resolved = resolve_defaults(task_cls, method_cls, recipe, *config.set_values())
+    recipe, method_params = resolved.recipe, resolved.method
+    task_params = task_cls.adapt_to_data(data, resolved.task)
     if config.budget_steps is not None:
         task_params["epochs"] = epochs_for_steps(config.budget_steps, len(data.train), task_params["batch_size"])
     task = task_cls(task_params)
     check_fits_in_memory(task, method_cls(method_params), device)
     return PreparedRun(config=config, task=task, method_cls=method_cls, method_params=method_params, data=data,
-                       recipe=recipe, device=device, dense_parameters=count_parameters(task.dense_model()))
+                       recipe=recipe, device=device, dense_parameters=count_parameters(task.dense_model()),
+                       defaults=resolved)
 
 
 TRAINING_COPIES = 4
