@@ -30,7 +30,7 @@ from rankbench.plugins.method import MethodContext
 from rankbench.plugins.registry import Registry
 from rankbench.run.config import make_config, resolve_device
 from rankbench.run.prepare import build_model
-from rankbench.run.trainer import compile_options, param_groups
+from rankbench.run.trainer import batch_trainer, compile_options
 
 COMPILED_TARGETS = {"resnet32": (1.5, 1.15, 1.05), "lenet5": (2.0, 1.3, 1.05)}
 """Per task: compiled ours step / compiled dense step, compiled trn / compiled dense, compiled exported
@@ -47,15 +47,13 @@ def time_steps(built: dict, x, y, device, steps: int, rounds: int = 5) -> dict[s
     round runs ``steps // rounds`` steps per model after warm-up steps."""
     runners = {}
     for label, (model, method, task) in built.items():
-        optimizer = task.optimizer(param_groups(model, task.params["lr"]))
+        trainer = batch_trainer(getattr(model, "_orig_mod", model), method, task, x, y, device, runner=model)
         model.train()
 
-        def one_step(model=model, method=method, task=task, optimizer=optimizer) -> float:
+        def one_step(trainer=trainer) -> float:
             sync(device)
             start = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            method.loss(model, (x, y), task.loss).total.backward()
-            optimizer.step()
+            trainer.train_step(x, y)
             sync(device)
             return time.perf_counter() - start
 

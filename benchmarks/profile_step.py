@@ -22,7 +22,7 @@ from rankbench.plugins.method import MethodContext
 from rankbench.plugins.registry import Registry
 from rankbench.run.config import make_config, resolve_device
 from rankbench.run.prepare import build_model
-from rankbench.run.trainer import compile_options, param_groups
+from rankbench.run.trainer import batch_trainer, compile_options
 
 
 class MessageCount(logging.Handler):
@@ -59,12 +59,11 @@ def main() -> None:
     with torch.no_grad():
         y = model.eval()(x).argmax(-1)
     model.train()
-    optimizer = task.optimizer(param_groups(model, task.params["lr"]))
+    trainer = batch_trainer(model, method, task, x, y, device)
 
     def step(runner) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        method.loss(runner, (x, y), task.loss).total.backward()
-        optimizer.step()
+        trainer.runner = runner
+        trainer.train_step(x, y)
 
     for _ in range(3):
         step(model)  # eager warm-up: contraction plans

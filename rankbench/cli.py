@@ -214,8 +214,7 @@ def cmd_run(args, registry) -> None:
         contraction=args.contraction, budget_steps=parse_budget(args.budget), resume=args.resume,
         compile=args.compile, recipe=args.recipe,
     )
-    tracker = Tracker(config.tracking_uri)  # a store that cannot be opened is found before the data loads
-    prepared = prepare(config, registry)
+    prepared = prepare(config, registry)  # every check of the request comes before a store is created
     bars: dict[int, tqdm] = {}
 
     def on_start(run_id: str, seed: int, params: dict) -> None:
@@ -242,6 +241,7 @@ def cmd_run(args, registry) -> None:
         if epoch == bar.total:
             bar.close()
 
+    tracker = Tracker(config.tracking_uri)
     results = run(prepared, tracker=tracker, on_start=on_start, on_epoch=on_epoch)
     print(results_table(results, tablefmt=args.format, shown=type(prepared.task).metrics))
     print(f"tracking: {tracker.uri} (experiment {config.experiment or config.task}); "

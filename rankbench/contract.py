@@ -17,7 +17,7 @@ Every check returns a :class:`Check`; an exception inside a check fails it with
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -142,6 +142,11 @@ def _batches(data: DataSplits) -> list[tuple[Tensor, Tensor]]:
     return [(train.x[i * BATCH:(i + 1) * BATCH], train.y[i * BATCH:(i + 1) * BATCH]) for i in range(2)]
 
 
+def _head(split: Split, n: int) -> Split:
+    """The first ``n`` examples of a split."""
+    return replace(split, x=split.x[:n], y=split.y[:n])
+
+
 def _names(names: list[str], limit: int = 3) -> str:
     """``a, b, c and 4 more``."""
     shown = ", ".join(names[:limit])
@@ -214,7 +219,7 @@ def check_method(registry: Registry, name: str, task: str, *, prefix: str = "") 
     """Checks of method ``name`` on ``task``: config, data, build, train, ranks, export, compression."""
     from rankbench.run.config import make_config
     from rankbench.run.prepare import prepare
-    from rankbench.run.trainer import param_groups
+    from rankbench.run.trainer import Trainer, TrainerCallback
 
     runner = _Runner(prefix)
     state: dict[str, Any] = {}
@@ -271,9 +276,8 @@ def check_method(registry: Registry, name: str, task: str, *, prefix: str = "") 
     def train() -> str:
         model: nn.Module = state["model"]
         method: Method = state["method"]
-        task_obj: Task = state["task"]
-        model.train()
-        optimizer = torch.optim.Adam(param_groups(model, task_obj.params.get("lr", 1e-3)))
+        data: DataSplits = state["data"]
+        two_batches = replace(data, train=_head(data.train, 2 * BATCH), val=_head(data.val, BATCH))
         named = dict(model.named_parameters())
         selector_ids = {id(p) for p in selector_parameters(model)}
         weights = {n: p.detach().clone() for n, p in named.items() if id(p) not in selector_ids}
@@ -281,41 +285,36 @@ def check_method(registry: Registry, name: str, task: str, *, prefix: str = "") 
                              if id(p) in selector_ids and p.requires_grad and p.numel() > 0}
         got_grad = {n: False for n in trained_selectors}
         nonzero = {n: False for n in trained_selectors}
-        losses = []
-        for i, batch in enumerate(state["batches"], 1):
-            optimizer.zero_grad(set_to_none=True)
-            step = method.loss(model, batch, task_obj.loss)
-            _require(isinstance(step, StepLoss), f"step {i}: method.loss returned a {type(step).__name__}, "
-                                                 "not a StepLoss")
-            _require(isinstance(step.total, Tensor) and step.total.numel() == 1,
-                     f"step {i}: StepLoss.total is {_shape(step.total)}, not a scalar tensor")
-            total = float(step.total.detach())
-            _require(math.isfinite(total),
-                     f"step {i}: loss is {total} (task {float(step.task):.4g}, penalty {float(step.penalty):.4g})")
-            _require(step.total.requires_grad, f"step {i}: StepLoss.total does not require grad")
-            step.total.backward()
-            for n, p in trained_selectors.items():
-                if p.grad is None:
-                    continue
-                got_grad[n] = True
-                _require(bool(torch.isfinite(p.grad).all()), f"step {i}: selector parameter {n} has a "
-                                                             "non-finite gradient")
-                nonzero[n] = nonzero[n] or bool((p.grad != 0).any())
-            for n, p in named.items():
-                if id(p) not in selector_ids and p.grad is not None:
-                    _require(bool(torch.isfinite(p.grad).all()), f"step {i}: weight {n} has a non-finite gradient")
-            optimizer.step()
-            losses.append(total)
+        losses: list[float] = []
+
+        class GradientChecks(TrainerCallback):
+            def on_loss(self, trainer, epoch, batch, read) -> None:  # before the step: a NaN never reaches weights
+                total, task_loss, penalty = read
+                _require(math.isfinite(total), f"step {batch}: loss is {total} (task {task_loss:.4g}, "
+                                               f"penalty {penalty:.4g})")
+                losses.append(total)
+
+            def on_step_end(self, trainer, epoch, batch, read) -> None:
+                for n, p in trained_selectors.items():
+                    if p.grad is None:
+                        continue
+                    got_grad[n] = True
+                    _require(bool(torch.isfinite(p.grad).all()), f"step {batch}: selector parameter {n} has a "
+                                                                 "non-finite gradient")
+                    nonzero[n] = nonzero[n] or bool((p.grad != 0).any())
+                for n, p in named.items():
+                    if id(p) not in selector_ids and p.grad is not None:
+                        _require(bool(torch.isfinite(p.grad).all()),
+                                 f"step {batch}: weight {n} has a non-finite gradient")
+
+        trainer = Trainer(model, method, state["task"], two_batches, epochs=1, seed=0, device=torch.device("cpu"),
+                          dense_parameters=count_parameters(state["task"].dense_model()), batch_size=BATCH,
+                          callbacks=[GradientChecks()])
+        trainer.fit()  # two optimizer steps, a validation, and the method's epoch hook with real metrics
         missing = [n for n, ok in got_grad.items() if not ok]
         _require(not missing, f"selector parameter(s) {_names(missing)} require grad but receive no gradient")
         changed = [n for n, p in named.items() if n in weights and not torch.equal(p.detach(), weights[n])]
         _require(bool(changed), "no weight changed after 2 optimizer steps")
-        method.on_epoch_end(model, 1, {
-            "train_loss": float(step.task), "penalty": float(step.penalty), "val_loss": losses[-1],
-            "val_accuracy": 0.0, "compression": count_parameters(task_obj.dense_model()) / count_parameters(model),
-            "total_rank": float(sum(sum(r) for r in learned_ranks(model).values())),
-            "train_seconds_per_batch": 0.0,
-        })
         detail = (f"loss {losses[0]:.4g} -> {losses[1]:.4g}; {len(changed)}/{len(weights)} weight tensors changed; "
                   f"{len(trained_selectors)} trainable selector parameters with finite gradients")
         zero = [n for n, ok in nonzero.items() if not ok]

@@ -112,6 +112,11 @@ class Method:
         penalty = self.penalty(model)
         return StepLoss(total=task + penalty, task=task.detach(), penalty=penalty.detach(), outputs=outputs)
 
+    def on_step_end(self, model: nn.Module, step: int) -> None:
+        """Per-step action after the optimizer step ``step`` (counted from 1 over the whole training):
+        a closed-form update of a selector, a periodic truncation of the cores; default none. What it
+        changes outside the model belongs in ``state_dict`` so a resumed run continues it."""
+
     def on_epoch_end(self, model: nn.Module, epoch: int, metrics: Mapping[str, float]) -> None:
         """Per-epoch action (fix gates, anneal a temperature); default none."""
 

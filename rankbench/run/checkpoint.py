@@ -41,6 +41,8 @@ class Checkpoint:
     """Seconds spent in the training loop up to here, over every attempt (a resumed run logs the sum)."""
     wall_seconds: float = 0.0
     """Wall seconds of the run up to here, over every attempt."""
+    step: int | None = None
+    """Optimizer steps so far (None in checkpoints written before it was recorded: epochs × steps per epoch)."""
 
 
 def save_checkpoint(checkpoint: Checkpoint, path: Path) -> None:

@@ -1,23 +1,23 @@
-"""The training loop: one path for every method, hooks for penalty and per-epoch actions."""
+"""The training loop: one ``Trainer`` for every method and every caller, with hooks per step and per epoch."""
 
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
-from rankbench.data import DataSplits, iterate_batches
+from rankbench.data import DataSplits, Split, iterate_batches
 from rankbench.errors import RankbenchError
 from rankbench.layers.tensorized import selector_parameters, weight_parameters
-from rankbench.plugins.method import Method
+from rankbench.plugins.method import Method, StepLoss
 from rankbench.plugins.task import Task
 from rankbench import records
 from rankbench.run.checkpoint import Checkpoint
-from rankbench.run.metrics import compression_ratio, evaluate, synchronize, total_rank
+from rankbench.run.metrics import Evaluation, compression_ratio, evaluate, synchronize, total_rank
 
 
 class TrainingDiverged(RankbenchError):
@@ -44,6 +44,238 @@ def param_groups(model: nn.Module, lr: float, selector_lr: float | None = None) 
     return groups
 
 
+class TrainerCallback:
+    """Something the trainer tells about each step and epoch (logging, checkpointing, the divergence
+    check); raising stops the training. ``losses`` are the step's (total, task, penalty) where the
+    device is read every step (a CPU), else None (a GPU reads them once per epoch)."""
+
+    def on_loss(self, trainer: "Trainer", epoch: int, batch: int, losses: tuple[float, float, float] | None) -> None:
+        """Once batch ``batch`` of ``epoch`` has its loss, before the backward pass."""
+
+    def on_step_end(self, trainer: "Trainer", epoch: int, batch: int,
+                    losses: tuple[float, float, float] | None) -> None:
+        """After the optimizer step (and a per-step scheduler's) of batch ``batch`` of ``epoch``."""
+
+    def on_epoch_end(self, trainer: "Trainer", epoch: int, metrics: dict[str, float]) -> None:
+        """After the epoch's validation and ``Method.on_epoch_end``."""
+
+
+class DivergenceCheck(TrainerCallback):
+    """A NaN or infinite loss stops the run with a one-line error naming the fix."""
+
+    def on_loss(self, trainer: "Trainer", epoch: int, batch: int, losses: tuple[float, float, float] | None) -> None:
+        if losses is not None and not math.isfinite(losses[0]):
+            raise _diverged(losses[0], epoch, f", batch {batch}")
+
+    def on_epoch_end(self, trainer: "Trainer", epoch: int, metrics: dict[str, float]) -> None:
+        if not math.isfinite(trainer.epoch_total):
+            raise _diverged(trainer.epoch_total, epoch, "")
+
+
+class Checkpointing(TrainerCallback):
+    """Hands the full training state to ``save`` after every epoch."""
+
+    def __init__(self, save: Callable[[Checkpoint], None]) -> None:
+        self.save = save
+
+    def on_epoch_end(self, trainer: "Trainer", epoch: int, metrics: dict[str, float]) -> None:
+        self.save(trainer.state_dict())
+
+
+class EpochLog(TrainerCallback):
+    """Hands every epoch's metrics to ``log`` (the tracker, a progress bar, a study's pruner)."""
+
+    def __init__(self, log: EpochCallback) -> None:
+        self.log = log
+
+    def on_epoch_end(self, trainer: "Trainer", epoch: int, metrics: dict[str, float]) -> None:
+        self.log(epoch, metrics)
+
+
+class Trainer:
+    """One training of one model, the only training loop in rankbench: ``rankbench run``, study
+    trials, the contract suite and the benchmarks all train through it, so a method's per-step and
+    per-epoch behaviour (``Method.on_step_end``, ``Method.on_epoch_end``) is the same everywhere.
+
+    It owns the task's optimizer (weights and selectors at their rates) and scheduler, the data-order
+    generator seeded with ``seed``, and the step and epoch counters; ``state_dict``/``load_state_dict``
+    hold all of it (and the method's own state), so a resumed training draws exactly the random numbers
+    an uninterrupted one would. ``callbacks`` run in order after every step and epoch.
+
+    ``compile`` trains and validates through ``torch.compile(model)`` (CUDA graphs on a GPU, see
+    ``compile_options``): one graph per batch shape (full and last partial batch, train and eval),
+    after one eager pass per shape that makes the layers' contraction plans. On a GPU the epoch's
+    losses are summed on the device and read once per epoch (no host synchronisation per step), and
+    the time per batch is the epoch's training time over its batches; on a CPU each step is timed."""
+
+    def __init__(self, model: nn.Module, method: Method, task: Task, data: DataSplits, *, epochs: int, seed: int,
+                 device: torch.device, dense_parameters: int, compile: bool = False,
+                 callbacks: Sequence[TrainerCallback] = (), batch_size: int | None = None) -> None:
+        self.batch_size = batch_size or task.params["batch_size"]
+        if len(data.train) == 0 or len(data.val) == 0:
+            raise RankbenchError(f"{data.name}: the training or validation split is empty: use a larger dataset")
+        self.model, self.method, self.task, self.data = model, method, task, data
+        self.epochs, self.device, self.dense_parameters = epochs, device, dense_parameters
+        self.callbacks = list(callbacks)
+        self.runner = compiled_model(model, data, self.batch_size, device) if compile else model
+        self.per_step_sync = device.type != "cuda"
+        lr = task.params["lr"]
+        self.optimizer = task.optimizer(param_groups(model, lr, method.selector_lr(lr)))
+        self.per_step_scheduler = task.scheduler_interval == "step"
+        self.steps_per_epoch = math.ceil(len(data.train) / self.batch_size)
+        self.scheduler = task.scheduler(self.optimizer,
+                                        epochs * self.steps_per_epoch if self.per_step_scheduler else epochs)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.epoch = 0
+        """Finished epochs."""
+        self.step = 0
+        """Finished optimizer steps, over every epoch."""
+        self.history: list[dict[str, float]] = []
+        self.batch = 0
+        """Finished steps of the epoch in progress."""
+        self.last_read: tuple[float, float, float] | None = None
+        self.epoch_total = 0.0
+        """The last epoch's summed training objective (the divergence check reads it)."""
+        self.earlier_seconds = 0.0
+
+    # ---------------------------------------------------------------------------- steps and epochs
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One optimizer step on a batch already on the device; returns its (total, task, penalty)
+        losses, detached, on the device (read on the host too where ``per_step_sync``)."""
+        epoch, batch = self.epoch + 1, self.batch + 1
+        self.optimizer.zero_grad(set_to_none=True)
+        step = self.method.loss(self.runner, (x, y), self.task.loss)
+        if not isinstance(step, StepLoss):
+            raise RankbenchError(f"method {self.method.name}: loss() returned a {type(step).__name__}, not a StepLoss")
+        if not (isinstance(step.total, torch.Tensor) and step.total.numel() == 1 and step.total.requires_grad):
+            raise RankbenchError(f"method {self.method.name}: StepLoss.total must be a scalar tensor that requires "
+                                 "grad (the objective the optimizer minimises)")
+        losses = torch.stack([step.total.detach(), step.task.detach(), step.penalty.detach().to(step.total.dtype)])
+        read = tuple(losses.tolist()) if self.per_step_sync else None  # one read per step for the three numbers
+        for callback in self.callbacks:
+            callback.on_loss(self, epoch, batch, read)  # type: ignore[arg-type]
+        step.total.backward()
+        self.optimizer.step()
+        if self.per_step_scheduler and self.scheduler is not None:
+            self.scheduler.step()
+        self.step += 1
+        self.batch = batch
+        self.method.on_step_end(self.model, self.step)
+        for callback in self.callbacks:
+            callback.on_step_end(self, epoch, batch, read)  # type: ignore[arg-type]
+        self.last_read = read
+        return losses
+
+    def train_epoch(self) -> dict[str, float]:
+        """One epoch: every training batch in the generator's order, then validation; the epoch's metrics."""
+        epoch = self.epoch + 1
+        device, task = self.device, self.task
+        self.model.train()
+        self.batch = 0
+        sums = {"loss": 0.0, "penalty": 0.0}
+        device_sums = torch.zeros(3, device=device, dtype=torch.float64)
+        batch_seconds, total = 0.0, 0.0
+        synchronize(device)
+        epoch_start = time.perf_counter()
+        for x, y in iterate_batches(self.data.train, self.batch_size, shuffle=True, generator=self.generator):
+            x, y = task.augment(x, self.generator).to(device), y.to(device)
+            t0 = time.perf_counter()
+            losses = self.train_step(x, y)
+            if self.last_read is not None:
+                total += self.last_read[0]
+                sums["loss"] += self.last_read[1]
+                sums["penalty"] += self.last_read[2]
+                batch_seconds += time.perf_counter() - t0
+            else:
+                device_sums += losses.double()
+        batches = self.batch
+        if not self.per_step_sync:  # one read per epoch
+            synchronize(device)
+            batch_seconds = time.perf_counter() - epoch_start
+            total, sums["loss"], sums["penalty"] = device_sums.tolist()
+        self.epoch_total = total
+        if self.scheduler is not None and not self.per_step_scheduler:
+            self.scheduler.step()
+        task.calibrate(self.model, self.data.train, device)
+        val = self.evaluate(self.data.val)
+        metrics = {
+            records.TRAIN_LOSS: sums["loss"] / batches,
+            records.PENALTY: sums["penalty"] / batches,
+            records.VAL_LOSS: val.loss,
+            records.VAL_ACCURACY: val.accuracy,
+            records.COMPRESSION: compression_ratio(self.dense_parameters, self.model),
+            records.TOTAL_RANK: float(total_rank(self.model)),
+            records.TRAIN_SECONDS_PER_BATCH: batch_seconds / batches,
+        }
+        self.method.on_epoch_end(self.model, epoch, metrics)
+        self.epoch = epoch
+        self.history.append(metrics)
+        for callback in self.callbacks:
+            callback.on_epoch_end(self, epoch, metrics)
+        return metrics
+
+    def evaluate(self, split: Split) -> Evaluation:
+        """Loss and accuracy of the eval-mode model on ``split``."""
+        return evaluate(self.runner, split, self.batch_size, self.task.loss, self.device, self.task.correct)
+
+    def fit(self) -> TrainResult:
+        """The remaining epochs, up to ``epochs``."""
+        start = time.perf_counter()
+        self._started = start
+        while self.epoch < self.epochs:
+            self.train_epoch()
+        result = TrainResult(history=list(self.history), train_seconds=self.train_seconds())
+        if self.history:
+            result.train_seconds_per_batch = self.history[-1][records.TRAIN_SECONDS_PER_BATCH]
+        return result
+
+    def train_seconds(self) -> float:
+        """Seconds in ``fit`` so far, over every attempt of a resumed training."""
+        started = getattr(self, "_started", None)
+        return self.earlier_seconds + (time.perf_counter() - started if started is not None else 0.0)
+
+    # ---------------------------------------------------------------------------- state
+    def state_dict(self) -> Checkpoint:
+        """Everything the next epoch depends on."""
+        return Checkpoint(
+            epoch=self.epoch, model=_cpu(self.model.state_dict()), optimizer=self.optimizer.state_dict(),
+            scheduler=None if self.scheduler is None else self.scheduler.state_dict(),
+            method=self.method.state_dict(), torch_rng=torch.get_rng_state(), data_rng=self.generator.get_state(),
+            cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            history=list(self.history), train_seconds=self.train_seconds(), step=self.step,
+        )
+
+    def load_state_dict(self, checkpoint: Checkpoint) -> None:
+        """Continue from ``checkpoint`` (into a freshly built model and method)."""
+        self.model.load_state_dict(checkpoint.model)
+        self.method.load_state_dict(self.model, checkpoint.method)
+        self.optimizer.load_state_dict(checkpoint.optimizer)
+        if self.scheduler is not None and checkpoint.scheduler is not None:
+            self.scheduler.load_state_dict(checkpoint.scheduler)
+        self.generator.set_state(checkpoint.data_rng)
+        torch.set_rng_state(checkpoint.torch_rng)
+        if checkpoint.cuda_rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(checkpoint.cuda_rng)
+        self.epoch = checkpoint.epoch
+        self.step = checkpoint.step if checkpoint.step is not None else checkpoint.epoch * self.steps_per_epoch
+        self.history = list(checkpoint.history)
+        self.earlier_seconds = checkpoint.train_seconds
+
+
+def batch_trainer(model: nn.Module, method: Method, task: Task, x: torch.Tensor, y: torch.Tensor,
+                  device: torch.device, runner: nn.Module | None = None) -> Trainer:
+    """A trainer whose data is one fixed batch, for timing and profiling its ``train_step`` (the
+    benchmarks); ``runner`` is what the steps call instead of ``model`` (e.g. a ``torch.compile``d one)."""
+    split = Split(x.detach().cpu(), y.detach().cpu())
+    num_classes = int(y.max()) + 1 if not y.is_floating_point() and y.numel() else 1
+    data = DataSplits("one batch", "benchmark inputs", split, split, split, max(num_classes, 2))
+    trainer = Trainer(model, method, task, data, epochs=1, seed=0, device=device, dense_parameters=1,
+                      batch_size=len(x))
+    if runner is not None:
+        trainer.runner = runner
+    return trainer
+
+
 def fit(
     model: nn.Module,
     method: Method,
@@ -59,100 +291,20 @@ def fit(
     on_checkpoint: Callable[[Checkpoint], None] | None = None,
     compile: bool = False,
 ) -> TrainResult:
-    """Train ``model`` with the task's recipe and the method's loss; evaluate on validation each epoch.
-
-    ``on_checkpoint`` receives the full training state after every epoch, before ``on_epoch``
-    (which logs it): an epoch is recorded only once it can be resumed from, so a failed or
-    interrupted write never makes a resumed run log an epoch twice. ``resume`` continues from a
-    checkpoint, so the remaining epochs draw exactly the random numbers an uninterrupted run would.
-
-    ``compile`` trains and validates through ``torch.compile(model)`` (CUDA graphs on a GPU, see
-    ``compile_options``): one graph per batch shape (full and last partial batch, train and eval),
-    after one eager pass per shape that makes the layers' contraction plans. On a GPU the epoch's
-    losses are summed on the device and read once per epoch (no host synchronisation per step), and
-    the time per batch is the epoch's training time over its batches; on a CPU each step is timed."""
-    batch_size = task.params["batch_size"]
-    if len(data.train) == 0 or len(data.val) == 0:
-        raise RankbenchError(f"{data.name}: the training or validation split is empty: use a larger dataset")
-    runner = compiled_model(model, data, batch_size, device) if compile else model
-    per_step_sync = device.type != "cuda"
-    lr = task.params["lr"]
-    optimizer = task.optimizer(param_groups(model, lr, method.selector_lr(lr)))
-    per_step = task.scheduler_interval == "step"
-    scheduler = task.scheduler(optimizer, epochs * math.ceil(len(data.train) / batch_size) if per_step else epochs)
-    generator = torch.Generator().manual_seed(seed)
-    result = TrainResult()
-    first = 1
-    earlier_seconds = 0.0
+    """A :class:`Trainer` with the usual callbacks, run to ``epochs``: the divergence check, then
+    ``on_checkpoint`` (the full state after every epoch), then ``on_epoch`` (which logs it). An epoch
+    is thus recorded only once it can be resumed from, so a failed or interrupted write never makes a
+    resumed run log an epoch twice; ``resume`` continues from a checkpoint."""
+    callbacks: list[TrainerCallback] = [DivergenceCheck()]
+    if on_checkpoint is not None:
+        callbacks.append(Checkpointing(on_checkpoint))
+    if on_epoch is not None:
+        callbacks.append(EpochLog(on_epoch))
+    trainer = Trainer(model, method, task, data, epochs=epochs, seed=seed, device=device,
+                      dense_parameters=dense_parameters, compile=compile, callbacks=callbacks)
     if resume is not None:
-        earlier_seconds = resume.train_seconds
-        first = _restore(resume, model, method, optimizer, scheduler, generator, device) + 1
-        result.history = list(resume.history)
-        if result.history:
-            result.train_seconds_per_batch = result.history[-1][records.TRAIN_SECONDS_PER_BATCH]
-    start = time.perf_counter()
-    for epoch in range(first, epochs + 1):
-        model.train()
-        sums = {"loss": 0.0, "penalty": 0.0}
-        device_sums = torch.zeros(3, device=device, dtype=torch.float64)
-        batches, batch_seconds = 0, 0.0
-        synchronize(device)
-        epoch_start = time.perf_counter()
-        for x, y in iterate_batches(data.train, batch_size, shuffle=True, generator=generator):
-            x, y = task.augment(x, generator).to(device), y.to(device)
-            t0 = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            step = method.loss(runner, (x, y), task.loss)
-            losses = torch.stack([step.total.detach(), step.task.detach(), step.penalty.detach().to(step.total.dtype)])
-            if per_step_sync:  # one read per step for the three numbers
-                total, task_loss, penalty = losses.tolist()
-                if not math.isfinite(total):
-                    raise _diverged(total, epoch, f", batch {batches + 1}")
-                sums["loss"] += task_loss
-                sums["penalty"] += penalty
-            else:
-                device_sums += losses.double()
-            step.total.backward()
-            optimizer.step()
-            if per_step and scheduler is not None:
-                scheduler.step()
-            if per_step_sync:
-                batch_seconds += time.perf_counter() - t0
-            batches += 1
-        if not per_step_sync:  # one read per epoch
-            synchronize(device)
-            batch_seconds = time.perf_counter() - epoch_start
-            total, sums["loss"], sums["penalty"] = device_sums.tolist()
-            if not math.isfinite(total):
-                raise _diverged(total, epoch, "")
-        if scheduler is not None and not per_step:
-            scheduler.step()
-        task.calibrate(model, data.train, device)
-        val = evaluate(runner, data.val, batch_size, task.loss, device, task.correct)
-        metrics = {
-            records.TRAIN_LOSS: sums["loss"] / batches,
-            records.PENALTY: sums["penalty"] / batches,
-            records.VAL_LOSS: val.loss,
-            records.VAL_ACCURACY: val.accuracy,
-            records.COMPRESSION: compression_ratio(dense_parameters, model),
-            records.TOTAL_RANK: float(total_rank(model)),
-            records.TRAIN_SECONDS_PER_BATCH: batch_seconds / batches,
-        }
-        method.on_epoch_end(model, epoch, metrics)
-        result.history.append(metrics)
-        result.train_seconds_per_batch = metrics[records.TRAIN_SECONDS_PER_BATCH]
-        if on_checkpoint is not None:
-            on_checkpoint(Checkpoint(
-                epoch=epoch, model=_cpu(model.state_dict()), optimizer=optimizer.state_dict(),
-                scheduler=None if scheduler is None else scheduler.state_dict(), method=method.state_dict(),
-                torch_rng=torch.get_rng_state(), data_rng=generator.get_state(),
-                cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                history=list(result.history), train_seconds=earlier_seconds + time.perf_counter() - start,
-            ))
-        if on_epoch is not None:
-            on_epoch(epoch, metrics)
-    result.train_seconds = earlier_seconds + time.perf_counter() - start
-    return result
+        trainer.load_state_dict(resume)
+    return trainer.fit()
 
 
 def _diverged(total: float, epoch: int, where: str) -> TrainingDiverged:
@@ -190,18 +342,3 @@ def compiled_model(model: nn.Module, data: DataSplits, batch_size: int, device: 
 
 def _cpu(state: dict) -> dict:
     return {k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
-
-
-def _restore(checkpoint: Checkpoint, model: nn.Module, method: Method, optimizer, scheduler,
-             generator: torch.Generator, device: torch.device) -> int:
-    """Load a checkpoint into a freshly built run; returns the last finished epoch."""
-    model.load_state_dict(checkpoint.model)
-    method.load_state_dict(model, checkpoint.method)
-    optimizer.load_state_dict(checkpoint.optimizer)
-    if scheduler is not None and checkpoint.scheduler is not None:
-        scheduler.load_state_dict(checkpoint.scheduler)
-    generator.set_state(checkpoint.data_rng)
-    torch.set_rng_state(checkpoint.torch_rng)
-    if checkpoint.cuda_rng and device.type == "cuda":
-        torch.cuda.set_rng_state_all(checkpoint.cuda_rng)
-    return checkpoint.epoch
