@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rankbench import records
 from rankbench.errors import RankbenchError
 from rankbench.layers.tensorized import count_parameters, learned_ranks, prune_model, tensorized_layers
 from rankbench.plugins.method import MethodContext
@@ -43,11 +44,9 @@ def rebuild(run_id: str, registry: Registry, tracking_uri: str | None = None) ->
         raise RankbenchError(f"run {run_id} did not finish (status {stored.info.status}): only finished runs have "
                              f"weights: {how}, then export it")
     task_cls, method_cls = registry.task(params["task"]), registry.method(params["method"])
-    values = {}
-    for declared in (task_cls.hyperparameters, method_cls.hyperparameters):
-        for key, hyper in declared.items():
-            if key in params and not (hyper.choices and params[key] not in map(str, hyper.choices)):
-                values[key] = params[key]
+    legacy = records.DATA_NAME not in params  # before 0.2.0 the data's name was recorded over ``dataset``
+    values = {key: params[key] for declared in (task_cls.hyperparameters, method_cls.hyperparameters)
+              for key in declared if key in params and not (legacy and key == records.LEGACY_DATA_NAME)}
     config = make_config(registry, params["task"], params["method"], values)
     task, method = task_cls(config.task_params), method_cls(config.method_params)
     context = MethodContext(num_train=int(params.get("train_size", 1)), device=torch.device("cpu"))

@@ -43,7 +43,9 @@ SEED = _param("seed", "the run's seed (model init, data order, gate noise)")
 RECIPE = _param("recipe", "paper, or embedded when the embedded-data recipe or method defaults apply")
 BUDGET_STEPS = _param("budget_steps", "--budget steps=N, or none")
 STEPS_PER_EPOCH = _param("steps_per_epoch", "optimizer steps per epoch")
-DATASET = _param("dataset", "name of the data actually used")
+DATA_NAME = _param("data_name", "name of the data actually used (a task's dataset hyperparameter names what was asked)")
+LEGACY_DATA_NAME = "dataset"
+"""Where runs before rankbench 0.2.0 recorded the data's name, over a task's ``dataset`` hyperparameter."""
 DATASET_SOURCE = _param("dataset_source", "where the data came from (folder and files, or package)")
 DATASET_DIGEST = _param("dataset_digest", "SHA-256 of the data files (or arrays) the splits were made from")
 TRAIN_SIZE = _param("train_size", "training examples")

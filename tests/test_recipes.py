@@ -223,3 +223,28 @@ def test_the_docs_method_with_per_task_defaults_is_one_file_that_works(tmp_path)
     assert on_mlp2.method == {"weight": 1e-2} and on_mlp2.recipe == "embedded"
     assert on_mlp2.why[-1] == "32 steps per epoch need a stronger pull"
     assert resolve_defaults(registry.task("resnet32"), method, "paper", {}, {}).method == {"weight": 1e-4}
+
+
+def test_a_hyperparameter_named_like_a_recorded_fact_is_broken_at_discovery(tmp_path):
+    (tmp_path / "facts.py").write_text(
+        "from rankbench.plugin import Hyper, Method\n"
+        "class Facts(Method):\n"
+        "    name = 'facts'\n"
+        "    hyperparameters = {'train_size': Hyper(10, 'clashes with the recorded training-set size')}\n"
+    )
+    registry = Registry.discover(plugin_dirs=[tmp_path], entry_point_groups=False)
+    assert registry.broken["facts"].startswith("method facts declares 'train_size', a name rankbench records itself")
+
+
+def test_a_run_recorded_before_0_2_reads_its_data_name_from_the_old_param(uri):
+    """Runs before 0.2.0 recorded the data's name over the ``dataset`` hyperparameter."""
+    from rankbench.report.build import load_runs
+    from rankbench.run.tracking import Tracker
+
+    tracker = Tracker(uri)
+    run_id = tracker.start("lenet5", "old", {"task": "lenet5", "method": "trn", "seed": 0, "dataset": "mnist-embedded-5k",
+                                             "rank": 10}, {"method": "trn", "task": "lenet5"})
+    tracker.log_metrics(run_id, {"test_accuracy": 90.0, "compression": 26.0}, step=1)
+    tracker.finish(run_id)
+    (old,) = load_runs(uri)
+    assert old.params["data_name"] == "mnist-embedded-5k" and "dataset" not in old.params

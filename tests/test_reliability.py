@@ -159,7 +159,8 @@ def test_a_run_on_the_embedded_digits_resumes(tmp_path, uri, monkeypatch, capsys
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
-    assert client.get_run(run_id).data.params["dataset"] == "mnist-embedded-5k"
+    assert client.get_run(run_id).data.params["data_name"] == "mnist-embedded-5k"
+    assert client.get_run(run_id).data.params["dataset"] == "mnist"  # the hyperparameter, not overwritten
     assert [m.step for m in client.get_metric_history(run_id, "val_accuracy")] == [1, 2, 3]
 
 

@@ -25,7 +25,7 @@ def tiny_run(method: str, seeds: str, data, uri: str, *extra: str) -> list:
 
 def record(method: str, seed: int, accuracy: float, *, end: int, start: int = 0, run_id: str | None = None,
            **params: str) -> RunRecord:
-    base = {"task": "mlp2", "method": method, "seed": str(seed), "epochs": "1", "lr": "0.01", "dataset": "mnist",
+    base = {"task": "mlp2", "method": method, "seed": str(seed), "epochs": "1", "lr": "0.01", "data_name": "mnist",
             "train_size": "160", "val_size_used": "40", "test_size": "40", "split_seed": "0",
             "git_commit": f"commit{end}", "device": "cpu", **params}
     return RunRecord(run_id or f"{method}-{seed}-{end}", "1", "mlp2", method, "mnist", seed, base,

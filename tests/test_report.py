@@ -114,6 +114,14 @@ class _CaptureTracker:
     def fail(self, run_id, reason, killed=False) -> None:
         pass
 
+    def heartbeat(self, run_id):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def checkpoint_path(self, run_id) -> Path:
+        return Path("/nonexistent") / f"{run_id}.pt"
+
 
 class RankbenchRecords:
     """The experiment, run name, params and tags ``rankbench.run.experiment.run`` records for a configuration,
@@ -168,7 +176,7 @@ class RankbenchRecords:
             (started,) = tracker.started
             self._cache[key] = (started, config)
         (experiment, _, params, tags), config = self._cache[key]
-        assert params["dataset"] == dataset, (params["dataset"], dataset)
+        assert params["data_name"] == dataset, (params["data_name"], dataset)
         method_params = {k: params[k] for k in config.method_params}  # as resolved for the data
         name = run_name(method, self.registry.method(method).hyperparameters, method_params, seed)
         return experiment, name, {**params, "seed": seed}, dict(tags), config
@@ -297,7 +305,8 @@ def table_line(text: str, title: str, startswith: str) -> str:
 def record(method: str, seed: int, accuracy: float, *, dataset: str = EMBEDDED, run_id: str | None = None,
            **params: str) -> RunRecord:
     base = {"task": "lenet5", "method": method, "seed": str(seed), "epochs": "15", "lr": "0.001",
-            "dataset": dataset, "train_size": "4000", "val_size_used": "500", "test_size": "500", "split_seed": "0",
+            "dataset": "mnist", "data_name": dataset, "train_size": "4000", "val_size_used": "500", "test_size": "500",
+            "split_seed": "0",
             "git_commit": f"commit{seed}", "device": "cpu"}
     base.update(params)
     return RunRecord(run_id or f"{method}-{seed}-{accuracy}", "1", "lenet5", method, dataset, seed, base,
@@ -475,7 +484,7 @@ def test_rows_never_mix_datasets_or_splits(data_store, group_by):
     ours = [r for r in rows if r.method == "ours"]
     assert len(ours) == 4
     for row in rows:
-        keys = {(r.params["dataset"], r.params["split_seed"], r.params["train_size"], r.params["test_size"])
+        keys = {(r.params["data_name"], r.params["split_seed"], r.params["train_size"], r.params["test_size"])
                 for r in row.runs}
         assert len(keys) == 1, keys
         assert {r.dataset for r in row.runs} == {row.dataset}
@@ -868,8 +877,8 @@ def test_report_reads_a_real_run(real_store, records, capsys):
     client = MlflowClient(tracking_uri=uri)
     real = client.get_run(result.run_id)
     experiment, name, fake_params, fake_tags, _ = records("mlp2", "ours", 0, {"epochs": 1, "initial_rank": 3}, EMBEDDED)
-    assert (experiment, name, fake_tags) == ("mlp2", real.info.run_name, {k: v for k, v in real.data.tags.items()
-                                                                          if not k.startswith("mlflow.")})
+    assert (experiment, name, fake_tags) == ("mlp2", real.info.run_name, {
+        k: v for k, v in real.data.tags.items() if not k.startswith("mlflow.") and k != "rankbench.heartbeat"})
     assert set(real.data.params) == set(fake_params)
     machine = {"device", "threads"}  # the fake runs say cpu; the real one may have found a GPU
     assert {k: v for k, v in real.data.params.items() if k not in machine} == {
@@ -984,7 +993,7 @@ def test_mlflow_ui_shows_consistent_runs_and_the_reported_means(mlflow_server, r
     by_kind: dict[tuple[str, str], set[frozenset]] = {}
     for p in parsed:
         assert p.tags.get("method") and p.tags.get("dataset") and p.tags.get("task"), p.tags
-        assert p.tags["method"] == p.params["method"] and p.tags["dataset"] == p.params["dataset"]
+        assert p.tags["method"] == p.params["method"] and p.tags["dataset"] == p.params["data_name"]
         by_kind.setdefault((p.tags["task"], p.tags["method"]), set()).add(frozenset(p.params))
     assert all(len(names) == 1 for names in by_kind.values()), by_kind
     core = {"task", "method", "seed", "recipe", "epochs", "lr", "batch_size", "dataset", "train_size",

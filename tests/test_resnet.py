@@ -343,7 +343,7 @@ def test_cli_short_run_learns_tiny_cifar(method, min_accuracy, learnable, uri, c
     metrics = run.data.metrics
     assert math.isfinite(metrics["test_loss"]) and metrics["test_loss"] < 5.0, metrics
     assert metrics["test_accuracy"] > min_accuracy, metrics
-    assert run.data.params["dataset"] == "cifar10" and run.data.params["train_size"] == "160"
+    assert run.data.params["data_name"] == "cifar10" and run.data.params["train_size"] == "160"
     if method == "ours":
         assert int(run.data.params["initial_parameters"]) == 206_582  # rank 15, as the trn table says
         assert metrics["compression"] >= DENSE_PARAMETERS["resnet32"] / 206_582 - 1e-9

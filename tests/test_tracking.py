@@ -88,7 +88,7 @@ def test_the_run_logs_its_data_as_an_mlflow_dataset_input(embedded_run):
     uri, result = embedded_run
     run = client_for(uri).get_run(result.run_id)
     (entry,) = run.inputs.dataset_inputs
-    assert entry.dataset.name == "mnist-embedded-5k" == run.data.params["dataset"]
+    assert entry.dataset.name == "mnist-embedded-5k" == run.data.params["data_name"]
     assert run.data.params["dataset_digest"].startswith(entry.dataset.digest) and len(entry.dataset.digest) == 16
     assert json.loads(entry.dataset.profile) == {"train": 4000, "validation": 500, "test": 500}
     assert json.loads(entry.dataset.source) == {"uri": run.data.params["dataset_source"]}
@@ -129,7 +129,7 @@ def test_params_and_tags(embedded_run):
     params = stored.data.params
     expected = {
         "task": "lenet5", "method": "ours", "seed": "0", "lambda": "1.0", "sigma": "0.5", "epochs": "1",
-        "lr": "0.001", "recipe": "embedded", "batch_size": "128", "dataset": "mnist-embedded-5k",
+        "lr": "0.001", "recipe": "embedded", "batch_size": "128", "data_name": "mnist-embedded-5k", "dataset": "mnist",
         "train_size": "4000",
         "device": str(resolve_device("auto")), "threads": str(torch.get_num_threads()),
         "rankbench_version": rankbench.__version__,

@@ -123,7 +123,16 @@ def check_declarations(tasks: Mapping[str, type["Task"]], methods: Mapping[str, 
     A method's ``task_defaults`` may name only installed tasks and their recipes, and only the
     method's own hyperparameters with valid values; a task's recipes only its own; and a key may
     not be declared by both a method and a task (``--set KEY`` would be ambiguous)."""
+    from rankbench.records import PARAMS
+
     broken: dict[str, str] = {}
+    reserved = {str(p) for p in PARAMS}
+    for kind, table in (("task", tasks), ("method", methods)):
+        for name, plugin in table.items():
+            taken = sorted(set(plugin.hyperparameters) & reserved)
+            if taken:
+                broken[name] = (f"{kind} {name} declares {taken[0]!r}, a name rankbench records itself (see "
+                                "rankbench.records): rename the hyperparameter")
     for name, task_cls in tasks.items():
         for recipe_name, recipe in recipes_of(task_cls).items():
             problem = _invalid(recipe.task, task_cls.hyperparameters)

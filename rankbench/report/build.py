@@ -38,7 +38,7 @@ RUN_ONLY_PARAMS = {
     records.TORCH_VERSION, records.DATASET_SOURCE, records.DATASET_DIGEST, records.INITIAL_RANKS,
     records.INITIAL_PARAMETERS, records.DENSE_PARAMETERS, records.VAL_SIZE_USED,
 }
-DATA_KEY = (records.DATASET, records.TRAIN_SIZE, records.VAL_SIZE_USED, records.TEST_SIZE, "split_seed")
+DATA_KEY = (records.DATA_NAME, records.TRAIN_SIZE, records.VAL_SIZE_USED, records.TEST_SIZE, "split_seed")
 SMALL_SAMPLE = 5
 
 
@@ -112,11 +112,13 @@ def load_runs(tracking_uri: str | None = None, *, task: str | None = None, metho
     runs = Tracker(tracking_uri, create=False).runs(task=task, method=method, study=study)
     out = []
     for run in runs:
-        tags, params = run.data.tags, run.data.params
+        tags, params = run.data.tags, dict(run.data.params)
         if tags.get("rankbench.role") == "study" or "method" not in tags or "test_accuracy" not in run.data.metrics:
             continue
+        if records.DATA_NAME not in params and records.LEGACY_DATA_NAME in params:  # a run before 0.2.0
+            params[records.DATA_NAME] = params.pop(records.LEGACY_DATA_NAME)
         out.append(RunRecord(run.info.run_id, run.info.experiment_id, tags.get("task", params.get("task", "")),
-                             tags["method"], tags.get("dataset", params.get("dataset", "")),
+                             tags["method"], tags.get("dataset", params.get(records.DATA_NAME, "")),
                              int(params.get("seed", 0)), dict(params), dict(run.data.metrics), dict(tags),
                              run.info.start_time or 0, run.info.end_time or 0))
     return sorted(out, key=lambda r: (r.task, r.dataset, r.method, r.seed, r.run_id))
@@ -201,8 +203,9 @@ def group_rows(run_records: Iterable[RunRecord], group_by: Sequence[str] | None 
         labels = declarations.labels.get(key[1], ())
         settings = _distinguishing(settings_of[key], key, settings_of, labels)
         data = dict(key[2])
-        peers = [dict(k[2]) for k in groups if k[0] == key[0] and dict(k[2])["dataset"] == data["dataset"]]
-        settings.update({k: v for k, v in data.items() if k != "dataset" and any(p[k] != v for p in peers)})
+        peers = [dict(k[2]) for k in groups
+                 if k[0] == key[0] and dict(k[2])[records.DATA_NAME] == data[records.DATA_NAME]]
+        settings.update({k: v for k, v in data.items() if k != records.DATA_NAME and any(p[k] != v for p in peers)})
         rows.append(Row(key[0], runs[0].dataset, key[1], settings, sorted(runs, key=lambda r: r.seed),
                         role=declarations.role(key[1]), full_settings=settings_of[key],
                         duplicates=[d for r in runs for d in older.get(r.run_id, [])]))

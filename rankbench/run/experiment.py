@@ -99,11 +99,11 @@ def run_name(method: str, hyperparameters: Mapping[str, Hyper], params: Mapping[
 def recorded_params(prepared: PreparedRun, seed: int, model: torch.nn.Module) -> dict[str, Any]:
     """What a run records as MLflow params: the resolved hyperparameters that ran, and the run's facts."""
     data, task = prepared.data, prepared.task
-    return {
+    facts = {
         records.TASK: prepared.config.task, records.METHOD: prepared.config.method, records.SEED: seed,
-        records.RECIPE: prepared.recipe, **task.params,
+        records.RECIPE: prepared.recipe,
         records.BUDGET_STEPS: prepared.config.budget_steps, records.STEPS_PER_EPOCH: prepared.steps_per_epoch,
-        **prepared.method_params, records.DATASET: data.name, records.DATASET_SOURCE: data.source,
+        records.DATA_NAME: data.name, records.DATASET_SOURCE: data.source,
         records.DATASET_DIGEST: data.digest,
         records.TRAIN_SIZE: len(data.train), records.VAL_SIZE_USED: len(data.val), records.TEST_SIZE: len(data.test),
         records.INITIAL_RANKS: json.dumps(learned_ranks(model)),
@@ -115,6 +115,11 @@ def recorded_params(prepared: PreparedRun, seed: int, model: torch.nn.Module) ->
         records.RANKBENCH_VERSION: rankbench.__version__, records.TORCH_VERSION: torch.__version__,
         records.GIT_COMMIT: git_commit(),
     }
+    settings = {**task.params, **prepared.method_params}
+    clash = sorted(set(settings) & set(facts))
+    if clash:  # discovery refuses such plugins; a plugin built by hand reaches here
+        raise RankbenchError(f"hyperparameter {clash[0]!r} is a name rankbench records itself: rename it")
+    return {**settings, **facts}
 
 
 @dataclass(frozen=True)
@@ -228,12 +233,14 @@ def _best_continuation(prepared: PreparedRun, tracker: Tracker, run_ids: Sequenc
 def _asked(prepared: PreparedRun) -> dict[str, Any]:
     """What this prepared run would record for its settings (the dataset as the data's name)."""
     return {**prepared.task.params, **prepared.method_params, records.TASK: prepared.config.task,
-            records.METHOD: prepared.config.method, records.DATASET: prepared.data.name}
+            records.METHOD: prepared.config.method, records.DATA_NAME: prepared.data.name}
 
 
 def _differing_setting(prepared: PreparedRun, params: Mapping[str, str]) -> str | None:
     """The first task/method setting this prepared run asks differently from a run's recorded params."""
     asked = _asked(prepared)
+    if records.DATA_NAME not in params:  # a run before 0.2.0 recorded the data's name over the hyperparameter
+        asked[records.LEGACY_DATA_NAME] = prepared.data.name
     differ = sorted(k for k, v in asked.items() if k in params and params[k] != param_text(v))
     return differ[0] if differ else None
 
@@ -304,7 +311,7 @@ def recorded_result(tracker: Tracker, run_id: str) -> RunResult:
     last = history[-1] if history else {}
     return RunResult(
         run_id=run_id, task=params[records.TASK], method=params[records.METHOD], seed=int(params[records.SEED]),
-        dataset=params.get(records.DATASET, tags.get("dataset", "")),
+        dataset=params.get(records.DATA_NAME, params.get(records.LEGACY_DATA_NAME, tags.get("dataset", ""))),
         test_accuracy=metrics[records.TEST_ACCURACY], test_top5=metrics[records.TEST_TOP5],
         compression=records.metric(metrics, records.COMPRESSION), parameters=int(metrics[records.PARAMETERS]),
         dense_parameters=int(params[records.DENSE_PARAMETERS]), ranks=ranks,
