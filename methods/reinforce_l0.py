@@ -98,9 +98,9 @@ class ReinforceL0(Method):
             with RankSelector.supplied(supplied):
                 losses.append(task_loss(model(x), y))
             log_probs.append(sum((g.log_prob(z) for g, z in zip(gates, drawn)), torch.zeros((), device=x.device)))
-            l0.append(sum(float(z.sum()) + 1.0 for z in drawn))
+            l0.append(sum((z.sum() + 1.0 for z in drawn), torch.zeros((), device=x.device)))  # on the device: no sync
         task = torch.stack(losses)
-        norm = torch.tensor(l0, device=x.device)
+        norm = torch.stack(l0)
         cost = (task + self.params["lambda"] * norm).detach()
         if self.params["baseline"] == "mean":
             cost = cost - cost.mean()

@@ -110,3 +110,42 @@ def test_a_trainer_step_equals_the_same_step_written_out(tmp_path):
     optimizer.step()
     for (name, a), b in zip(trainer.model.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_the_compile_warm_up_leaves_batchnorm_statistics_as_it_found_them(tmp_path):
+    from torch import nn
+
+    from rankbench.data import DataSplits, Split
+    from rankbench.run.trainer import compiled_model
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 26 * 26, 10))
+    generator = torch.Generator().manual_seed(0)
+    split = Split(torch.randn(40, 1, 28, 28, generator=generator), torch.randint(0, 10, (40,), generator=generator))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    compiled_model(model, DataSplits("tiny", "random", split, split, split, 10), 16, torch.device("cpu"))
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), [k for k in before if not torch.equal(before[k],
+                                                                                                    after[k])]
+    assert int(after["1.num_batches_tracked"]) == 0
+
+
+def test_reinforce_l0_reads_nothing_back_from_the_device_in_a_step(tmp_path):
+    """Every ``float(tensor)``/``.item()`` is one ``aten._local_scalar_dense``: a host sync per call on a GPU."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class ScalarReads(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                ScalarReads.count += 1
+            return func(*args, **(kwargs or {}))
+
+    prepared = tiny_run(tmp_path, method="reinforce_l0")
+    model, method = prepared.build(0)
+    x, y = prepared.data.train.x[:32], prepared.data.train.y[:32]
+    with ScalarReads():
+        step = method.loss(model, (x, y), prepared.task.loss)
+        step.total.backward()
+    assert ScalarReads.count == 0
+    assert step.penalty.item() > 0

@@ -324,16 +324,20 @@ def compile_options(device: torch.device, backend: str | None = None) -> dict:
 def compiled_model(model: nn.Module, data: DataSplits, batch_size: int, device: torch.device) -> nn.Module:
     """``torch.compile(model)``, after one eager forward per batch shape it will see (train and eval
     mode) so every tensorized layer has planned its contractions outside the traced code. The warm-up
-    leaves every random generator as it found it, so a compiled run draws what an eager one would."""
+    leaves every random generator and every buffer (BatchNorm's running statistics) as it found them, so a
+    compiled run draws and computes what an eager one would."""
     shapes = {(split.x.shape[1:], n) for split in (data.train, data.val)
               for n in {min(batch_size, len(split)), len(split) % batch_size} if n}
     was_training = model.training
+    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
         for training in (True, False):
             model.train(training)
             for shape, n in shapes:
                 split = data.train if data.train.x.shape[1:] == shape else data.val
                 model(split.x[:n].to(device))
+        for name, buffer in model.named_buffers():
+            buffer.copy_(buffers[name])
     model.train(was_training)
     torch.compiler.reset()  # graphs of an earlier run's model (a study worker trains one after another) would
     # count against torch's recompile limit for the same forward code, and past it training falls back to eager
