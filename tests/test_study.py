@@ -709,8 +709,8 @@ def test_a_killed_worker_trial_goes_stale_and_is_retried(env, capsys):
     assert proc.returncode == -signal.SIGKILL
     time.sleep(2.5)  # > grace_period
 
-    # the same study again, in-process; shorter training keeps the test fast (resuming depends on the storage only)
-    assert main(env.argv(path, *TINY)) == 0, capsys.readouterr().err
+    # the same study again, in-process, with the same --set (a study refuses other fixed settings)
+    assert main(env.argv(path, "--set", "epochs=80", "--seeds", "0")) == 0, capsys.readouterr().err
     trials = trials_of(env.storage, "killed")
     seen = [(t.number, t.state.name, t.params, t.system_attrs.get("failed_trial")) for t in trials]
     done = complete(trials)

@@ -4,7 +4,11 @@ Storage is any Optuna RDB URL (SQLite by default, PostgreSQL for many
 machines). Workers are processes; a lock around "is the budget spent? then
 ask" keeps the total at exactly the budget, stale trials of dead workers are
 failed by Optuna's heartbeat and retried, and trials interrupted by Ctrl-C or a
-crash are retried when the same command runs again.
+crash are retried when the same command runs again. A study remembers the digest of
+the study file it was created from (``StudySpec.digest``) and refuses another file
+under its name, and never trains one configuration twice (``same_settings``).
+SIGINT or SIGTERM stops every worker cleanly: their runs end KILLED and their
+trials are retried by the next command.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import json
 import logging
 import multiprocessing
 import statistics
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -24,9 +29,13 @@ from rankbench.errors import RankbenchError
 from rankbench.plugins.registry import Registry
 from rankbench.run import records
 from rankbench.run.tracking import DEFAULT_DIR, Tracker, run_identity
-from rankbench.study.spec import OBJECTIVE_METRICS, RECORDED_ONLY, StudySpec
+from rankbench.study.spec import OBJECTIVE_METRICS, RECORDED_ONLY, StudySpec, first_difference
 
 FINISHED_STATES = ("COMPLETE", "PRUNED")
+DIGEST_ATTR, SPEC_ATTR = "spec_digest", "spec"
+"""Study user attributes: the digest and the canonical form of the study file it was created from."""
+PRUNED_TAG = "rankbench.pruned"
+"""Tag of a run stopped by the study's pruner (``epoch N``); such a run ends KILLED, it did not fail."""
 
 
 def quiet_optuna() -> None:
@@ -49,8 +58,40 @@ def default_storage(create: bool = True) -> str:
     return f"sqlite:///{path}"
 
 
+def shown_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    with contextlib.suppress(Exception):
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    return url
+
+
+def check_sqlite_storage(url: str) -> None:
+    """A SQLite storage that cannot be a file (a folder, or in a folder that does not exist) is an
+    error at once, before any lock file is made or SQLite retries for its busy timeout."""
+    if not url.startswith("sqlite:"):
+        return
+    try:
+        from sqlalchemy.engine import make_url
+
+        database = make_url(url).database
+    except Exception:
+        return  # open_storage reports a malformed URL
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    path = Path(database)
+    if database.endswith(("/", "\\")) or path.is_dir():
+        raise RankbenchError(f"cannot open study storage {url}: {database} is a folder: give a database file, "
+                             f"e.g. --storage sqlite:///{path / 'optuna.db'}")
+    if not path.parent.is_dir():
+        raise RankbenchError(f"cannot open study storage {url}: the folder {path.parent} does not exist: "
+                             "create it or fix --storage")
+
+
 def open_storage(url: str, spec: StudySpec | None = None):
     """An ``RDBStorage`` with heartbeats (so dead workers' trials are retried)."""
+    check_sqlite_storage(url)
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -149,9 +190,31 @@ def load_or_create(spec: StudySpec, storage, worker: int = 0):
             f"study {spec.name} in the storage optimises {existing}, the file asks {spec.directions}: "
             "rename the study or restore its objectives"
         )
+    check_study_file(study, spec, getattr(storage, "url", str(storage)))
     if study.metric_names != list(spec.objectives):  # optuna-dashboard labels its axes with these
         study.set_metric_names(list(spec.objectives))
     return study
+
+
+def check_study_file(study, spec: StudySpec, url: str) -> None:
+    """A stored study runs only the study file it was created from (same ``StudySpec.digest``): another
+    file under its name would mix its trials with the old ones, or break Optuna's search space. A study
+    without a digest (new, or made by an older rankbench) records this file's."""
+    recorded = study.user_attrs.get(DIGEST_ATTR)
+    if recorded is None:
+        study.set_user_attr(SPEC_ATTR, spec.canonical())
+        study.set_user_attr(DIGEST_ATTR, spec.digest())
+        return
+    if recorded == spec.digest():
+        return
+    key, difference = first_difference(spec.canonical(), study.user_attrs.get(SPEC_ATTR) or {})
+    hint = {"fixed": ", or give the fixed settings it was created with ([fixed] and --set)",
+            "method_fixed": ", or give the fixed settings it was created with ([method_fixed])",
+            "seeds": ", or the seeds it was created with (seeds = [...] or --seeds)"}.get(key, "")
+    raise RankbenchError(
+        f"study {spec.name} in {shown_url(url)} was created from a different study file "
+        f"({difference}): rename the study (name = \"{spec.name}_2\") or use another --storage{hint}"
+    )
 
 
 @dataclass(frozen=True)
@@ -227,12 +290,17 @@ def run_trial(trial, run: StudyRun, registry: Registry, tracker: Tracker,
     trial.set_user_attr("task", task)
     trial.set_user_attr("method", method)
     trial.set_user_attr("settings", {k: v for k, v in values.items()})
+    same = same_settings(trial.study, trial.number, task, method, values, spec.seeds)
+    if same is not None:
+        return reuse_trial(trial, same)
     objective = next(iter(spec.objectives))
+    pruned_at: dict[str, int] = {}
 
     def on_epoch(seed: int, epoch: int, metrics: dict) -> None:
         if spec.pruner != "none" and seed == spec.seeds[0]:
             trial.report(metrics[objective], epoch)
             if trial.should_prune():
+                pruned_at.update(seed=seed, epoch=epoch)
                 raise optuna.TrialPruned(f"pruned at epoch {epoch} ({objective}={metrics[objective]:.4g})")
 
     runs = {int(seed): run_id for seed, run_id in trial.user_attrs.get("runs", {}).items()}
@@ -244,8 +312,13 @@ def run_trial(trial, run: StudyRun, registry: Registry, tracker: Tracker,
         runs[seed] = run_id
         trial.set_user_attr("runs", {str(s): r for s, r in runs.items()})
 
-    results = run_experiment(prepare(config, registry), tracker=tracker, on_start=on_start, on_epoch=on_epoch,
-                             earlier=earlier)
+    try:
+        results = run_experiment(prepare(config, registry), tracker=tracker, on_start=on_start, on_epoch=on_epoch,
+                                 earlier=earlier)
+    except optuna.TrialPruned:
+        if pruned_at.get("seed") in runs:  # the run marked it FAILED, as for any exception
+            mark_pruned(tracker, runs[pruned_at["seed"]], pruned_at["epoch"])
+        raise
     per_seed = []
     for r in results:
         last = r.history[-1]
@@ -262,6 +335,54 @@ def run_trial(trial, run: StudyRun, registry: Registry, tracker: Tracker,
         trial.set_user_attr(f"mean_{metric}", statistics.mean(s[metric] for s in per_seed))
     trial.set_user_attr("dataset", results[0].dataset)
     return [statistics.mean(s[m] for s in per_seed) for m in spec.objectives]
+
+
+def _configuration(task: Any, method: Any, values: Any) -> str:
+    return json.dumps([task, method, values], sort_keys=True, default=str)
+
+
+def same_settings(study, number: int, task: str, method: str, values: dict[str, Any], seeds: Sequence[int]):
+    """The first finished (COMPLETE or PRUNED) trial of ``study``, other than trial ``number``, that ran this
+    task and method with these resolved settings (on these seeds), else None. Keys a method does not take
+    (``[search.lambda]`` for ``trn``) or an empty search space give several trials one configuration;
+    a study trains it once."""
+    from optuna.trial import TrialState
+
+    wanted = _configuration(task, method, values)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        attrs = t.user_attrs
+        if t.number == number or "settings" not in attrs:
+            continue
+        if _configuration(attrs.get("task"), attrs.get("method"), attrs["settings"]) != wanted:
+            continue
+        if t.state == TrialState.COMPLETE and [s.get("seed") for s in attrs.get("seeds", [])] != list(seeds):
+            continue
+        return t
+    return None
+
+
+def reuse_trial(trial, same) -> list[float]:
+    """Give ``trial`` the outcome of ``same`` (a trial with its settings): its objectives and per-seed records,
+    or its pruning; ``duplicate_of`` names the trial that trained. The runs keep their own ``trial`` tag."""
+    import optuna
+    from optuna.trial import TrialState
+
+    original = same.user_attrs.get("duplicate_of", same.number)
+    trial.set_user_attr("duplicate_of", original)
+    for key, value in same.user_attrs.items():
+        if key in ("seeds", "dataset") or key.startswith("mean_"):
+            trial.set_user_attr(key, value)
+    if same.state == TrialState.PRUNED:
+        raise optuna.TrialPruned(f"same settings as trial {original}")
+    return list(same.values)
+
+
+def mark_pruned(tracker: Tracker, run_id: str, epoch: int) -> None:
+    """A run the study's pruner stopped ends KILLED (it did not fail), tagged with the epoch."""
+    with contextlib.suppress(RankbenchError):  # a store that cannot take it: the run stays FAILED
+        tracker.set_tags(run_id, {PRUNED_TAG: f"epoch {epoch}",
+                                  "failure_reason": f"pruned by the study's pruner at epoch {epoch}"})
+        tracker.terminate(run_id, "KILLED")
 
 
 def earlier_runs(tracker: Tracker, study: str, trials: Sequence[int]) -> dict[int, list[str]]:
@@ -370,20 +491,68 @@ def worker_loop(run: StudyRun, deadline: float | None = None) -> int:
 
 
 def _worker_main(run: StudyRun, deadline: float | None) -> None:
-    import torch
+    """A worker process: stopped by SIGINT or SIGTERM like the CLI (its run KILLED, its trial interrupted
+    for the retry), exiting with the signal's code; an input error is one line, not a traceback."""
+    from rankbench.run.stopping import exit_code, graceful_stop
 
-    quiet_optuna()
-    torch.set_num_threads(1)
-    worker_loop(run, deadline)
+    with graceful_stop():
+        try:
+            import torch
+
+            quiet_optuna()
+            torch.set_num_threads(1)
+            worker_loop(run, deadline)
+        except KeyboardInterrupt as exc:
+            raise SystemExit(exit_code(exc)) from None
+        except RankbenchError as exc:
+            print(f"rankbench: error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+
+def _stop_workers(procs: Sequence[Any], timeout: float = 30.0) -> None:
+    """SIGTERM to every live worker, so each marks its run KILLED and its trial interrupted; a worker
+    still alive after ``timeout`` seconds is killed."""
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+def _stoppable():
+    """``graceful_stop()`` unless SIGTERM is handled already (the CLI runs each command inside one), so that
+    a caller of ``run_study`` gets its workers stopped and its runs marked too."""
+    import signal
+
+    from rankbench.run.stopping import graceful_stop
+
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        return graceful_stop()
+    return contextlib.nullcontext()
+
+
+def _parent_exists(tracker: Tracker, run_id: str) -> bool:
+    """Whether the study's parent run is still in the store; any error other than its absence propagates."""
+    try:
+        run = tracker.get_run(run_id)
+    except RankbenchError as exc:
+        if str(exc).startswith(f"no run {run_id!r} in "):  # Tracker.get_run's message for a missing run
+            return False
+        raise
+    return run.info.lifecycle_stage != "deleted"
 
 
 def ensure_parent_run(study, spec: StudySpec, tracker: Tracker, storage_url: str) -> str:
-    """The study's MLflow parent run: created once, found again on resume."""
+    """The study's MLflow parent run: created once, found again on resume; replaced only when it is
+    gone from the store (a new tracking store, a deleted run)."""
     parent = study.user_attrs.get("mlflow_parent_run_id")
-    if parent:
-        with contextlib.suppress(Exception):
-            tracker.reopen(parent, run_identity())
-            return parent
+    if parent and _parent_exists(tracker, parent):
+        tracker.reopen(parent, run_identity())
+        return parent
     params = {
         "study": spec.name, "task": ",".join(spec.tasks), "methods": ",".join(spec.methods), "seeds": ",".join(map(str, spec.seeds)),
         "sampler": spec.sampler, "pruner": spec.pruner, "n_trials": spec.budget(),
@@ -392,7 +561,7 @@ def ensure_parent_run(study, spec: StudySpec, tracker: Tracker, storage_url: str
         "fixed": json.dumps(spec.fixed, default=str), "storage": storage_url,
         "method_search": json.dumps({m: {k: v.__dict__ for k, v in p.items()} for m, p in spec.method_search.items()},
                                     default=str),
-        "budget_steps": spec.budget_steps,
+        "budget_steps": spec.budget_steps, "spec_digest": spec.digest(),
     }
     run_id = tracker.start(spec.task, f"study {spec.name}", params,
                            {"rankbench.role": "study", "study": spec.name, "task": spec.task, **run_identity()})
@@ -420,50 +589,57 @@ def run_study(
         raise RankbenchError("--workers must be >= 1")
     check_data_dir(data_dir, download=False)
     url = storage_url or default_storage()
-    with _startup_lock(url):  # two commands starting on fresh stores must not both create tables
-        storage = open_storage(url, spec)
-        study = load_or_create(spec, storage)
-        tracker = Tracker(tracking_uri)
-        tracker.experiment_id(spec.task)
-        with (contextlib.nullcontext() if url.startswith("sqlite:///") else storage_lock(url, storage)):
-            parent = ensure_parent_run(study, spec, tracker, url)
-    run = StudyRun(spec, url, tracker.uri, tuple(plugin_dirs), data_dir, device, parent, compile=compile)
-    deadline = time.time() + spec.timeout_s if spec.timeout_s else None
-    try:
-        if workers == 1:
-            worker_loop(run, deadline)
-        else:
-            ctx = multiprocessing.get_context("spawn")
-            procs = [ctx.Process(target=_worker_main, args=(StudyRun(**{**run.__dict__, "worker": i}), deadline))
-                     for i in range(workers)]
-            for p in procs:
-                p.start()
-            try:
-                for p in procs:
-                    p.join()
-            except KeyboardInterrupt:
-                for p in procs:
-                    p.join(timeout=30)
-                raise
-            bad = [p.exitcode for p in procs if p.exitcode != 0]
-            if bad:
-                raise RankbenchError(
-                    f"{len(bad)} of {workers} workers failed (exit codes {bad}): run the same command again to resume"
-                )
-    except KeyboardInterrupt:
-        tracker.terminate(parent, "KILLED")
-        raise
-    except Exception:
-        tracker.terminate(parent, "FAILED")
-        raise
-    outcome = summarise(study, spec)
-    from rankbench.study.plots import write_plots
+    check_sqlite_storage(url)
+    with _stoppable():
+        with _startup_lock(url):  # two commands starting on fresh stores must not both create tables
+            storage = open_storage(url, spec)
+            study = load_or_create(spec, storage)
+            tracker = Tracker(tracking_uri)
+            tracker.experiment_id(spec.task)
+            with (contextlib.nullcontext() if url.startswith("sqlite:///") else storage_lock(url, storage)):
+                parent = ensure_parent_run(study, spec, tracker, url)
+        run = StudyRun(spec, url, tracker.uri, tuple(plugin_dirs), data_dir, device, parent, compile=compile)
+        deadline = time.time() + spec.timeout_s if spec.timeout_s else None
+        try:
+            if workers == 1:
+                worker_loop(run, deadline)
+            else:
+                _run_workers(run, workers, deadline)
+            outcome = summarise(study, spec)
+            from rankbench.study.plots import write_plots
 
-    folder = out_dir or DEFAULT_DIR / "studies" / spec.name
-    outcome.plots = write_plots(study, spec, folder)
-    _log_outcome(tracker, parent, outcome, folder)
-    tracker.finish(parent)
+            folder = out_dir or DEFAULT_DIR / "studies" / spec.name
+            outcome.plots = write_plots(study, spec, folder)
+            _log_outcome(tracker, parent, outcome, folder)
+        except KeyboardInterrupt:
+            tracker.terminate(parent, "KILLED")
+            raise
+        except Exception:
+            tracker.terminate(parent, "FAILED")
+            raise
+        tracker.finish(parent)
     return outcome
+
+
+def _run_workers(run: StudyRun, workers: int, deadline: float | None) -> None:
+    """``workers`` processes to the budget; stopped (Ctrl-C, SIGTERM), each is stopped before this returns."""
+    ctx = multiprocessing.get_context("spawn")
+    procs = []
+    try:
+        for i in range(workers):
+            proc = ctx.Process(target=_worker_main, args=(StudyRun(**{**run.__dict__, "worker": i}), deadline))
+            proc.start()
+            procs.append(proc)
+        for proc in procs:
+            proc.join()
+    except KeyboardInterrupt:
+        _stop_workers(procs)
+        raise
+    bad = [p.exitcode for p in procs if p.exitcode != 0]
+    if bad:
+        raise RankbenchError(
+            f"{len(bad)} of {workers} workers failed (exit codes {bad}): run the same command again to resume"
+        )
 
 
 @dataclass
@@ -482,11 +658,18 @@ def summarise(study, spec: StudySpec) -> StudyOutcome:
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     failed = [t for t in trials if t.state == TrialState.FAIL]
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    best_trials = study.best_trials if complete else []
+    best_trials = originals(study, study.best_trials) if complete else []
     best = [{"number": t.number, "params": t.params,
              **{name: value for name, value in zip(spec.objectives, t.values)},
              "test_accuracy": t.user_attrs.get("mean_test_accuracy")} for t in best_trials]
     return StudyOutcome(spec.name, len(finished), len(failed), best)
+
+
+def originals(study, chosen: Sequence[Any]) -> list[Any]:
+    """``chosen`` trials with each duplicate (``duplicate_of``) replaced by the trial that trained, once."""
+    numbers = sorted({t.user_attrs.get("duplicate_of", t.number) for t in chosen})
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+    return [by_number[n] for n in numbers if n in by_number]
 
 
 def _log_outcome(tracker: Tracker, parent: str, outcome: StudyOutcome, folder: Path) -> None:
@@ -503,7 +686,8 @@ def _log_outcome(tracker: Tracker, parent: str, outcome: StudyOutcome, folder: P
 
 def list_studies(storage_url: str | None, tracking_uri: str | None = None) -> list[dict[str, Any]]:
     """Each study in the storage: trials, directions, best trials, and its runs in the tracking
-    store by state (``running``, ``died``: failed or killed, resumable by running the study again).
+    store by state (``running``, ``died``: failed or killed, resumable by running the study again; a run
+    stopped by the pruner did not die).
     Runs whose process has died are marked FAILED here (as ``report`` does) and returned in
     ``newly_dead``. Without a tracking store the run counts are None; none is created."""
     import optuna
@@ -520,15 +704,16 @@ def list_studies(storage_url: str | None, tracking_uri: str | None = None) -> li
         entry: dict[str, Any] = {
             "name": summary.study_name, "trials": summary.n_trials,
             "directions": [d.name.lower() for d in summary.directions],
-            "best": [(t.number, t.values) for t in study.best_trials] if _has_complete(study) else [],
+            "best": ([(t.number, t.values) for t in originals(study, study.best_trials)]
+                     if _has_complete(study) else []),
             "running": None, "died": None, "newly_dead": [],
         }
         if tracker is not None:
             name = summary.study_name
             entry["newly_dead"] = [r for r in tracker.mark_dead_runs(study=name) if not _is_parent(r)]
             entry["running"] = sum(not _is_parent(r) for r in tracker.runs(study=name, status="RUNNING"))
-            entry["died"] = sum(not _is_parent(r) for status in ("FAILED", "KILLED")
-                                for r in tracker.runs(study=name, status=status))
+            entry["died"] = sum(not _is_parent(r) and PRUNED_TAG not in r.data.tags
+                                for status in ("FAILED", "KILLED") for r in tracker.runs(study=name, status=status))
         out.append(entry)
     return out
 
@@ -548,11 +733,13 @@ TRIAL_HEADERS = ("trial", "state", "method", "params", "objectives", "test acc",
 
 def trial_rows(study) -> list[list[str]]:
     """One row per trial for ``rankbench study show``: its state, configuration, objectives, the
-    mean test accuracy it recorded, and why it failed or was pruned."""
+    mean test accuracy it recorded, and why it failed or was pruned (or which trial it repeats)."""
     rows = []
     for t in study.get_trials(deepcopy=False):
         attrs = t.user_attrs
         note = "" if t.state.name == "COMPLETE" else attrs.get("failure_reason") or attrs.get("pruned_reason", "")
+        if "duplicate_of" in attrs:
+            note = f"same settings as trial {attrs['duplicate_of']}"
         mean_test = attrs.get(f"mean_{records.TEST_ACCURACY}")
         rows.append([str(t.number), t.state.name, attrs.get("method", ""),
                      ", ".join(f"{k}={v}" for k, v in t.params.items() if k != "method"),

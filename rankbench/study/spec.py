@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-import tomllib
+import difflib
+import hashlib
+import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 from rankbench.errors import RankbenchError
 from rankbench.plugins.hyper import Hyper
@@ -23,6 +30,13 @@ PER_EPOCH_METRICS = tuple(m for m in OBJECTIVE_METRICS if m.kind == "epoch")
 """Objectives known after every epoch (a pruner needs one)."""
 SAMPLERS = ("grid", "tpe", "random", "nsga2")
 PRUNERS = ("none", "median")
+TOP_LEVEL_KEYS = ("name", "description", "task", "tasks", "methods", "method", "seeds", "budget_steps", "fixed",
+                  "method_fixed", "search", "method_search", "objectives", "sampler", "pruner", "budget", "workers")
+TABLE_KEYS = {"sampler": ("name", "seed"), "pruner": ("name",), "budget": ("n_trials", "timeout_s"),
+              "workers": ("heartbeat_interval", "grace_period")}
+"""The keys each settings table takes: any other is a typo, refused (it would be ignored)."""
+SEED_LIMIT = 2**32
+"""Seeds (of the runs, and of the sampler) lie in [0, 2³²): numpy and torch take them."""
 
 
 @dataclass(frozen=True)
@@ -120,20 +134,76 @@ class StudySpec:
 
     def with_overrides(self, *, n_trials: int | None = None, seeds: tuple[int, ...] | None = None,
                        fixed: Mapping[str, Any] | None = None, registry: Registry | None = None) -> "StudySpec":
+        """The spec with the command line's ``--n-trials``, ``--seeds`` and ``--set`` (strings, parsed and
+        checked against the declared hyperparameters when ``registry`` is given)."""
         spec = self
         if n_trials is not None:
-            if n_trials < 1:
+            if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
                 raise RankbenchError("--n-trials must be >= 1")
             if spec.sampler == "grid" and n_trials > spec.grid_size():
                 raise RankbenchError(f"--n-trials {n_trials} exceeds the grid's {spec.grid_size()} points")
             spec = replace(spec, n_trials=n_trials)
         if seeds is not None:
-            spec = replace(spec, seeds=tuple(seeds))
+            from rankbench.run.config import check_seeds
+
+            spec = replace(spec, seeds=check_seeds(seeds, "--seeds"))
         if fixed:
             if registry is not None:
-                _check_keys(registry, spec.tasks, spec.methods, fixed, "--set")
+                fixed = _checked_values(registry, spec.tasks, spec.methods, fixed, "--set", parse=True)
             spec = replace(spec, fixed={**spec.fixed, **fixed})
         return spec
+
+    def canonical(self) -> dict[str, Any]:
+        """What decides the trials of the study, as JSON-ready data: tasks, methods, search spaces, fixed
+        values (the file's ``[fixed]`` and ``[method_fixed]`` with ``--set`` applied: they change what
+        every trial trains), objectives, sampler, seeds and ``budget_steps``. Not the description or
+        comments, nor the budget (``n_trials``, ``timeout_s``, ``--n-trials``) or ``[workers]``: those
+        may change when a study is resumed."""
+
+        def param(p: SearchParam) -> dict[str, Any]:
+            return {"kind": p.kind, "low": p.low, "high": p.high, "log": p.log, "choices": list(p.choices)}
+
+        data = {
+            "tasks": list(self.tasks or (self.task,)), "methods": list(self.methods),
+            "search": {k: param(p) for k, p in sorted(self.search.items())},
+            "method_search": {m: {k: param(p) for k, p in sorted(ps.items())}
+                              for m, ps in sorted(self.method_search.items())},
+            "fixed": dict(sorted(self.fixed.items())),
+            "method_fixed": {m: dict(sorted(v.items())) for m, v in sorted(self.method_fixed.items())},
+            "objectives": [[k, v] for k, v in self.objectives.items()],
+            "sampler": self.sampler, "sampler_seed": self.sampler_seed,
+            "seeds": list(self.seeds), "budget_steps": self.budget_steps,
+        }
+        return json.loads(json.dumps(data, default=str))
+
+    def digest(self) -> str:
+        """sha256 of ``canonical``: a stored study remembers the one of the file it was created from."""
+        return hashlib.sha256(json.dumps(self.canonical(), sort_keys=True).encode()).hexdigest()
+
+
+def first_difference(new: Mapping[str, Any], old: Mapping[str, Any]) -> tuple[str, str]:
+    """The first part of two ``canonical`` forms that differs, and how, e.g.
+    ``("tasks", "tasks lenet5 here, mlp2 in the study")``."""
+
+    def show(value: Any) -> str:
+        if value is None:
+            return "none"
+        if isinstance(value, list) and all(not isinstance(v, (list, dict)) for v in value):
+            text = ", ".join(map(str, value)) or "none"
+        elif isinstance(value, dict) and all(not isinstance(v, (list, dict)) for v in value.values()):
+            text = ", ".join(f"{k}={v}" for k, v in value.items()) or "none"
+        elif isinstance(value, (list, dict)):
+            text = json.dumps(value, separators=(",", ":"))
+        else:
+            text = str(value)
+        return text if len(text) <= 80 else text[:77] + "..."
+
+    if not old:
+        return "", "its settings differ"
+    for key in new:
+        if new[key] != old.get(key):
+            return key, f"{key} {show(new[key])} here, {show(old.get(key))} in the study"
+    return "", "its settings differ"
 
 
 def _declared(registry: Registry, tasks: str | tuple[str, ...], methods: tuple[str, ...]) -> dict[str, Hyper]:
@@ -156,34 +226,128 @@ def _check_keys(registry: Registry, tasks: str | tuple[str, ...], methods: tuple
             )
 
 
+def _checked_values(registry: Registry, tasks: str | tuple[str, ...], methods: tuple[str, ...],
+                    values: Mapping[str, Any], where: str, parse: bool = False) -> dict[str, Any]:
+    """``values`` checked against every task or method that declares their key (``parse``: ``--set``
+    strings, converted to the declared type), so a bad value is refused before any storage is touched."""
+    _check_keys(registry, tasks, methods, values, where)
+    owners = [registry.task(t) for t in ((tasks,) if isinstance(tasks, str) else tasks)]
+    owners += [registry.method(m) for m in methods]
+    out = {}
+    for key, value in values.items():
+        out[key] = value
+        for hyper in (o.hyperparameters[key] for o in owners if key in o.hyperparameters):
+            try:
+                if parse and isinstance(value, str) and hyper.kind is not str:
+                    out[key] = hyper.parse(key, value)
+                else:
+                    out[key] = hyper.validate(key, value)
+            except RankbenchError as exc:
+                text = str(exc)
+                raise RankbenchError(f"{where} {text.removeprefix(where).lstrip()}" if parse
+                                     else f"{where}: {text}") from None
+    return out
+
+
+def _refuse_unknown(keys: Iterable[str], allowed: Iterable[str], where: str) -> None:
+    """A key nobody reads (a typo) is an error naming the closest valid key."""
+    allowed = list(allowed)
+    for key in keys:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise RankbenchError(f"{where}: unknown key {key!r}: {hint}valid are {', '.join(allowed)}")
+
+
+def _integer(value: Any, where: str, minimum: int, what: str) -> int:
+    """A TOML integer >= ``minimum`` (a boolean is not one, though Python counts it as an int)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise RankbenchError(f"{where} = {_toml(value)}: {what}")
+    return value
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value, default=str) if isinstance(value, (str, list, dict)) else str(value)
+
+
 def _search_param(name: str, raw: Any, declared: dict[str, Hyper], where: str) -> SearchParam:
     if not isinstance(raw, dict):
         raise RankbenchError(f"{where}.{name}: write a table, e.g. {{ grid = [0.2, 1.0] }} or {{ low = 0.1, high = 1 }}")
     hyper = declared[name]
     if "grid" in raw or "choices" in raw:
+        if "grid" in raw and "choices" in raw:
+            raise RankbenchError(f"{where}.{name}: give grid = [...] or choices = [...], not both")
         key = "grid" if "grid" in raw else "choices"
+        _refuse_unknown(set(raw) - {key}, [key], f"{where}.{name}")
         values = raw[key]
         if not isinstance(values, list) or not values:
             raise RankbenchError(f"{where}.{name}: {key} must be a non-empty list")
-        checked = tuple(hyper.validate(name, v) for v in values)
+        try:
+            checked = tuple(hyper.validate(name, v) for v in values)
+        except RankbenchError as exc:
+            raise RankbenchError(f"{where}.{name}: {exc}") from None
+        repeated = [v for i, v in enumerate(checked) if v in checked[:i]]
+        if repeated:
+            raise RankbenchError(f"{where}.{name}: {key} lists {_toml(repeated[0])} twice: give each value once")
         return SearchParam(name, "grid" if key == "grid" else "categorical", choices=checked)
+    _refuse_unknown(raw, ["low", "high", "log", "type"], f"{where}.{name}")
     if "low" not in raw or "high" not in raw:
         raise RankbenchError(f"{where}.{name}: give grid = [...], choices = [...], or low and high")
     kind = raw.get("type", "int" if hyper.kind is int else "float")
     if kind not in ("float", "int"):
-        raise RankbenchError(f"{where}.{name}: type must be float or int")
+        raise RankbenchError(f"{where}.{name}: type must be \"float\" or \"int\"")
     low, high = raw["low"], raw["high"]
-    if not isinstance(low, (int, float)) or not isinstance(high, (int, float)) or not low < high:
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in (low, high)) or not low < high:
         raise RankbenchError(f"{where}.{name}: empty range low={low!r}, high={high!r}: need low < high")
-    log = bool(raw.get("log", False))
+    if kind == "int" and not all(float(v).is_integer() for v in (low, high)):
+        raise RankbenchError(f"{where}.{name}: an int range needs whole bounds, not low={low!r}, high={high!r}")
+    log = raw.get("log", False)
+    if not isinstance(log, bool):
+        raise RankbenchError(f"{where}.{name}: log = {_toml(log)}: write log = true or log = false")
     if log and low <= 0:
         raise RankbenchError(f"{where}.{name}: a log range needs low > 0")
-    hyper.validate(name, float(low) if hyper.kind is float else low)
-    hyper.validate(name, float(high) if hyper.kind is float else high)
-    unknown = set(raw) - {"low", "high", "log", "type"}
-    if unknown:
-        raise RankbenchError(f"{where}.{name}: unknown keys {sorted(unknown)}")
+    low, high = (int(low), int(high)) if kind == "int" else (float(low), float(high))
+    try:
+        hyper.validate(name, float(low) if hyper.kind is float else low)
+        hyper.validate(name, float(high) if hyper.kind is float else high)
+    except RankbenchError as exc:
+        raise RankbenchError(f"{where}.{name}: {exc}") from None
     return SearchParam(name, kind, low=low, high=high, log=log)
+
+
+def _check_name(name: Any, where: str) -> str:
+    """A study's name is also a folder (``rankbench-runs/studies/NAME``): one plain folder name."""
+    if not isinstance(name, str) or not name.strip():
+        raise RankbenchError(f"{where}: name must be a non-empty string")
+    if "/" in name or "\\" in name or ".." in name or name.strip() == "." or Path(name).is_absolute():
+        raise RankbenchError(f"{where}: name = {_toml(name)}: a study's name is also its plot folder "
+                             "(rankbench-runs/studies/NAME): use no /, \\ or .. (e.g. name = \"lenet5_sweep\")")
+    return name
+
+
+def _check_seeds(seeds: Any, where: str) -> tuple[int, ...]:
+    if (not isinstance(seeds, list) or not seeds
+            or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < SEED_LIMIT for s in seeds)):
+        raise RankbenchError(f"{where}: seeds must be a non-empty list of integers in [0, 2**32), "
+                             "e.g. seeds = [0, 1, 2]")
+    repeated = [s for i, s in enumerate(seeds) if s in seeds[:i]]
+    if repeated:
+        raise RankbenchError(f"{where}: seeds = {_toml(seeds)}: seed {repeated[0]} is given twice: one seed is one "
+                             "replicate, give each seed once (e.g. seeds = [0, 1, 2])")
+    return tuple(seeds)
+
+
+def _names(raw: dict, one: str, many: str, where: str, example: str) -> tuple[str, ...]:
+    """``task``/``tasks`` (or ``method``/``methods``): a non-empty list of names, each once."""
+    names = raw[many] if many in raw else [raw[one]] if one in raw else None
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise RankbenchError(f"{where}: {many} must be a non-empty list of names, e.g. {many} = {example}")
+    repeated = [n for i, n in enumerate(names) if n in names[:i]]
+    if repeated:
+        raise RankbenchError(f"{where}: {many} lists {repeated[0]!r} twice: give each once")
+    return tuple(names)
 
 
 def load_study_file(path: Path, registry: Registry) -> StudySpec:
@@ -201,45 +365,45 @@ def load_study_file(path: Path, registry: Registry) -> StudySpec:
 
 
 def parse_study(raw: dict, registry: Registry, where: str = "study", source: str = "") -> StudySpec:
-    allowed = {"name", "task", "tasks", "methods", "method", "seeds", "description", "fixed", "method_fixed", "search",
-               "method_search", "objectives", "sampler", "pruner", "budget", "workers", "budget_steps"}
-    unknown = set(raw) - allowed
-    if unknown:
-        raise RankbenchError(f"{where}: unknown top-level keys {sorted(unknown)}: allowed are {sorted(allowed)}")
+    """Validate a parsed study file: every key, type, range and hyperparameter value, so that nothing
+    wrong is found after the storage or a run exists."""
+    _refuse_unknown(raw, TOP_LEVEL_KEYS, where)
     for table in ("fixed", "method_fixed", "search", "method_search", "objectives", "sampler", "pruner", "budget", "workers"):
         if table in raw and not isinstance(raw[table], dict):
             raise RankbenchError(f"{where}: {table} must be a table: write [{table}] and then key = value lines")
+    for table, keys in TABLE_KEYS.items():
+        _refuse_unknown(raw.get(table, {}), keys, f"{where} [{table}]")
     for key in ("name", "objectives"):
         if key not in raw:
             raise RankbenchError(f"{where}: missing {key!r}")
-    name = raw["name"]
-    if not isinstance(name, str) or not name.strip():
-        raise RankbenchError(f"{where}: name must be a non-empty string")
+    name = _check_name(raw["name"], where)
+    description = raw.get("description", "")
+    if not isinstance(description, str):
+        raise RankbenchError(f"{where}: description must be a string")
     if ("task" in raw) == ("tasks" in raw):
         raise RankbenchError(f"{where}: give task = \"lenet5\" or tasks = [\"lenet5\", \"mlp2\"] (one of the two)")
-    tasks = raw.get("tasks", [raw.get("task")])
-    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
-        raise RankbenchError(f"{where}: tasks must be a non-empty list of task names")
+    tasks = _names(raw, "task", "tasks", where, '["lenet5", "mlp2"]')
     for task in tasks:
         registry.task(task)
-    tasks = tuple(tasks)
     task = tasks[0]
-    methods = raw.get("methods", [raw["method"]] if "method" in raw else None)
-    if not methods or not isinstance(methods, list):
+    if "method" in raw and "methods" in raw:
+        raise RankbenchError(f"{where}: give method = \"ours\" or methods = [\"ours\", ...] (one of the two)")
+    if "method" not in raw and "methods" not in raw:
         raise RankbenchError(f"{where}: give methods = [\"ours\", ...]")
+    methods = _names(raw, "method", "methods", where, '["ours", "trn"]')
     for method in methods:
         registry.method(method)
-    methods = tuple(methods)
     declared = _declared(registry, tasks, methods)
 
-    fixed = dict(raw.get("fixed", {}))
-    _check_keys(registry, tasks, methods, fixed, f"{where} [fixed]")
+    fixed = _checked_values(registry, tasks, methods, raw.get("fixed", {}), f"{where} [fixed]")
     method_fixed = {}
     for method, values in raw.get("method_fixed", {}).items():
         if method not in methods:
             raise RankbenchError(f"{where} [method_fixed.{method}]: {method} is not in methods")
-        _check_keys(registry, tasks, (method,), values, f"{where} [method_fixed.{method}]")
-        method_fixed[method] = dict(values)
+        if not isinstance(values, dict):
+            raise RankbenchError(f"{where} [method_fixed.{method}]: write [method_fixed.{method}] and then "
+                                 "key = value lines")
+        method_fixed[method] = _checked_values(registry, tasks, (method,), values, f"{where} [method_fixed.{method}]")
 
     search = {}
     for key, value in raw.get("search", {}).items():
@@ -261,9 +425,9 @@ def parse_study(raw: dict, registry: Registry, where: str = "study", source: str
                                  for key, value in values.items()}
 
     budget_steps = raw.get("budget_steps")
-    if budget_steps is not None and (not isinstance(budget_steps, int) or isinstance(budget_steps, bool)
-                                     or budget_steps < 1):
-        raise RankbenchError(f"{where}: budget_steps must be a positive integer (optimizer steps per run)")
+    if budget_steps is not None:
+        _integer(budget_steps, f"{where}: budget_steps", 1,
+                 "budget_steps must be a positive integer (optimizer steps per run)")
 
     objectives = raw["objectives"]
     if not isinstance(objectives, dict) or not objectives:
@@ -285,6 +449,10 @@ def parse_study(raw: dict, registry: Registry, where: str = "study", source: str
     sampler = sampler_raw.get("name", "tpe")
     if sampler not in SAMPLERS:
         raise RankbenchError(f"{where} [sampler]: unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
+    sampler_seed = sampler_raw.get("seed", 0)
+    if isinstance(sampler_seed, bool) or not isinstance(sampler_seed, int) or not 0 <= sampler_seed < SEED_LIMIT:
+        raise RankbenchError(f"{where} [sampler]: seed = {_toml(sampler_seed)}: give an integer in [0, 2**32), "
+                             "e.g. seed = 0")
     if sampler == "grid":
         ranged = [p.name for p in search.values() if p.kind in ("float", "int")]
         ranged += [p.name for params in method_search.values() for p in params.values() if p.kind in ("float", "int")]
@@ -303,22 +471,27 @@ def parse_study(raw: dict, registry: Registry, where: str = "study", source: str
 
     budget = raw.get("budget", {})
     n_trials = budget.get("n_trials")
-    if n_trials is not None and (not isinstance(n_trials, int) or n_trials < 1):
-        raise RankbenchError(f"{where} [budget]: n_trials must be a positive integer")
+    if n_trials is not None:
+        _integer(n_trials, f"{where} [budget]: n_trials", 1, "n_trials must be a positive integer")
     timeout = budget.get("timeout_s")
-    if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
-        raise RankbenchError(f"{where} [budget]: timeout_s must be a positive number")
-    seeds = raw.get("seeds", [0])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
-        raise RankbenchError(f"{where}: seeds must be a non-empty list of non-negative integers")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0):
+        raise RankbenchError(f"{where} [budget]: timeout_s = {_toml(timeout)}: timeout_s must be a positive "
+                             "number of seconds")
+    seeds = _check_seeds(raw.get("seeds", [0]), where)
+    # Optuna's RDBStorage takes positive integers; a grace period shorter than the interval between
+    # two heartbeats would fail trials whose worker is alive.
     workers = raw.get("workers", {})
+    heartbeat = _integer(workers.get("heartbeat_interval", 10), f"{where} [workers]: heartbeat_interval", 1,
+                         "heartbeat_interval must be a whole number of seconds >= 1")
+    grace = workers.get("grace_period", max(30, 2 * heartbeat))
+    _integer(grace, f"{where} [workers]: grace_period", heartbeat,
+             f"grace_period must be a whole number of seconds >= heartbeat_interval ({heartbeat}): a worker "
+             "is declared dead after grace_period seconds without a heartbeat")
     spec = StudySpec(
         name=name, task=task, methods=methods, objectives=dict(objectives), search=search, fixed=fixed,
-        method_fixed=method_fixed, method_search=method_search, budget_steps=budget_steps, seeds=tuple(seeds), sampler=sampler,
-        sampler_seed=int(raw.get("sampler", {}).get("seed", 0)), pruner=pruner, n_trials=n_trials,
-        timeout_s=timeout, heartbeat_interval=int(workers.get("heartbeat_interval", 10)),
-        grace_period=int(workers.get("grace_period", 30)), description=raw.get("description", ""),
-        source=source, tasks=tasks,
+        method_fixed=method_fixed, method_search=method_search, budget_steps=budget_steps, seeds=seeds, sampler=sampler,
+        sampler_seed=sampler_seed, pruner=pruner, n_trials=n_trials, timeout_s=timeout, heartbeat_interval=heartbeat,
+        grace_period=grace, description=description, source=source, tasks=tasks,
     )
     if sampler == "grid" and n_trials is not None and n_trials > spec.grid_size():
         raise RankbenchError(f"{where}: n_trials {n_trials} exceeds the grid's {spec.grid_size()} points")
