@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import replace
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -38,7 +39,20 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--plugin-dir", action="append", type=Path, default=[],
                         help="folder of extra method/task plugin files (repeatable)")
 
-    run = sub.add_parser("run", parents=[common], help="train and measure one method on one task")
+    options = _Parser(add_help=False)  # how and where runs run: the same for `run` and `study` (RunOptions)
+    options.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    options.add_argument("--threads", type=int, default=None, help="torch CPU threads (a study's workers: 1 each)")
+    options.add_argument("--compile", default="off", metavar="auto|off|on",
+                         help="torch.compile the training model (CUDA graphs on a GPU); auto: on for CUDA, off on a CPU")
+    options.add_argument("--contraction", default="auto", choices=("auto", "weight", "input"),
+                         help="training contraction of tensorized linear layers (auto: cheaper by FLOP count)")
+    options.add_argument("--budget", default=None, metavar="steps=N",
+                         help="train for N optimizer steps (sets the epochs from the training-set size)")
+    options.add_argument("--data-dir", type=Path, default=None, help="folder holding the dataset files")
+    options.add_argument("--download", action="store_true", help="fetch missing dataset files")
+    options.add_argument("--tracking-uri", default=None, help="MLflow tracking URI")
+
+    run = sub.add_parser("run", parents=[common, options], help="train and measure one method on one task")
     run.add_argument("--method", required=True)
     run.add_argument("--task", required=True)
     run.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
@@ -46,20 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
     run.add_argument("--recipe", default=None, metavar="NAME",
                      help="the task's named defaults (paper, embedded, ...; default: chosen for the data loaded)")
-    run.add_argument("--budget", default=None, metavar="steps=N",
-                     help="train for N optimizer steps (sets the epochs from the training-set size)")
     run.add_argument("--seeds", type=_seeds, default=None, help="comma-separated seeds, one run each (default 0)")
-    run.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    run.add_argument("--data-dir", type=Path, default=None, help="folder holding the dataset files")
-    run.add_argument("--download", action="store_true", help="fetch missing dataset files")
-    run.add_argument("--tracking-uri", default=None, help="MLflow tracking URI")
     run.add_argument("--experiment", default=None, help="MLflow experiment (default: the task name)")
-    run.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     run.add_argument("--format", default="simple", help="tabulate format of the final table")
-    run.add_argument("--contraction", default="auto", choices=("auto", "weight", "input"),
-                     help="training contraction of tensorized linear layers (auto: cheaper by FLOP count)")
-    run.add_argument("--compile", default="off", metavar="auto|off|on",
-                     help="torch.compile the training model (CUDA graphs on a GPU); auto: on for CUDA, off on a CPU")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--resume", default=None, metavar="RUN_ID",
                      help="continue that run (killed or crashed) from its last finished epoch, in the same MLflow "
@@ -75,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--task", default=None,
                        help="task to check a method on (default: every registered task)")
 
-    study = sub.add_parser("study", parents=[common], help="run, resume, list or show Optuna studies",
+    study = sub.add_parser("study", parents=[common, options], help="run, resume, list or show Optuna studies",
                            description="rankbench study FILE.toml | rankbench study --list | rankbench study show NAME")
     study.add_argument("target", nargs="*", metavar="FILE | show NAME")
     study.add_argument("--list", action="store_true", help="list the studies in the storage")
@@ -85,11 +88,6 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--seeds", type=_seeds, default=None, help="override the seeds run per trial")
     study.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
                        help="override a fixed setting for every trial (repeatable)")
-    study.add_argument("--tracking-uri", default=None, help="MLflow tracking URI")
-    study.add_argument("--data-dir", type=Path, default=None, help="folder holding the dataset files")
-    study.add_argument("--compile", default="off", metavar="auto|off|on",
-                       help="torch.compile every trial's training model (auto: on for CUDA)")
-    study.add_argument("--device", default="auto", help="auto | cpu | cuda")
     study.add_argument("--out", type=Path, default=None, help="folder for the plots (default rankbench-runs/studies/NAME)")
 
     export = sub.add_parser("export", parents=[common], help="write a run's pruned model")
@@ -199,7 +197,7 @@ def cmd_run(args, registry) -> None:
 
     from rankbench.report.tables import results_table
     from rankbench import records
-    from rankbench.run.config import make_config, parse_budget
+    from rankbench.run.config import make_config
     from rankbench.run.experiment import run
     from rankbench.run.prepare import prepare
     from rankbench.run.tracking import Tracker
@@ -209,10 +207,8 @@ def cmd_run(args, registry) -> None:
         check_resumed_seed(args.resume, args.seeds, args.tracking_uri)
     config = make_config(
         registry, args.task, args.method, args.assignments, epochs=args.epochs, seeds=args.seeds or (0,),
-        device=args.device, data_dir=args.data_dir, download=args.download, tracking_uri=args.tracking_uri,
-        experiment=args.experiment, threads=args.threads, progress=not args.no_progress,
-        contraction=args.contraction, budget_steps=parse_budget(args.budget), resume=args.resume,
-        compile=args.compile, recipe=args.recipe,
+        options=run_options(args), experiment=args.experiment, progress=not args.no_progress, resume=args.resume,
+        recipe=args.recipe,
     )
     prepared = prepare(config, registry)  # every check of the request comes before a store is created
     bars: dict[int, tqdm] = {}
@@ -246,6 +242,15 @@ def cmd_run(args, registry) -> None:
     print(results_table(results, tablefmt=args.format, shown=type(prepared.task).metrics))
     print(f"tracking: {tracker.uri} (experiment {config.experiment or config.task}); "
           f"open it with: mlflow ui --backend-store-uri {tracker.uri}")
+
+
+def run_options(args: argparse.Namespace) -> "RunOptions":
+    """The shared run options of ``run`` and ``study``, checked once."""
+    from rankbench.run.config import RunOptions, parse_budget
+
+    return RunOptions(device=args.device, threads=args.threads, compile=args.compile, contraction=args.contraction,
+                      budget_steps=parse_budget(args.budget), data_dir=args.data_dir, download=args.download,
+                      tracking_uri=args.tracking_uri).checked()
 
 
 def check_resumed_seed(run_id: str, seeds: Sequence[int], tracking_uri: str | None) -> None:
@@ -320,15 +325,16 @@ def cmd_study(args, registry) -> None:
         raise RankbenchError("give one study file, e.g. rankbench study studies/lenet5_sensitivity.toml")
     from rankbench.study.spec import load_study_file
 
+    options = run_options(args)
     spec = load_study_file(Path(args.target[0]), registry).with_overrides(
         n_trials=args.n_trials, seeds=args.seeds, fixed=parse_assignments(args.assignments), registry=registry)
+    if options.budget_steps is not None:  # what every trial trains: the study's own budget, in its digest
+        spec = replace(spec, budget_steps=options.budget_steps)
     print(f"study {spec.name}: task {', '.join(spec.tasks)}, methods {', '.join(spec.methods)}, {spec.budget()} trials x "
           f"{len(spec.seeds)} seed(s), sampler {spec.sampler}, objectives "
           + ", ".join(f"{k} ({v})" for k, v in spec.objectives.items()), flush=True)
-    outcome = studies.run_study(spec, storage_url=args.storage, workers=args.workers, tracking_uri=args.tracking_uri,
-                                plugin_dirs=args.plugin_dir, data_dir=args.data_dir, device=args.device,
-                                compile=args.compile,
-                                out_dir=args.out)
+    outcome = studies.run_study(spec, storage_url=args.storage, workers=args.workers, options=options,
+                                plugin_dirs=args.plugin_dir, out_dir=args.out)
     rows = [[b["number"], ", ".join(f"{k}={v}" for k, v in b["params"].items()),
              *[f"{b[m]:.4g}" for m in spec.objectives],
              f"{b['test_accuracy']:.2f}" if b["test_accuracy"] is not None else ""] for b in outcome.best]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -32,6 +32,39 @@ def parse_budget(text: str | None) -> int | None:
 
 
 @dataclass(frozen=True)
+class RunOptions:
+    """How and where runs run, as opposed to what they train: one object, built once from the command
+    line's shared run options (``rankbench run`` and ``rankbench study`` take the same ones) and carried
+    whole to every run and study trial. :meth:`checked` validates it before any work."""
+
+    device: str = "auto"
+    threads: int | None = None
+    compile: str = "off"
+    """``torch.compile`` the model for training: ``on``, ``off``, or ``auto`` (on for CUDA, see ``compiles``)."""
+    contraction: str = "auto"
+    budget_steps: int | None = None
+    """``--budget steps=N``: the epochs are set from the data's size."""
+    data_dir: Path | None = None
+    download: bool = False
+    tracking_uri: str | None = None
+
+    def checked(self) -> "RunOptions":
+        """This object, after every check that needs no data: a one-line error for the first that fails."""
+        resolve_device(self.device)
+        if self.compile not in COMPILE_CHOICES:
+            raise RankbenchError(f"--compile {self.compile}: choose {', '.join(COMPILE_CHOICES)}")
+        if self.contraction not in CONTRACTIONS:
+            raise RankbenchError(f"--contraction {self.contraction}: choose {', '.join(CONTRACTIONS)}")
+        if self.threads is not None and self.threads < 1:
+            raise RankbenchError("--threads must be >= 1")
+        if self.budget_steps is not None and self.budget_steps < 1:
+            raise RankbenchError("--budget steps=N: N must be >= 1")
+        check_data_dir(self.data_dir, self.download)
+        check_tracking_uri(self.tracking_uri)
+        return self
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything one ``rankbench run`` needs, validated before any run starts."""
 
@@ -40,23 +73,24 @@ class RunConfig:
     task_params: dict[str, Any]
     method_params: dict[str, Any]
     seeds: tuple[int, ...] = (0,)
-    device: str = "auto"
-    data_dir: Path | None = None
-    download: bool = False
-    tracking_uri: str | None = None
+    options: RunOptions = field(default_factory=RunOptions)
     experiment: str | None = None
-    threads: int | None = None
     tags: dict[str, str] = field(default_factory=dict)
     progress: bool = True
     explicit: frozenset[str] = frozenset()
-    contraction: str = "auto"
-    budget_steps: int | None = None
     resume: str | None = None
     """A run id to continue from its last checkpoint (its own seed only)."""
-    compile: str = "off"
-    """``torch.compile`` the model for training: ``on``, ``off``, or ``auto`` (on for CUDA, see ``compiles``)."""
     recipe: str | None = None
     """``--recipe NAME``; None: chosen for the data (``embedded`` on the embedded default data)."""
+
+    device = property(lambda self: self.options.device)
+    threads = property(lambda self: self.options.threads)
+    compile = property(lambda self: self.options.compile)
+    contraction = property(lambda self: self.options.contraction)
+    budget_steps = property(lambda self: self.options.budget_steps)
+    data_dir = property(lambda self: self.options.data_dir)
+    download = property(lambda self: self.options.download)
+    tracking_uri = property(lambda self: self.options.tracking_uri)
 
     def set_values(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """The task's and the method's values the user set (validated), as opposed to defaults."""
@@ -113,36 +147,33 @@ def make_config(
     *,
     epochs: int | None = None,
     seeds: Sequence[int] = (0,),
-    **options: Any,
+    options: RunOptions | None = None,
+    experiment: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    progress: bool = True,
+    resume: str | None = None,
+    recipe: str | None = None,
+    **option_values: Any,
 ) -> RunConfig:
     """Validate a task, a method and ``key=value`` overrides into a ``RunConfig``.
 
     A key belongs to the method or to the task (its recipe and data options). The params are
     resolved for the ``paper`` recipe (or ``--recipe``) in ``rankbench.plugins.defaults``' order;
     ``prepare`` resolves them again, the same way, for the recipe the loaded data chooses.
-    Every check of the request happens here, before any data is loaded: the
-    keys and their values, the seeds, ``threads``, and a step budget that would
-    contradict explicit epochs.
+    ``option_values`` are ``RunOptions`` fields (``device="cpu"``) over ``options``; any other name
+    is a ``TypeError``. Every check of the request happens here, before any data is loaded: the keys
+    and their values, the seeds, the run options, and a step budget that would contradict epochs.
     """
+    options = replace(options or RunOptions(), **option_values).checked()
     task_cls, method_cls = registry.task(task), registry.method(method)
     raw = dict(assignments) if isinstance(assignments, Mapping) else parse_assignments(assignments)
     if epochs is not None:
         if "epochs" in raw:
             raise RankbenchError(f"--epochs {epochs} and --set epochs={raw['epochs']}: give the epochs once")
         raw["epochs"] = task_cls.hyperparameters["epochs"].validate("--epochs", epochs)
-    if options.get("budget_steps") is not None and "epochs" in raw:
+    if options.budget_steps is not None and "epochs" in raw:
         raise RankbenchError("--budget sets the epochs: drop --epochs / --set epochs")
-    resolve_device(options.get("device", "auto"))
-    if options.get("compile", "off") not in COMPILE_CHOICES:
-        raise RankbenchError(f"--compile {options['compile']}: choose {', '.join(COMPILE_CHOICES)}")
-    check_data_dir(options.get("data_dir"), bool(options.get("download")))
-    check_tracking_uri(options.get("tracking_uri"))
-    threads = options.get("threads")
-    if threads is not None and threads < 1:
-        raise RankbenchError("--threads must be >= 1")
-    if options.get("contraction", "auto") not in CONTRACTIONS:
-        raise RankbenchError(f"--contraction {options['contraction']}: choose {', '.join(CONTRACTIONS)}")
-    check_experiment(options.get("experiment"))
+    check_experiment(experiment)
     both = set(method_cls.hyperparameters) & set(task_cls.hyperparameters)
     if both & set(raw):
         raise RankbenchError(f"--set {sorted(both & set(raw))[0]} is declared by both {method} and {task}")
@@ -156,13 +187,13 @@ def make_config(
         )
     method_set = resolve(method_cls.hyperparameters, method_raw, f"method {method}")
     task_set = resolve(task_cls.hyperparameters, task_raw, f"task {task}")
-    recipe = options.get("recipe")
     resolved = resolve_defaults(task_cls, method_cls, recipe or PAPER, {k: task_set[k] for k in task_raw},
                                 {k: method_set[k] for k in method_raw})
     task_params, method_params = resolved.task, resolved.method
     seeds = check_seeds(seeds)
     return RunConfig(task=task, method=method, task_params=task_params, method_params=method_params,
-                     seeds=seeds, explicit=frozenset(raw), **options)
+                     seeds=seeds, options=options, experiment=experiment, tags=dict(tags or {}), progress=progress,
+                     explicit=frozenset(raw), resume=resume, recipe=recipe)
 
 
 def check_data_dir(data_dir: Path | None, download: bool) -> None:

@@ -21,13 +21,14 @@ import statistics
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from rankbench.errors import RankbenchError
 from rankbench.plugins.registry import Registry
-from rankbench.run import records
+from rankbench import records
+from rankbench.run.config import RunOptions
 from rankbench.run.tracking import DEFAULT_DIR, Tracker, run_identity
 from rankbench.study.spec import OBJECTIVE_METRICS, RECORDED_ONLY, StudySpec, first_difference
 
@@ -223,13 +224,11 @@ class StudyRun:
 
     spec: StudySpec
     storage_url: str
-    tracking_uri: str | None
+    options: RunOptions
+    """The run options every trial runs with (``rankbench study`` takes the same as ``rankbench run``)."""
     plugin_dirs: tuple[Path, ...]
-    data_dir: Path | None
-    device: str
     parent_run_id: str
     worker: int = 0
-    compile: str = "off"
 
 
 # ---------------------------------------------------------------------------- one trial
@@ -282,9 +281,9 @@ def run_trial(trial, run: StudyRun, registry: Registry, tracker: Tracker,
         trial.set_user_attr("failure_reason", "")
     task, method, values = trial_assignments(trial, spec, registry)
     config = make_config(
-        registry, task, method, values, seeds=spec.seeds, device=run.device, compile=run.compile,
-        data_dir=run.data_dir, tracking_uri=run.tracking_uri, progress=False,
-        budget_steps=None if "epochs" in values else spec.budget_steps,  # --set epochs=N wins (smoke runs)
+        registry, task, method, values, seeds=spec.seeds, progress=False,
+        options=replace(run.options, budget_steps=None if "epochs" in values else spec.budget_steps),  # --set
+        # epochs=N wins (smoke runs)
         tags={"mlflow.parentRunId": run.parent_run_id, "study": spec.name, "trial": str(trial.number)},
     )
     trial.set_user_attr("task", task)
@@ -451,7 +450,7 @@ def worker_loop(run: StudyRun, deadline: float | None = None) -> int:
     registry = Registry.discover(plugin_dirs=run.plugin_dirs)
     storage = open_storage(run.storage_url, run.spec)
     study = load_or_create(run.spec, storage, run.worker)
-    tracker = Tracker(run.tracking_uri)
+    tracker = Tracker(run.options.tracking_uri)
     study_id = storage.get_study_id_from_name(study.study_name)
     budget = run.spec.budget()
     finished = 0
@@ -500,7 +499,7 @@ def _worker_main(run: StudyRun, deadline: float | None) -> None:
             import torch
 
             quiet_optuna()
-            torch.set_num_threads(1)
+            torch.set_num_threads(run.options.threads or 1)  # the workers share the cores
             worker_loop(run, deadline)
         except KeyboardInterrupt as exc:
             raise SystemExit(exit_code(exc)) from None
@@ -575,19 +574,21 @@ def run_study(
     *,
     storage_url: str | None = None,
     workers: int = 1,
-    tracking_uri: str | None = None,
+    options: RunOptions | None = None,
     plugin_dirs: Sequence[Path] = (),
-    data_dir: Path | None = None,
-    device: str = "auto",
     out_dir: Path | None = None,
-    compile: str = "off",
+    **option_values: Any,
 ) -> "StudyOutcome":
-    """Create or resume the study, run its workers to the budget, then summarise and plot."""
-    from rankbench.run.config import check_data_dir
+    """Create or resume the study, run its workers to the budget, then summarise and plot.
 
+    ``options`` are the trials' run options (``option_values``, e.g. ``tracking_uri=...``, over them);
+    a step budget among them is the study's (``spec.budget_steps``) and so part of its digest."""
     if workers < 1:
         raise RankbenchError("--workers must be >= 1")
-    check_data_dir(data_dir, download=False)
+    options = replace(options or RunOptions(), **option_values).checked()
+    if options.budget_steps is not None:
+        spec, options = replace(spec, budget_steps=options.budget_steps), replace(options, budget_steps=None)
+    tracking_uri = options.tracking_uri
     url = storage_url or default_storage()
     check_sqlite_storage(url)
     with _stoppable():
@@ -598,7 +599,7 @@ def run_study(
             tracker.experiment_id(spec.task)
             with (contextlib.nullcontext() if url.startswith("sqlite:///") else storage_lock(url, storage)):
                 parent = ensure_parent_run(study, spec, tracker, url)
-        run = StudyRun(spec, url, tracker.uri, tuple(plugin_dirs), data_dir, device, parent, compile=compile)
+        run = StudyRun(spec, url, replace(options, tracking_uri=tracker.uri), tuple(plugin_dirs), parent)
         deadline = time.time() + spec.timeout_s if spec.timeout_s else None
         try:
             if workers == 1:
