@@ -205,3 +205,23 @@ def test_a_sqlite_storage_that_cannot_be_a_file_fails_at_once_in_one_line(case, 
     assert elapsed < 1.0, elapsed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.db", "in"]  # no lock file, no store
     assert list((tmp_path / "folder.db").iterdir()) == []
+
+
+def test_an_empty_search_table_samples_the_hyperparameters_declared_range():
+    from rankbench.plugins.registry import Registry
+    from rankbench.study.spec import parse_study
+
+    registry = Registry.discover(entry_point_groups=False)
+    base = {"name": "s", "task": "lenet5", "methods": ["ours"], "objectives": {"val_accuracy": "maximize"},
+            "sampler": {"name": "tpe"}, "budget": {"n_trials": 2}}
+    spec = parse_study({**base, "search": {"lambda": {}, "selector_lr": {}}}, registry)
+    declared = registry.method("ours").hyperparameters
+    for key in ("lambda", "selector_lr"):
+        param, search = spec.search[key], declared[key].search
+        assert (param.kind, param.low, param.high, param.log) == ("float", search.low, search.high, search.log)
+    spec = parse_study({**base, "method_search": {"ours": {"sigma": {}}}}, registry)
+    assert spec.method_search["ours"]["sigma"].low == declared["sigma"].search.low
+    with pytest.raises(RankbenchError, match="offset declares no search range: give grid"):
+        parse_study({**base, "search": {"offset": {}}}, registry)
+    with pytest.raises(RankbenchError, match="the grid sampler needs grid"):
+        parse_study({**base, "sampler": {"name": "grid"}, "search": {"lambda": {}}}, registry)

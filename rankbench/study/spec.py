@@ -276,6 +276,8 @@ def _search_param(name: str, raw: Any, declared: dict[str, Hyper], where: str) -
     if not isinstance(raw, dict):
         raise RankbenchError(f"{where}.{name}: write a table, e.g. {{ grid = [0.2, 1.0] }} or {{ low = 0.1, high = 1 }}")
     hyper = declared[name]
+    if not raw:  # an empty table: the range the hyperparameter declares (``Hyper.search``)
+        raw = _declared_search(name, hyper, where)
     if "grid" in raw or "choices" in raw:
         if "grid" in raw and "choices" in raw:
             raise RankbenchError(f"{where}.{name}: give grid = [...] or choices = [...], not both")
@@ -315,6 +317,17 @@ def _search_param(name: str, raw: Any, declared: dict[str, Hyper], where: str) -
     except RankbenchError as exc:
         raise RankbenchError(f"{where}.{name}: {exc}") from None
     return SearchParam(name, kind, low=low, high=high, log=log)
+
+
+def _declared_search(name: str, hyper: Hyper, where: str) -> dict[str, Any]:
+    """``{}`` in a study file means "search it over its declared range": the ``Search`` of its ``Hyper``."""
+    search = hyper.search
+    if search is None:
+        raise RankbenchError(f"{where}.{name}: {name} declares no search range: give grid = [...], "
+                             "choices = [...], or low and high")
+    if search.choices:
+        return {"choices": list(search.choices)}
+    return {"low": search.low, "high": search.high, "log": search.log}
 
 
 def _check_name(name: Any, where: str) -> str:
