@@ -3,3 +3,7 @@
 
 class RankbenchError(Exception):
     """An error caused by the user's input or environment, with a message naming the fix."""
+
+
+class MissingRecord(RankbenchError):
+    """What was asked for (a run, a metric, an artifact) is not in the tracking store."""

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, TypeVar
 
-from rankbench.errors import RankbenchError
+from rankbench.errors import MissingRecord, RankbenchError
 
 T = TypeVar("T")
 DEFAULT_DIR = Path("rankbench-runs")
@@ -219,7 +219,7 @@ class Tracker:
             return read()
         except Exception as exc:
             if missing and getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":
-                raise RankbenchError(missing) from None
+                raise MissingRecord(missing) from None
             damaged = _damaged(self.uri, exc)
             if damaged:
                 raise RankbenchError(damaged) from None

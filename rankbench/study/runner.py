@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from rankbench.errors import RankbenchError
+from rankbench.errors import MissingRecord, RankbenchError
 from rankbench.plugins.registry import Registry
 from rankbench import records
 from rankbench.run.config import RunOptions
@@ -538,10 +538,8 @@ def _parent_exists(tracker: Tracker, run_id: str) -> bool:
     """Whether the study's parent run is still in the store; any error other than its absence propagates."""
     try:
         run = tracker.get_run(run_id)
-    except RankbenchError as exc:
-        if str(exc).startswith(f"no run {run_id!r} in "):  # Tracker.get_run's message for a missing run
-            return False
-        raise
+    except MissingRecord:
+        return False
     return run.info.lifecycle_stage != "deleted"
 
 
