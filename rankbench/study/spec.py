@@ -148,6 +148,10 @@ class StudySpec:
 
             spec = replace(spec, seeds=check_seeds(seeds, "--seeds"))
         if fixed:
+            searched = sorted(set(fixed) & ({*spec.search} | {k for p in spec.method_search.values() for k in p}))
+            if searched:
+                raise RankbenchError(f"--set {searched[0]}: the study searches {searched[0]}, so every trial would "
+                                     "overwrite it: drop it from --set, or from the file's search tables")
             if registry is not None:
                 fixed = _checked_values(registry, spec.tasks, spec.methods, fixed, "--set", parse=True)
             spec = replace(spec, fixed={**spec.fixed, **fixed})
