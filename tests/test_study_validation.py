@@ -135,8 +135,9 @@ def test_a_bad_study_file_is_one_line_exit_2_before_any_store_exists(text, fragm
 
 
 BAD_OPTIONS = [
-    (["--set", "lambda=abc"], "--set lambda=abc: expected float"),
-    (["--set", "lambda=-1"], "--set lambda=-1.0: must be >= 0"),
+    (["--set", "sigma=abc"], "--set sigma=abc: expected float"),
+    (["--set", "sigma=-1"], "--set sigma=-1.0: must be >= 1e-06"),
+    (["--set", "lambda=2"], "--set lambda: the study searches lambda"),
     (["--set", "epochs=0"], "--set epochs=0: must be >= 1"),
     (["--set", "penalty_reduction=max"], "--set penalty_reduction='max': choose one of mean, sum"),
     (["--seeds", "0,0"], "--seeds: seed 0 is given twice"),
