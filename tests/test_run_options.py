@@ -54,6 +54,7 @@ def test_a_study_runs_its_trials_with_the_run_options_of_its_command_line(tmp_pa
     argv = ["study", str(tmp_path / "s.toml"), "--storage", f"sqlite:///{tmp_path / 'o.db'}", "--tracking-uri", uri,
             "--data-dir", str(data), "--threads", "1", "--contraction", "weight", "--budget", "steps=6"]
     assert main(argv) == 0, capsys.readouterr().err
+    capsys.readouterr()
     client = MlflowClient(tracking_uri=uri)
     (run,) = [r for r in client.search_runs([client.get_experiment_by_name("mlp2").experiment_id])
               if r.data.tags.get("rankbench.role") != "study"]

@@ -366,3 +366,31 @@ def test_an_unknown_group_by_lists_the_params_close_matches_first(finished, caps
     assert "sigma" in line and "epochs" in line and "seed" not in line.split("choose from")[1].split(", ")
     assert main(["report", "--tracking-uri", uri, "--group-by", "lambda", "--format", "csv"]) == 0
     capsys.readouterr()
+
+
+def test_two_runs_recording_the_same_new_dataset_at_once_both_succeed(uri, monkeypatch):
+    """A study's workers start their first runs together: the second insert of one dataset row loses
+    the race (a UNIQUE constraint) and then finds the row the first one wrote."""
+    from rankbench.run.tracking import Tracker
+
+    tracker = Tracker(uri)
+    first = tracker.start("mlp2", "a", {"seed": 0}, {})
+    second = tracker.start("mlp2", "b", {"seed": 1}, {})
+    tracker.log_dataset(first, "tiny", "abc", "here", {"train": 1})
+    real = tracker._client.log_inputs
+    calls = []
+
+    def lost_race(run_id, datasets=None, **kwargs):
+        calls.append(run_id)
+        if len(calls) == 1:
+            raise RuntimeError("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, "
+                               "datasets.name, datasets.digest")
+        return real(run_id, datasets, **kwargs)
+
+    monkeypatch.setattr(tracker._client, "log_inputs", lost_race)
+    tracker.log_dataset(second, "tiny", "abc", "here", {"train": 1})
+    assert calls == [second, second]
+    assert [i.dataset.name for i in tracker.get_run(second).inputs.dataset_inputs] == ["tiny"]
+    monkeypatch.setattr(tracker._client, "log_inputs", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("other")))
+    with pytest.raises(RankbenchError, match="cannot write the dataset input"):
+        tracker.log_dataset(second, "tiny", "abc", "here", {"train": 1})

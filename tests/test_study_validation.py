@@ -161,12 +161,12 @@ def test_with_overrides_parses_set_strings_to_the_declared_types_and_refuses_rep
     path = tmp_path / "study.toml"
     path.write_text(GOOD)
     spec = load_study_file(path, registry)
-    assert spec.with_overrides(fixed={"epochs": "2", "lambda": "1"}, registry=registry).fixed == {"epochs": 2,
-                                                                                                 "lambda": 1.0}
+    assert spec.with_overrides(fixed={"epochs": "2", "sigma": "1"}, registry=registry).fixed == {"epochs": 2,
+                                                                                                "sigma": 1.0}
     with pytest.raises(RankbenchError, match="seed 3 is given twice"):
         spec.with_overrides(seeds=(3, 1, 3))
-    with pytest.raises(RankbenchError, match="--set lambda=x: expected float"):
-        spec.with_overrides(fixed={"lambda": "x"}, registry=registry)
+    with pytest.raises(RankbenchError, match="--set sigma=x: expected float"):
+        spec.with_overrides(fixed={"sigma": "x"}, registry=registry)
 
 
 def test_search_bounds_take_the_hyperparameters_type_and_log_a_boolean(tmp_path):

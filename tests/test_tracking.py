@@ -290,7 +290,8 @@ def test_a_failing_on_start_callback_does_not_leave_a_running_run(registry, uri,
 
 
 def test_full_data_uses_the_paper_recipe_and_explicit_keys_win(registry, uri, tiny_data):
-    (paper,) = run(prepare(replace(tiny_config(registry, uri, val_size=40), data_dir=tiny_data), registry))
+    config = tiny_config(registry, uri, val_size=40)
+    (paper,) = run(prepare(replace(config, options=replace(config.options, data_dir=tiny_data)), registry))
     params = client_for(uri).get_run(paper.run_id).data.params
     assert (params["recipe"], params["lr"]) == ("paper", "0.0005")
     (explicit,) = run(prepare(tiny_config(registry, uri, lr=2e-3), registry))

@@ -356,7 +356,7 @@ class Tracker:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / folder
             mlflow.pytorch.save_model(model, path, serialization_format="pickle",
-                                      pip_requirements=[f"torch=={torch.__version__}", "rankbench"])
+                                      pip_requirements=[f"torch=={_installed_version('torch')}", "rankbench"])
             self._client.log_artifacts(run_id, str(path), folder)
 
     @_writes("the dataset input")
@@ -369,7 +369,14 @@ class Tracker:
 
         dataset = Dataset(name=name, digest=digest[:16] or "unknown", source_type="local",
                           source=json.dumps({"uri": source}), profile=json.dumps(dict(sizes)))
-        self._client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
+        inputs = [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])]
+        try:
+            self._client.log_inputs(run_id, inputs)
+        except Exception as exc:  # two runs (a study's workers) recorded the same new dataset at once:
+            text = str(exc).lower()
+            if "unique constraint" not in text or "dataset" not in text:
+                raise  # the one that lost the race finds it there now
+            self._client.log_inputs(run_id, inputs)
 
     @_writes("the run status")
     def terminate(self, run_id: str, status: str) -> None:
@@ -523,6 +530,14 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # another user's process
         return True
     return True
+
+
+def _installed_version(package: str) -> str:
+    """The version pip installed (``torch.__version__`` may carry a local ``+cu130`` that pip's metadata lacks,
+    and MLflow warns on stderr at every run when the two disagree)."""
+    from importlib.metadata import version
+
+    return version(package)
 
 
 def run_identity() -> dict[str, str]:
