@@ -6,8 +6,8 @@ A tensorized step on a GPU is bound by Python and kernel launches, which scale w
 aten ops a step runs; op counts are deterministic, so they hold where timings cannot. Counted with a
 ``TorchDispatchMode`` over forward + loss + backward of one ``Trainer.train_step`` on the CPU, leaving
 out views, metadata and allocations (which launch no kernel). The optimizer step is counted apart, with
-``foreach=True`` as CUDA runs it (on a CPU Adam loops over the parameters in Python). REINFORCE-l0 runs
-M forward passes per step: its count is also given per sample.
+``foreach=True`` as CUDA runs it. The step count includes the trainer's own bookkeeping (the three losses
+stacked for one read). REINFORCE-l0 runs M forward passes per step: its count is also given per sample.
 """
 
 from __future__ import annotations
@@ -74,14 +74,12 @@ def count_step(registry: Registry, task_name: str, method_name: str, batch: int)
         y = model.eval()(x).argmax(-1)
     model.train()
     trainer = batch_trainer(model, method, task, x, y, torch.device("cpu"))
-    trainer.train_step(x, y)  # warm-up: contraction plans, optimizer state
-    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.optimizer = torch.optim.Adam(trainer.optimizer.param_groups, foreach=True)  # as CUDA runs it
+    trainer.train_step(x, y)  # warm-up: contraction plans, optimizer state (the counted step is a steady one)
     with OpCounter() as counted:
-        method.loss(model, (x, y), task.loss).total.backward()
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.grad is not None], foreach=True)
-    optimizer.step()  # its state exists: the counted step is a steady one
+        trainer.forward_backward(x, y)
     with OpCounter() as stepped:
-        optimizer.step()
+        trainer.optimizer_step()
     return StepOps(method_name, counted.kernels, counted.all, stepped.kernels,
                    int(method.params.get("samples", 1)))
 

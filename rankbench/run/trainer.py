@@ -142,6 +142,12 @@ class Trainer:
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One optimizer step on a batch already on the device; returns its (total, task, penalty)
         losses, detached, on the device (read on the host too where ``per_step_sync``)."""
+        losses = self.forward_backward(x, y)
+        self.optimizer_step()
+        return losses
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The first half of ``train_step``: the method's loss on the batch, its checks, and the backward pass."""
         epoch, batch = self.epoch + 1, self.batch + 1
         self.optimizer.zero_grad(set_to_none=True)
         step = self.method.loss(self.runner, (x, y), self.task.loss)
@@ -155,16 +161,19 @@ class Trainer:
         for callback in self.callbacks:
             callback.on_loss(self, epoch, batch, read)  # type: ignore[arg-type]
         step.total.backward()
+        self.last_read = read
+        return losses
+
+    def optimizer_step(self) -> None:
+        """The second half of ``train_step``: the optimizer (and a per-step scheduler) steps, then the hooks."""
         self.optimizer.step()
         if self.per_step_scheduler and self.scheduler is not None:
             self.scheduler.step()
         self.step += 1
-        self.batch = batch
+        self.batch += 1
         self.method.on_step_end(self.model, self.step)
         for callback in self.callbacks:
-            callback.on_step_end(self, epoch, batch, read)  # type: ignore[arg-type]
-        self.last_read = read
-        return losses
+            callback.on_step_end(self, self.epoch + 1, self.batch, self.last_read)
 
     def train_epoch(self) -> dict[str, float]:
         """One epoch: every training batch in the generator's order, then validation; the epoch's metrics."""
