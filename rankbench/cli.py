@@ -406,6 +406,10 @@ def interrupted_line(exc: KeyboardInterrupt) -> str:
     stopped = getattr(exc, "stopped_run", None)
     if stopped is None:
         return f"rankbench: interrupted{by}; the unfinished run is marked KILLED, finished runs are kept"
+    if stopped.refused is not None:
+        return (f"rankbench: interrupted{by}; run {stopped.run_id} (seed {stopped.seed}) could not be marked KILLED "
+                f"({stopped.refused}): it stays RUNNING until `rankbench report` finds its process gone; finished "
+                "runs are kept")
     if stopped.study is not None:
         how = f"run the study file again (study {stopped.study}) to continue it"
     elif stopped.resumable:

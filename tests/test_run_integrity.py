@@ -400,3 +400,31 @@ def test_the_memory_check_lets_a_model_that_fits_through(monkeypatch):
     monkeypatch.setattr(module, "available_memory", lambda device: 1000)
     with pytest.raises(RankbenchError, match="GiB free: lower the rank"):
         module.check_fits_in_memory(task, method, module.torch.device("cpu"))
+
+
+def test_a_stop_the_store_will_not_record_is_said_instead_of_claiming_killed(tmp_path, uri, monkeypatch, capsys):
+    """A store that refuses the KILLED mark (busy, read-only) is retried, then named: never a message that
+    says KILLED over a run left RUNNING."""
+    import rankbench.run.tracking
+
+    real_log = rankbench.run.tracking.Tracker.log_metrics
+    argv = ["run", *TINY_RUN, "--data-dir", str(make_tiny_mnist(tmp_path / "data")), "--tracking-uri", uri]
+    argv[argv.index("--epochs") + 1] = "2"
+    refusals = []
+
+    def stop_at_epoch_2(self, run_id, metrics, step=None):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real_log(self, run_id, metrics, step)
+
+    def refuse(self, run_id, reason, killed=False):
+        refusals.append(reason)
+        raise RankbenchError("cannot write the run status to tracking store X (database is locked)")
+
+    monkeypatch.setattr(rankbench.run.tracking.Tracker, "log_metrics", stop_at_epoch_2)
+    monkeypatch.setattr(rankbench.run.tracking.Tracker, "fail", refuse)
+    assert main(argv) == 130
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "could not be marked KILLED (cannot write the run status" in last and "is marked KILLED" not in last
+    assert refusals == ["interrupted"] * 3
+    assert statuses(uri) == ["RUNNING"]

@@ -132,6 +132,21 @@ class StoppedRun:
     resumable: bool
     """Whether it has a checkpoint (it finished an epoch)."""
     study: str | None = None
+    refused: str | None = None
+    """Why the store would not mark it KILLED (it then stays RUNNING until ``report`` finds it dead)."""
+
+
+def _mark_killed(tracker: Tracker, run_id: str, reason: str, tries: int = 3) -> str | None:
+    """Mark a stopped run KILLED, retrying a store that is busy; None once done, else the store's refusal
+    (the message then says so instead of claiming KILLED)."""
+    for attempt in range(tries):
+        try:
+            tracker.fail(run_id, reason, killed=True)
+            return None
+        except RankbenchError as exc:
+            refusal = str(exc)
+            time.sleep(0.2 * (attempt + 1))
+    return refusal
 
 
 EpochListener = Callable[[int, int, dict[str, float]], None]
@@ -195,10 +210,10 @@ def run(
                                                   checkpoint))
             except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (rankbench.run.stopping)
                 reason = "interrupted" if signal_name(exc) == "SIGINT" else f"interrupted by {signal_name(exc)}"
-                with contextlib.suppress(RankbenchError):  # a store that cannot take it: the first error is reported
-                    tracker.fail(run_id, reason, killed=True)
+                refused = _mark_killed(tracker, run_id, reason)
                 resumable = tracker.checkpoint_path(run_id).is_file()
-                exc.stopped_run = StoppedRun(run_id, seed, resumable, config.tags.get("study"))  # type: ignore
+                exc.stopped_run = StoppedRun(run_id, seed, resumable, config.tags.get("study"),  # type: ignore
+                                             refused)
                 raise
             except RankbenchError as exc:
                 with contextlib.suppress(RankbenchError):  # the run stays RUNNING; the next report marks it dead

@@ -83,7 +83,8 @@ def _writes(what: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
         @functools.wraps(method)
         def wrapper(self: "Tracker", *args: Any, **kwargs: Any) -> T:
             try:
-                return method(self, *args, **kwargs)
+                with self._write_lock:  # the heartbeat thread and the run never write to the store at once
+                    return method(self, *args, **kwargs)
             except RankbenchError:
                 raise
             except Exception as exc:
@@ -114,6 +115,7 @@ class Tracker:
         # it logs a failed write with its traceback; rankbench reports the failure in one line itself
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
+        self._write_lock = threading.RLock()
         self.uri = resolve_tracking_uri(tracking_uri, create)
         database = sqlite_database(self.uri)
         if database is not None and database.is_dir():
