@@ -215,7 +215,6 @@ def cmd_run(args, registry) -> None:
 
     def on_start(run_id: str, seed: int, params: dict) -> None:
         if not bars:
-            task_cls = type(prepared.task)
             print(f"task {config.task}: " + ", ".join(f"{k}={params[k]}" for k in prepared.task.params))
             print(f"method {config.method}: "
                   + (", ".join(f"{k}={params[k]}" for k in prepared.method_params) or "-"))
@@ -244,7 +243,7 @@ def cmd_run(args, registry) -> None:
           f"open it with: mlflow ui --backend-store-uri {tracker.uri}")
 
 
-def run_options(args: argparse.Namespace) -> "RunOptions":
+def run_options(args: argparse.Namespace):
     """The shared run options of ``run`` and ``study``, checked once."""
     from rankbench.run.config import RunOptions, parse_budget
 

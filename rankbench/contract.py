@@ -37,7 +37,7 @@ from rankbench.layers.tensorized import (
 )
 from rankbench.hyper import Hyper, resolve
 from rankbench.plugins.defaults import Recipe, check_declarations, recipes_of, resolve_defaults
-from rankbench.plugins.method import ROLES, Method, StepLoss
+from rankbench.plugins.method import ROLES, Method
 from rankbench.plugins.registry import Registry
 from rankbench.plugins.task import Task
 from rankbench.records import Record
@@ -391,8 +391,6 @@ def check_task(registry: Registry, name: str) -> list[Check]:
     """Checks of task ``name``: hyperparameters, data, dense and tensorized model outputs,
     then ``check_method`` of every method that declares ``checks_tasks`` (the built-ins dense, trn and
     ours) on it (names prefixed ``"<method>: "``)."""
-    from rankbench.run.config import make_config
-
     runner = _Runner()
     state: dict[str, Any] = {}
 

@@ -17,17 +17,17 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Mapping
+from typing import Any, ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rankbench.plugin import (
-    Recipe,
     TENSORIZED_COMPRESSION,
     DataSplits,
     Hyper,
+    Recipe,
     Record,
     Task,
     TensorizedEmbedding,

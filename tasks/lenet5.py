@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rankbench.plugin import (
-    Recipe,
     DataSplits,
     Hyper,
+    Recipe,
     Task,
     TensorizedConv2d,
     TensorizedLinear,

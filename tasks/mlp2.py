@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from rankbench.plugin import (
-    Recipe,
     DataSplits,
     Hyper,
+    Recipe,
     Task,
     TensorizedLinear,
     load_mnist_family_from,

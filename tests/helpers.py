@@ -7,6 +7,21 @@ from pathlib import Path
 import numpy as np
 
 
+def interrupting_log_metrics(at: int):
+    """A ``Tracker.log_metrics`` that raises ``KeyboardInterrupt`` (Ctrl-C) when epoch ``at`` is logged,
+    after that epoch's checkpoint is written: monkeypatch it onto ``Tracker`` to stop a run there."""
+    import rankbench.run.tracking
+
+    real = rankbench.run.tracking.Tracker.log_metrics
+
+    def log_metrics(self, run_id, metrics, step=None):
+        if step == at:
+            raise KeyboardInterrupt
+        return real(self, run_id, metrics, step)
+
+    return log_metrics
+
+
 def toml_module():
     """``tomllib`` (Python 3.11+), else its backport ``tomli`` (Python 3.10)."""
     try:

@@ -17,7 +17,7 @@ import pytest
 from rankbench.cli import main
 from rankbench.errors import RankbenchError
 
-from helpers import assert_one_line_error, make_tiny_mnist
+from helpers import assert_one_line_error, interrupting_log_metrics, make_tiny_mnist
 from test_reliability import TINY_RUN, resume_argv, run_outcome, statuses
 
 EXE = shutil.which("rankbench") or str(Path(sys.executable).parent / "rankbench")
@@ -273,17 +273,12 @@ def test_an_epoch_stopped_between_its_checkpoint_and_its_log_is_logged_once_on_r
     """The checkpoint comes before the epoch's metrics; a resume logs what the store lacks."""
     import rankbench.run.tracking
 
-    real_log = rankbench.run.tracking.Tracker.log_metrics
     argv = ["run", *TINY_RUN, "--data-dir", str(make_tiny_mnist(tmp_path / "data")), "--tracking-uri", uri]
     argv[argv.index("--epochs") + 1] = "3"
 
-    def stop_at_epoch_2(self, run_id, metrics, step=None):
-        if step == 2:
-            raise KeyboardInterrupt
-        return real_log(self, run_id, metrics, step)
 
     with monkeypatch.context() as mp:
-        mp.setattr(rankbench.run.tracking.Tracker, "log_metrics", stop_at_epoch_2)
+        mp.setattr(rankbench.run.tracking.Tracker, "log_metrics", interrupting_log_metrics(2))
         assert main(argv) == 130
     (run,) = runs(uri)
     from mlflow.tracking import MlflowClient
@@ -349,15 +344,10 @@ def test_a_resumed_run_logs_the_time_of_every_attempt(tmp_path, uri, monkeypatch
 
     data = make_tiny_mnist(tmp_path / "data")
     argv = resume_argv(data, uri)
-    real_log = rankbench.run.tracking.Tracker.log_metrics
 
-    def stop_after_epoch_3(self, run_id, metrics, step=None):
-        if step == 3:
-            raise KeyboardInterrupt
-        return real_log(self, run_id, metrics, step)
 
     with monkeypatch.context() as mp:
-        mp.setattr(rankbench.run.tracking.Tracker, "log_metrics", stop_after_epoch_3)
+        mp.setattr(rankbench.run.tracking.Tracker, "log_metrics", interrupting_log_metrics(3))
         assert main(argv) == 130
     (run,) = runs(uri)
     state = torch.load(tmp_path / "checkpoints" / f"{run.info.run_id}.pt", weights_only=False)
@@ -407,21 +397,16 @@ def test_a_stop_the_store_will_not_record_is_said_instead_of_claiming_killed(tmp
     says KILLED over a run left RUNNING."""
     import rankbench.run.tracking
 
-    real_log = rankbench.run.tracking.Tracker.log_metrics
     argv = ["run", *TINY_RUN, "--data-dir", str(make_tiny_mnist(tmp_path / "data")), "--tracking-uri", uri]
     argv[argv.index("--epochs") + 1] = "2"
     refusals = []
 
-    def stop_at_epoch_2(self, run_id, metrics, step=None):
-        if step == 2:
-            raise KeyboardInterrupt
-        return real_log(self, run_id, metrics, step)
 
     def refuse(self, run_id, reason, killed=False):
         refusals.append(reason)
         raise RankbenchError("cannot write the run status to tracking store X (database is locked)")
 
-    monkeypatch.setattr(rankbench.run.tracking.Tracker, "log_metrics", stop_at_epoch_2)
+    monkeypatch.setattr(rankbench.run.tracking.Tracker, "log_metrics", interrupting_log_metrics(2))
     monkeypatch.setattr(rankbench.run.tracking.Tracker, "fail", refuse)
     assert main(argv) == 130
     last = capsys.readouterr().err.strip().splitlines()[-1]

@@ -19,7 +19,7 @@ from rankbench.cli import main
 from rankbench.errors import RankbenchError
 from rankbench.run.tracking import HEARTBEAT_TAG, HOST_TAG, PID_TAG, Tracker
 
-from helpers import assert_one_line_error, make_tiny_mnist
+from helpers import assert_one_line_error, interrupting_log_metrics, make_tiny_mnist
 
 QUICK_S = 10.0
 """Store errors come at once: a bound on correctness (MLflow's own retries took minutes), not a benchmark."""
@@ -178,17 +178,12 @@ def test_a_run_that_died_before_its_first_epoch_is_started_again_not_resumed(uri
 def test_a_resumed_run_that_finishes_keeps_no_failure_reason(tmp_path, uri, data, monkeypatch, capsys):
     import rankbench.run.tracking
 
-    real_log = rankbench.run.tracking.Tracker.log_metrics
     argv = tiny_run(data, uri)
     argv[argv.index("--epochs") + 1] = "2"
 
-    def interrupt_in_epoch_2(self, run_id, metrics, step=None):
-        if step == 2:
-            raise KeyboardInterrupt
-        return real_log(self, run_id, metrics, step)
 
     with monkeypatch.context() as mp:
-        mp.setattr(rankbench.run.tracking.Tracker, "log_metrics", interrupt_in_epoch_2)
+        mp.setattr(rankbench.run.tracking.Tracker, "log_metrics", interrupting_log_metrics(2))
         assert main(argv) != 0
     run_id = run_id_of(capsys.readouterr().err)
     tracker = Tracker(uri)

@@ -112,7 +112,7 @@ def show_notes(storage_url: str, name: str, capsys) -> dict[int, str]:
     capsys.readouterr()
     assert main(["study", "show", name, "--storage", storage_url]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    header, rule, body = lines[0], lines[1], lines[2:]
+    header, body = lines[0], lines[2:]  # lines[1] is the rule under the header
     start = header.index("note")
     return {int(line.split()[0]): line[start:].strip() for line in body}
 

@@ -352,7 +352,6 @@ class Tracker:
         import tempfile
 
         import mlflow.pytorch
-        import torch
 
         logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)  # its warning about pickle, chosen above
         with tempfile.TemporaryDirectory() as tmp:
