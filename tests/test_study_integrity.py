@@ -28,6 +28,8 @@ from rankbench.plugins.registry import Registry
 from rankbench.run.tracking import Tracker
 from rankbench.study.spec import load_study_file
 
+from test_study import trials_of
+
 from helpers import assert_one_line_error, make_tiny_mnist
 
 TINY = ["--set", "epochs=1", "--seeds", "0"]
@@ -68,16 +70,6 @@ def study_file(folder: Path, name: str, *, task: str = "mlp2", methods=("ours",)
     path = folder / f"{name}.toml"
     path.write_text("\n".join(lines))
     return path
-
-
-def trials_of(storage_url: str, name: str):
-    import optuna
-
-    storage = optuna.storages.RDBStorage(storage_url)
-    try:
-        return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=True)
-    finally:
-        storage.engine.dispose()
 
 
 def study_attrs(storage_url: str, name: str) -> dict:
