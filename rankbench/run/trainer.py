@@ -137,6 +137,7 @@ class Trainer:
         self.epoch_total = 0.0
         """The last epoch's summed training objective (the divergence check reads it)."""
         self.earlier_seconds = 0.0
+        self._started: float | None = None
 
     # ---------------------------------------------------------------------------- steps and epochs
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -229,8 +230,7 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         """The remaining epochs, up to ``epochs``."""
-        start = time.perf_counter()
-        self._started = start
+        self._started = time.perf_counter()
         while self.epoch < self.epochs:
             self.train_epoch()
         result = TrainResult(history=list(self.history), train_seconds=self.train_seconds())
@@ -240,8 +240,8 @@ class Trainer:
 
     def train_seconds(self) -> float:
         """Seconds in ``fit`` so far, over every attempt of a resumed training."""
-        started = getattr(self, "_started", None)
-        return self.earlier_seconds + (time.perf_counter() - started if started is not None else 0.0)
+        elapsed = time.perf_counter() - self._started if self._started is not None else 0.0
+        return self.earlier_seconds + elapsed
 
     # ---------------------------------------------------------------------------- state
     def state_dict(self) -> Checkpoint:
