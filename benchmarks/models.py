@@ -30,7 +30,7 @@ from rankbench.plugins.method import MethodContext
 from rankbench.plugins.registry import Registry
 from rankbench.run.config import make_config, resolve_device
 from rankbench.run.prepare import build_model
-from rankbench.run.trainer import batch_trainer, compile_options
+from rankbench.run.trainer import batch_trainer, compile_module, compile_options
 
 COMPILED_TARGETS = {"resnet32": (1.5, 1.15, 1.05), "lenet5": (2.0, 1.3, 1.05)}
 """Per task: compiled ours step / compiled dense step, compiled trn / compiled dense, compiled exported
@@ -116,7 +116,7 @@ def bench_task(registry: Registry, task_name: str, device: torch.device, batch: 
     if compiled is not None:  # after the eager rows in each round, so every contraction is planned before tracing
         # three models share each forward's code: room for their train, eval and batch-shape graphs
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        built.update({f"{label} compiled": (torch.compile(model, **compiled), m, t)
+        built.update({f"{label} compiled": (compile_module(model, **compiled), m, t)
                       for label, (model, m, t) in list(built.items())})
     step = time_steps(built, x, y, device, steps)
     torch.manual_seed(1)
@@ -129,7 +129,7 @@ def bench_task(registry: Registry, task_name: str, device: torch.device, batch: 
     models = {k: v[0] for k, v in built.items() if not k.endswith(" compiled") or k == "dense compiled"}
     models.update({"ours exported (pruned)": exported, "ours exported, materialised": materialised})
     if compiled is not None:
-        models["ours exported (pruned) compiled"] = torch.compile(exported, **compiled)
+        models["ours exported (pruned) compiled"] = compile_module(exported, **compiled)
     infer = time_inference(models, inputs, batch, device)
     for label, model in [*models.items(), *((k, v[0]) for k, v in built.items() if k not in models)]:
         plain = getattr(model, "_orig_mod", model)

@@ -19,10 +19,14 @@ import torch
 from tabulate import tabulate
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from rankbench.plugins.method import MethodContext
+from torch import nn
+
+from rankbench.plugins.method import Method, MethodContext
 from rankbench.plugins.registry import Registry
+from rankbench.plugins.task import Task
 from rankbench.run.config import make_config
 from rankbench.run.prepare import build_model
+from rankbench.run.trainer import batch_trainer
 
 NO_KERNEL = {"view", "_unsafe_view", "reshape", "expand", "as_strided", "permute", "transpose", "t", "unsqueeze",
              "squeeze", "select", "slice", "alias", "detach", "empty", "empty_like", "empty_strided", "split",
@@ -60,15 +64,32 @@ class StepOps:
     samples: int = 1
 
 
-def count_step(registry: Registry, task_name: str, method_name: str, batch: int) -> StepOps:
-    from rankbench.run.trainer import batch_trainer
-
+def prepared(registry: Registry, task_name: str, method_name: str) -> tuple[Task, Method, nn.Module]:
+    """Task, method and model as a run builds them (seed 0); a uniform-rank method at the task's initial rank."""
     params = {"rank": make_config(registry, task_name, "dense").task_params["initial_rank"]} \
-        if method_name == "trn" else {}
+        if registry.method(method_name).role == "uniform" else {}
     config = make_config(registry, task_name, method_name, params, device="cpu")
     task = registry.task(task_name)(config.task_params)
     method = registry.method(method_name)(config.method_params)
     model = build_model(task, method, 0, MethodContext(num_train=50000, device=torch.device("cpu")))
+    return task, method, model
+
+
+def built_model(registry: Registry, task_name: str, method_name: str) -> nn.Module:
+    return prepared(registry, task_name, method_name)[2]
+
+
+def budget(registry: Registry, task_name: str, method_name: str) -> float | None:
+    """The most ops a step of this method may take on this task, as a multiple of dense's (None: no budget)."""
+    role = registry.method(method_name).role
+    if role == "reference":
+        return None
+    return BUDGETS.get(task_name, {}).get("trn" if role == "uniform" else "selector")
+
+
+def count_step(registry: Registry, task_name: str, method_name: str, batch: int) -> StepOps:
+    """One steady training step's ops at ``batch``."""
+    task, method, model = prepared(registry, task_name, method_name)
     x = task.example_input(batch, torch.Generator().manual_seed(0))
     with torch.no_grad():
         y = model.eval()(x).argmax(-1)
@@ -87,12 +108,10 @@ def count_step(registry: Registry, task_name: str, method_name: str, batch: int)
 def table(registry: Registry, task_name: str, batch: int) -> tuple[list[list], dict[str, StepOps]]:
     counts = {m: count_step(registry, task_name, m, batch) for m in sorted(registry.methods)}
     dense = counts["dense"].step
-    budget = BUDGETS.get(task_name, {})
     rows = []
     for name, ops in counts.items():
         per_sample = ops.step / ops.samples
-        role = registry.method(name).role
-        limit = budget.get("trn" if role == "uniform" else "selector") if role != "reference" else None
+        limit = budget(registry, task_name, name)
         verdict = "" if limit is None else ("PASS" if per_sample <= limit * dense else "MISS")
         rows.append([name, ops.step, f"{ops.step / dense:.2f}x",
                      f"{per_sample:.0f}" if ops.samples > 1 else "", ops.all_ops, ops.optimizer,

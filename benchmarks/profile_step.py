@@ -22,7 +22,7 @@ from rankbench.plugins.method import MethodContext
 from rankbench.plugins.registry import Registry
 from rankbench.run.config import make_config, resolve_device
 from rankbench.run.prepare import build_model
-from rankbench.run.trainer import batch_trainer, compile_options
+from rankbench.run.trainer import batch_trainer, compile_module, compile_options
 
 
 class MessageCount(logging.Handler):
@@ -69,7 +69,7 @@ def main() -> None:
         step(model)  # eager warm-up: contraction plans
     runner = model
     if args.compile:
-        runner = torch.compile(model, **compile_options(device, args.compile_backend))
+        runner = compile_module(model, **compile_options(device, args.compile_backend))
         for _ in range(3):
             step(runner)
     if device.type == "cuda":

@@ -89,6 +89,8 @@ class ProbabilisticL0(Method):
 
     def __init__(self, params: Mapping) -> None:
         super().__init__(params)
+        self._step_location: Tensor | None = None
+        """The locations this training step drew from, read by ``penalty`` within the step."""
         self.fixed = False
         self._weights: tuple[tuple, Tensor] | None = None
         self._drawn = StaticInput()
@@ -100,46 +102,68 @@ class ProbabilisticL0(Method):
         """The gates ``attach`` put on ``model``, in forward order (read from the registry)."""
         return [g for g in self.selectors.values() if isinstance(g, GaussianGate)]
 
-    def _penalty_weights(self, gates: list[GaussianGate], device: torch.device) -> Tensor:
-        """Per-entry weights of Φ: 1/(R−1) for a bond's mean, 1 for its sum."""
-        key = (tuple(g.mu.numel() for g in gates), self.params["penalty_reduction"], device)
+    def _penalty_weights(self, gates: list[GaussianGate], device: torch.device, dtype: torch.dtype) -> Tensor:
+        """Per-entry weights of Φ over every gate's location (its μ, then its frozen slot):
+        1/(R−1) for a bond's mean, 1 for its sum, 0 for the frozen slot; in the gates' dtype."""
+        key = (tuple(g.size for g in gates), self.params["penalty_reduction"], device, dtype)
         if self._weights is None or self._weights[0] != key:
             mean = self.params["penalty_reduction"] == "mean"
-            parts = [torch.full((g.mu.numel(),), 1.0 / g.mu.numel() if mean else 1.0) for g in gates]
-            self._weights = (key, torch.cat(parts).to(device))
+            weights: list[float] = []
+            for gate in gates:
+                trainable = gate.size - 1
+                weights += [1.0 / trainable if mean and trainable else 1.0] * trainable + [0.0]
+            self._weights = (key, torch.tensor(weights, dtype=dtype, device=device))
         return self._weights[1]
+
+    @staticmethod
+    def location(gates: list[GaussianGate]) -> Tensor:
+        """Every gate's location ``μ`` and frozen slot, in gate order, in one vector."""
+        return torch.cat([t for g in gates for t in (g.mu, g.mu_fixed)])
 
     def penalty(self, model: nn.Module) -> Tensor:
         """λ·Σ_bonds mean_j Φ((μ_j + b)/σ), computed over all bonds' μ at once."""
-        gates = [] if self.fixed else [g for g in self.gates(model) if g.mu.numel() > 0]
-        if not gates:
+        gates = self.gates(model)
+        if self.fixed or not gates:
             return torch.zeros((), device=next(model.parameters()).device)
-        mu = torch.cat([g.mu for g in gates])
-        phi = torch.special.ndtr((mu + self.params["offset"]) / self.params["sigma"])
-        return self.params["lambda"] * (phi * self._penalty_weights(gates, mu.device)).sum()
+        location = self._step_location if self._step_location is not None else self.location(gates)
+        return self._penalty(gates, location)
 
-    def draw(self, gates: list[GaussianGate]) -> list[Tensor]:
-        """Every gate's training multipliers in one pass: ε drawn per gate in forward
-        order (the same numbers as drawing gate by gate), the rest fused over the model; views of
-        one ``StaticInput``, so a compiled model finds them where it did last step."""
-        location = torch.cat([t for g in gates for t in (g.mu, g.mu_fixed)])
+    def _penalty(self, gates: list[GaussianGate], location: Tensor) -> Tensor:
+        """``penalty`` over ``location`` (``location(gates)``), the frozen slots weighted 0."""
+        phi = torch.special.ndtr((location + self.params["offset"]) / self.params["sigma"])
+        return self.params["lambda"] * (phi * self._penalty_weights(gates, location.device, location.dtype)).sum()
+
+    def draw(self, gates: list[GaussianGate], location: Tensor) -> list[Tensor]:
+        """Every gate's training multipliers in one pass over ``location`` (``location(gates)``):
+        ε for all gates from one ``torch.randn`` (one launch instead of one per gate; not the
+        numbers of drawing gate by gate, the same distribution), the rest fused over the model;
+        views of one ``StaticInput``, so a compiled model finds them where it did last step."""
         if all(g.fixed for g in gates):  # the method fixes every gate at once
             z = location
         else:
-            noise = torch.cat([torch.randn(g.size, device=location.device) for g in gates])
-            z = location + self.params["sigma"] * noise
+            z = location + self.params["sigma"] * torch.randn(location.numel(), device=location.device)
         values = self._drawn.update(torch.clamp(z + self.params["offset"], 0.0, 1.0))
         return list(values.split([g.size for g in gates]))
 
     def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor], task_loss: TaskLoss) -> StepLoss:
-        """The default task loss + penalty, with all gates drawn at once and supplied
-        to them (``RankSelector.supplied``): per-bond gate arithmetic costs a few
-        kernel launches per bond, and ResNet-32 has 219."""
+        """``Method.loss`` with all gates drawn at once and supplied to them
+        (``RankSelector.supplied``): per-bond gate arithmetic costs a few kernel launches
+        per bond, and ResNet-32 has 219. The draw and the penalty read one vector of all
+        locations (two would each send every gate its own gradient, one addition per gate)."""
         gates = self.gates(model)
         if not model.training or not gates or any(g.fixed != gates[0].fixed for g in gates):
             return super().loss(model, batch, task_loss)
-        with RankSelector.supplied(dict(zip(gates, self.draw(gates), strict=True))):
-            return super().loss(model, batch, task_loss)
+        x, y = batch
+        location = self.location(gates)
+        with RankSelector.supplied(dict(zip(gates, self.draw(gates, location), strict=True))):
+            outputs = model(x)
+        task = task_loss(outputs, y)
+        self._step_location = location
+        try:
+            penalty = self.penalty(model)
+        finally:
+            self._step_location = None
+        return StepLoss(total=task + penalty, task=task.detach(), penalty=penalty.detach(), outputs=outputs)
 
     def state_dict(self) -> dict:
         return {"fixed": self.fixed}

@@ -11,6 +11,7 @@ from rankbench.data.mnist import DATASETS, load_mnist_family, load_mnist_family_
 from rankbench.data.text import load_text_classification
 from rankbench.data.translation import corpus_bleu, decode, load_translation
 from rankbench.errors import RankbenchError
+from rankbench.layers.batched import CoreBank
 from rankbench.layers.modes import balanced_modes, padded_modes
 from rankbench.layers.tensorized import (
     Bond,
@@ -52,7 +53,7 @@ __all__ = [
     # tensorized layers and model helpers
     "TensorizedLayer", "TensorizedLinear", "TensorizedConv2d", "TensorizedEmbedding",
     "TensorRingLinear", "TensorTrainLinear", "TensorRingConv2d", "TensorTrainConv2d",
-    "TensorRingEmbedding", "TensorTrainEmbedding", "bonds", "selectors", "tensorized_layers",
+    "TensorRingEmbedding", "TensorTrainEmbedding", "bonds", "selectors", "tensorized_layers", "CoreBank",
     "balanced_modes", "padded_modes",
     "RankbenchError",
     # discovery and the contract suite (for a plugin package's own tests)

@@ -251,23 +251,31 @@ def test_supplied_values_are_restored_on_errors_nesting_and_bad_shapes():
     assert torch.equal(gate(), gate.sample()) and torch.equal(other(), other.sample())
 
 
-def test_reinforce_supplies_the_numbers_the_gates_would_draw_in_forward():
-    """REINFORCE draws in ``loss`` what each gate drew during the forward pass before, bit for bit."""
+def test_reinforce_runs_its_forward_passes_on_the_gates_it_drew(monkeypatch):
+    """REINFORCE draws every sample's gates in ``loss``, all at once (one ``torch.bernoulli``), and
+    each of its M forward passes runs on its sample, bit for bit."""
     method = make_method("reinforce_l0", samples=3)
     task = REGISTRY.task("lenet5")(make_config(REGISTRY, "lenet5", "reinforce_l0", {}).task_params)
     torch.manual_seed(6)
     model = task.tensorized_model(4).train()
     method.attach(model, CPU)
+    gates = method.gates(model)
     x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
-    torch.manual_seed(7)
-    by_forward = torch.stack([task.loss(model(x), y) for _ in range(3)]).mean()  # each gate samples in forward
-    torch.manual_seed(7)
-    step = method.loss(model, (x, y), task.loss)
-    assert torch.equal(step.task, by_forward.detach())
+    drawn, bernoulli = [], torch.bernoulli
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "bernoulli", lambda p: drawn.append(bernoulli(p)) or drawn[-1])
+        step = method.loss(model, (x, y), task.loss)
+    assert len(drawn) == 1 and drawn[0].shape == (3, sum(g.size - 1 for g in gates))
+    by_forward = []
+    for z in drawn[0]:
+        values = {g: g.with_fixed_slot(zg) for g, zg in zip(gates, z.split([g.size - 1 for g in gates]), strict=True)}
+        with RankSelector.supplied(values):
+            by_forward.append(task.loss(model(x), y))
+    assert torch.equal(step.task, torch.stack(by_forward).mean().detach())
     torch.manual_seed(8)  # after the step a training forward samples afresh: no supplied value is left
-    first = [g() for g in method.gates(model)]
+    first = [g() for g in gates]
     torch.manual_seed(8)
-    assert all(torch.equal(a, g.sample()) for a, g in zip(first, method.gates(model)))
+    assert all(torch.equal(a, g.sample()) for a, g in zip(first, gates))
 
 
 def test_a_static_input_keeps_its_address_passes_gradients_and_cuts_the_last_steps_graph():

@@ -214,38 +214,51 @@ def _ours_model(**params):
     return ours, task, model
 
 
-def test_draw_gives_the_numbers_gate_by_gate_sampling_gives():
-    """All gates drawn in one pass = each gate sampled in forward order, bit for bit."""
+def _noise_per_gate(gates, seed: int):
+    """The noise the fused draw takes from one ``torch.randn`` after ``manual_seed(seed)``, split per gate."""
+    torch.manual_seed(seed)
+    return torch.randn(sum(g.size for g in gates)).split([g.size for g in gates])
+
+
+def test_draw_gives_each_gate_what_its_sample_gives_for_the_same_noise(monkeypatch):
+    """All gates drawn from one ``torch.randn`` = each gate's ``sample()`` given its slice of the noise, bit for bit."""
     ours, _, model = _ours_model()
     gates = ours.gates(model)
     assert len(gates) == 20 and gates == [m for m in model.modules() if m in gates]
     torch.manual_seed(5)
-    one_by_one = [g.sample() for g in gates]
-    torch.manual_seed(5)
-    together = ours.draw(gates)
-    for a, b in zip(one_by_one, together, strict=True):
-        assert torch.equal(a, b)
+    together = ours.draw(gates, ours.location(gates))
+    noise = iter(_noise_per_gate(gates, 5))
+    monkeypatch.setattr(torch, "randn", lambda *args, **kwargs: next(noise))
+    for a, gate in zip(together, gates, strict=True):
+        assert torch.equal(a, gate.sample())
 
 
-def test_batched_loss_equals_the_gate_by_gate_loss_and_its_gradients():
+def test_batched_loss_equals_the_gate_by_gate_loss_and_its_gradients(monkeypatch):
+    from rankbench.layers.tensorized import RankSelector
     from rankbench.plugins.method import Method
 
     ours, task, model = _ours_model(**{"lambda": 0.7})
+    gates = ours.gates(model)
     x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
-    results = []
-    for loss in (Method.loss, type(ours).loss):  # the base path samples gate by gate
-        model.zero_grad(set_to_none=True)
-        torch.manual_seed(11)
-        step = loss(ours, model, (x, y), task.loss)
-        step.total.backward()
-        results.append((step, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
-    (base, base_grads), (batched, batched_grads) = results
+    torch.manual_seed(11)
+    batched = ours.loss(model, (x, y), task.loss)
+    batched.total.backward()
+    batched_grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    noise = iter(_noise_per_gate(gates, 11))
+    with monkeypatch.context() as patch:  # the base path, each gate sampled on its own from its slice of that noise
+        patch.setattr(torch, "randn", lambda *args, **kwargs: next(noise))
+        sampled = {gate: gate.sample() for gate in gates}
+    model.zero_grad(set_to_none=True)
+    with RankSelector.supplied(sampled):
+        base = Method.loss(ours, model, (x, y), task.loss)
+    base.total.backward()
+    base_grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
     assert torch.equal(base.outputs, batched.outputs)
     torch.testing.assert_close(batched.penalty, base.penalty, rtol=1e-6, atol=0)
     assert len(base_grads) == len(batched_grads)
     for a, b in zip(base_grads, batched_grads):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
-    assert _sample_afresh(ours.gates(model))
+    assert _sample_afresh(gates)
 
 
 def test_drawn_gates_are_cleared_when_the_step_fails():
@@ -263,7 +276,7 @@ def test_fixed_gates_are_drawn_deterministic_and_the_gate_list_follows_the_model
     ours, task, model = _ours_model(target_compression=1.0)
     ours.on_epoch_end(model, 1, {"compression": 4.25})
     gates = ours.gates(model)
-    for drawn, gate in zip(ours.draw(gates), gates):
+    for drawn, gate in zip(ours.draw(gates, ours.location(gates)), gates):
         assert torch.equal(drawn, gate.deterministic())
     other = build_model(task, ours, 1, CPU)
     assert ours.gates(other) is not gates and len(ours.gates(other)) == len(gates)

@@ -156,6 +156,7 @@ class TensorizedLayer(nn.Module):
 
     strategy: str = "weight"
     strategies: ClassVar[tuple[str, ...]] = ("weight",)
+    _pass = None
     bias: nn.Parameter | None
     label: str
 
@@ -188,6 +189,7 @@ class TensorizedLayer(nn.Module):
         self.register_parameter("bias", None)
         self._weight_cache: tuple[tuple, Tensor] | None = None
         self._expr_cache: dict = {}
+        self._pass = None
         self.reset_cores()
 
     def __getstate__(self) -> dict:
@@ -195,6 +197,7 @@ class TensorizedLayer(nn.Module):
         state = self.__dict__.copy()
         state["_weight_cache"] = None
         state["_expr_cache"] = {}
+        state["_pass"] = None
         return state
 
     @staticmethod
@@ -246,7 +249,10 @@ class TensorizedLayer(nn.Module):
         return self.selectors[str(bond)] if str(bond) in self.selectors else None
 
     def gated_cores(self) -> list[Tensor]:
-        """Cores with each selector's multipliers applied along dim 0 of its core."""
+        """Cores with each selector's multipliers applied along dim 0 of its core (during a
+        :class:`~rankbench.layers.batched.CoreBank` pass: views of the model's gated cores)."""
+        if self._pass is not None:
+            return self._pass.cores(self)
         cores = list(self.cores)
         for key, selector in self.selectors.items():
             k = int(key)
@@ -290,7 +296,10 @@ class TensorizedLayer(nn.Module):
     def full_tensor(self) -> Tensor:
         """The weight as a tensor whose axes follow ``weight_order`` (gated when selectors exist)."""
         cores = self.gated_cores()
-        expr = self._expression("full", self._full_equation(), *(tuple(c.shape) for c in cores))
+        shapes = tuple(tuple(c.shape) for c in cores)
+        expr = self._expr_cache.get(("full", shapes))
+        if expr is None:
+            expr = self._expression("full", self._full_equation(), *shapes)
         return expr(*cores)
 
     def _reconstruction_cost(self) -> int:
@@ -335,14 +344,28 @@ class TensorizedLayer(nn.Module):
         return tuple((t.data_ptr(), t._version) for t in tensors)
 
     def dense_weight(self) -> Tensor:
-        """The layer's weight in its ordinary dense layout (subclasses define it)."""
+        """The layer's weight in its ordinary dense layout."""
+        return self._dense_layout(self.full_tensor())
+
+    def _dense_layout(self, full: Tensor) -> Tensor:
+        """``full_tensor``'s axes (after any leading batch axes) laid out as the dense weight."""
         raise NotImplementedError
+
+    def _layout_key(self) -> tuple | None:
+        """What, beside the cores' shapes and ``weight_order``, ``_dense_layout`` depends on; layers with
+        equal keys can be reconstructed together (None: this layer never is)."""
+        return None
 
     def weight(self) -> Tensor:
         """``dense_weight``, reused across eval-mode no-grad calls until a parameter changes.
 
         Under ``torch.compile`` the weight is rebuilt inside the graph instead: the cache's
-        pointer-and-version check is Python the compiled graph (a CUDA graph) must not run."""
+        pointer-and-version check is Python the compiled graph (a CUDA graph) must not run. During a
+        :class:`~rankbench.layers.batched.CoreBank` pass it comes from the pass (batched with the
+        layers of the same shapes)."""
+        if self._pass is not None:
+            self._weight_cache = None
+            return self._pass.weight(self)
         if torch.compiler.is_compiling():
             return self.dense_weight()
         if self.training or torch.is_grad_enabled():
@@ -461,9 +484,12 @@ class TensorizedLinear(TensorizedLayer):
             strategy=self.strategy, name=self.label, layout=self.layout,
         ).to(self.cores[0].device, self.cores[0].dtype)
 
-    def dense_weight(self) -> Tensor:
+    def _dense_layout(self, full: Tensor) -> Tensor:
         """The ``(in_features, out_features)`` weight."""
-        return self.full_tensor().reshape(self.in_features, self.out_features)
+        return full.reshape(*full.shape[:full.dim() - len(self.weight_order)], self.in_features, self.out_features)
+
+    def _layout_key(self) -> tuple:
+        return (self.in_features, self.out_features)
 
     @torch.no_grad()
     def to_dense(self) -> nn.Linear:
@@ -556,9 +582,13 @@ class TensorizedEmbedding(TensorizedLayer):
             decomposition=self.decomposition, strategy=self.strategy, name=self.label, layout=self.layout,
         ).to(self.cores[0].device, self.cores[0].dtype)
 
-    def dense_weight(self) -> Tensor:
+    def _dense_layout(self, full: Tensor) -> Tensor:
         """The ``(num_embeddings, embedding_dim)`` table."""
-        return self.full_tensor().reshape(self.num_embeddings, self.embedding_dim)
+        lead = full.shape[:full.dim() - len(self.weight_order)]
+        return full.reshape(*lead, self.num_embeddings, self.embedding_dim)
+
+    def _layout_key(self) -> tuple:
+        return (self.num_embeddings, self.embedding_dim)
 
     @torch.no_grad()
     def to_dense(self) -> nn.Embedding:
@@ -661,11 +691,17 @@ class TensorizedConv2d(TensorizedLayer):
             bias=self.bias is not None, name=self.label,
         ).to(self.cores[0].device, self.cores[0].dtype)
 
-    def dense_weight(self) -> Tensor:
+    def _dense_layout(self, full: Tensor) -> Tensor:
         """The ``(out, in, kh, kw)`` kernel, contiguous for ``F.conv2d``."""
         k = self.kernel_size
-        full = self.full_tensor().reshape(k * k, self.in_channels, self.out_channels)
-        return full.permute(2, 1, 0).reshape(self.out_channels, self.in_channels, k, k).contiguous()
+        lead = full.shape[:full.dim() - len(self.weight_order)]
+        n = len(lead)
+        full = full.reshape(*lead, k * k, self.in_channels, self.out_channels)
+        order = (*range(n), n + 2, n + 1, n)
+        return full.permute(*order).reshape(*lead, self.out_channels, self.in_channels, k, k).contiguous()
+
+    def _layout_key(self) -> tuple:
+        return (self.kernel_size, self.in_channels, self.out_channels)
 
     @torch.no_grad()
     def to_dense(self) -> nn.Conv2d:

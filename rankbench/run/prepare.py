@@ -17,6 +17,7 @@ from torch import nn
 
 from rankbench.data import DataSplits
 from rankbench.errors import RankbenchError
+from rankbench.layers.batched import CoreBank
 from rankbench.layers.tensorized import count_parameters, tensorized_layers
 from rankbench.plugins.defaults import Resolved, automatic_recipe, resolve_defaults
 from rankbench.plugins.method import Method, MethodContext
@@ -140,7 +141,8 @@ def build_model(task: Task, method: Method, seed: int, context: MethodContext,
     Seeded with ``seed`` just before the model is built, so one seed gives one
     initialisation. ``contraction`` sets the training contraction of every
     tensorized layer that offers it (``layer.strategies``; ``auto`` picks per batch
-    size by FLOP count)."""
+    size by FLOP count). A :class:`CoreBank` on the model gates all cores at once and reconstructs
+    same-shaped layers together in training."""
     torch.manual_seed(seed)
     if method.tensorized:
         model = task.tensorized_model(method.initial_rank(task.params["initial_rank"]))
@@ -150,4 +152,5 @@ def build_model(task: Task, method: Method, seed: int, context: MethodContext,
         if contraction in layer.strategies:
             layer.strategy = contraction
     method.attach(model, context)
+    CoreBank.attach(model)
     return model.to(context.device)

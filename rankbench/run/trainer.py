@@ -330,6 +330,20 @@ def compile_options(device: torch.device, backend: str | None = None) -> dict:
     return {"mode": "reduce-overhead" if device.type == "cuda" else "default", "dynamic": False}
 
 
+def compile_module(model: nn.Module, **options) -> nn.Module:
+    """``torch.compile(model, **options)`` with the model's forward hooks traced into its graph.
+
+    By default a compiled module runs its hooks outside Dynamo, which then compiles each hook as a
+    graph of its own: a :class:`~rankbench.layers.batched.CoreBank`'s pass (every core gated,
+    same-shaped layers stacked) would be a second graph per step whose outputs the forward's graph
+    reads. ``wrap_top_frame`` (torch >= 2.9) traces the whole call, hooks included, as one graph."""
+    config = torch._dynamo.config
+    if hasattr(config, "wrap_top_frame"):
+        with config.patch(wrap_top_frame=True):
+            return torch.compile(model, **options)
+    return torch.compile(model, **options)
+
+
 def compiled_model(model: nn.Module, data: DataSplits, batch_size: int, device: torch.device) -> nn.Module:
     """``torch.compile(model)``, after one eager forward per batch shape it will see (train and eval
     mode) so every tensorized layer has planned its contractions outside the traced code. The warm-up
@@ -350,7 +364,7 @@ def compiled_model(model: nn.Module, data: DataSplits, batch_size: int, device: 
     model.train(was_training)
     torch.compiler.reset()  # graphs of an earlier run's model (a study worker trains one after another) would
     # count against torch's recompile limit for the same forward code, and past it training falls back to eager
-    return torch.compile(model, **compile_options(device))
+    return compile_module(model, **compile_options(device))
 
 
 def _cpu(state: dict) -> dict:
