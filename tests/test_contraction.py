@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from rankbench.layers.contraction import ContractionPlan
+from rankbench.layers.contraction import ContractionCost, ContractionPlan
 from rankbench.layers.tensorized import TensorizedConv2d, TensorizedEmbedding, TensorizedLinear
 from rankbench.plugins.method import MethodContext
 from rankbench.plugins.registry import Registry
@@ -67,6 +67,19 @@ def test_a_plan_gives_opt_einsums_result(equation, shapes):
     expected = oe.contract(equation, *operands, backend="torch", optimize="auto")
     assert planned.shape == expected.shape
     assert torch.allclose(planned, expected, rtol=1e-12, atol=1e-12)
+    plan = ContractionPlan(equation, *shapes)
+    _, info = oe.contract_path(equation, *shapes, shapes=True, optimize="auto")
+    assert plan.cost.flops == info.opt_cost  # the cost model counts opt_einsum's FLOPs, plus traffic and kernels
+    assert plan.cost.kernels >= len(plan.steps) and plan.cost.traffic > 0
+
+
+def test_the_cost_estimate_weighs_traffic_and_kernels_by_device():
+    """A GPU step is launch-bound: there a kernel weighs as much as a large matrix product's FLOPs."""
+    few_big = ContractionCost(flops=10**8, traffic=10**5, kernels=1)
+    many_small = ContractionCost(flops=10**6, traffic=10**4, kernels=8)
+    assert few_big.estimate("cpu") > many_small.estimate("cpu")
+    assert few_big.estimate("cuda") < many_small.estimate("cuda")
+    assert (few_big + many_small).kernels == 9
 
 
 def kernels(function) -> collections.Counter:

@@ -134,17 +134,20 @@ def test_training_contraction_says_what_the_training_forward_contracts():
     torch.manual_seed(4)
     for strategy in ("weight", "input"):
         assert TensorizedLinear(60, 12, (3, 4, 5), (3, 4), 3, strategy=strategy).training_contraction(7) == strategy
-    layer = TensorizedLinear(60, 12, (3, 4, 5), (3, 4), 8)
+    layer = TensorizedLinear(64, 64, (4, 4, 4), (4, 4, 4), 16)
     for batch in (1, 128):
         costs = layer._costs(batch)
         assert layer.training_contraction(batch) == min(costs, key=costs.get)
+    # measured on 2 CPU cores, forward + backward: batch 1 input 0.86 ms, weight 1.61; batch 128 weight 1.01, input 1.07
     assert layer.training_contraction(1) == "input" and layer.training_contraction(128) == "weight"
     layer.train()
+    rebuilt = []
+    real = layer.dense_weight
+    layer.dense_weight = lambda: rebuilt.append(True) or real()
     for batch in (1, 128):
-        layer._expr_cache.clear()
-        layer(torch.randn(batch, 60))
-        used_input = any(key[0] == "input" for key in layer._expr_cache if isinstance(key[1], tuple))
-        assert used_input == (layer.training_contraction(batch) == "input")
+        rebuilt.clear()
+        layer(torch.randn(batch, 64))
+        assert bool(rebuilt) == (layer.training_contraction(batch) == "weight")
     conv = TensorizedConv2d(2, 4, 3, (2,), (2, 2), 2)
     assert conv.training_contraction(128) == "weight"
     small = TensorizedEmbedding(60, 12, (3, 4, 5), (2, 2, 3), 2, strategy="weight")
