@@ -12,6 +12,8 @@
 # profile: benchmarks/profile_step.py: where a step's time goes (top kernels, CPU vs device time), for ours
 #    on both tasks, eager and compiled, with the count of CUDA graph recordings (0 expected after warm-up):
 #    the README quotes it for every MISS.
+# compile-cost (not in the default list; STEPS="compile-cost", at most 240 s): benchmarks/compile_cost.py: seconds
+#    to the first compiled ResNet-32 step with CUDA graphs (target <= 60 s) and the traced graphs' sizes.
 # device-check: benchmarks/device_check.py: device outputs equal CPU outputs (float64), and rankbench's own
 #    training loop on LeNet-5 over the full Fashion-MNIST (dense, trn, ours; compiled; 1 epoch; epochs/s;
 #    the eager numbers are in benchmarks/results/device_check_h100.txt).
@@ -83,5 +85,10 @@ if [[ $steps == *" models-resnet32 "* ]]; then
   rm -f "$results/models_resnet32_${gpu}.txt"; written+=("$results/models_resnet32_${gpu}.txt")
   step "${MODELS_RESNET32_S:-270}" "$results/models_resnet32_${gpu}.txt" \
     python benchmarks/models.py --device "$device" --task resnet32 --compile "${models[@]}"
+fi
+if [[ $steps == *" compile-cost "* ]]; then
+  rm -f "$results/compile_cost_${gpu}.txt"; written+=("$results/compile_cost_${gpu}.txt")
+  step "${COMPILE_COST_S:-240}" "$results/compile_cost_${gpu}.txt" \
+    python benchmarks/compile_cost.py --device "$device" ${QUICK:+--backend aot_eager --methods trn}
 fi
 if [[ -n "${OUT:-}" && "$results" != "${OUT}/gpu-rehearsal" && ${#written[@]} -gt 0 ]]; then cp "${written[@]}" "$OUT"/; fi
