@@ -16,7 +16,6 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
 from tabulate import tabulate
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
@@ -25,7 +24,7 @@ from rankbench.plugins.method import MethodContext
 from rankbench.plugins.registry import Registry
 from rankbench.run.config import make_config, resolve_device
 from rankbench.run.prepare import build_model
-from rankbench.run.trainer import compile_module, compile_options
+from rankbench.run.trainer import batch_trainer, compile_module, compile_options
 
 
 def counting_backend(nodes: list[int]):
@@ -54,8 +53,9 @@ def measure(registry: Registry, task_name: str, method_name: str, device: torch.
     options = {"backend": counting_backend(nodes)} if backend == "aot_eager" else compile_options(device, backend)
     torch.compiler.reset()
     compiled = compile_module(model, **options)
+    trainer = batch_trainer(model, method, task, x, y, device, runner=compiled)
     start = time.perf_counter()
-    method.loss(compiled, (x, y), task.loss).total.backward()
+    trainer.forward_backward(x, y)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start

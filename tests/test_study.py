@@ -226,8 +226,8 @@ def sqlite_trial_states(db: Path) -> list[tuple[int, str, bool, bool]]:
 def test_every_shipped_study_file_loads_and_validates():
     registry = Registry.discover()
     names = {p.stem for p in STUDIES}
-    assert names == {"fmnist_tradeoff", "fmnist_tradeoff_cpu", "headline", "lenet5_methods", "lenet5_pareto",
-                     "lenet5_sensitivity", "mlp2_ranks", "resnet32_methods"}
+    assert names == {"fmnist_campaign", "fmnist_tradeoff", "fmnist_tradeoff_cpu", "headline", "lenet5_methods",
+                     "lenet5_pareto", "lenet5_sensitivity", "mlp2_ranks", "resnet32_methods"}
     for path in STUDIES:
         spec = load_study_file(path, registry)
         assert spec.name == path.stem
