@@ -1,0 +1,162 @@
+"""Accuracy-vs-compression curves compared the way ShrinkBench asks (Blalock et al., 2020): at matched
+compression targets, point by point with corrected tests, and as whole curves.
+
+A method's curve is its seeds' test accuracies at each target it was tuned to reach. Single points at
+different compressions cannot be ranked; these summaries can:
+
+- ``area_under_curve``: the mean accuracy over a common range of log10(compression) (the area under
+  the curve divided by the range's width, so it reads as an accuracy), with a bootstrap confidence
+  interval that resamples each point's seeds (``bootstrap_area``);
+- ``hypervolume``: the 2-D area a set of (compression, accuracy) points dominates above a stated
+  reference point, compression in log10;
+- ``compare_at_targets``: Welch's t and Mann-Whitney U at each target, Holm-corrected over targets.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+from scipy import stats
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    """One matched target of one method: the compressions its seeds reached and their accuracies."""
+
+    target: float
+    compressions: tuple[float, ...]
+    accuracies: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.compressions) != len(self.accuracies) or not self.accuracies:
+            raise ValueError("a curve point needs one compression per accuracy, and at least one seed")
+
+    @property
+    def compression(self) -> float:
+        """The geometric mean of the seeds' compressions (the point's place on a log axis)."""
+        return float(math.exp(np.mean(np.log(self.compressions))))
+
+    @property
+    def accuracy(self) -> float:
+        return float(np.mean(self.accuracies))
+
+
+def _sorted(points: Sequence[CurvePoint]) -> list[CurvePoint]:
+    return sorted(points, key=lambda p: p.compression)
+
+
+def common_range(curves: Mapping[str, Sequence[CurvePoint]]) -> tuple[float, float]:
+    """The compressions every curve spans: from the largest of the curves' lowest to the smallest of
+    their highest (an error when they do not overlap)."""
+    low = max(min(p.compression for p in points) for points in curves.values())
+    high = min(max(p.compression for p in points) for points in curves.values())
+    if not low < high:
+        raise ValueError(f"the curves share no range of compression (lowest common {low:.3g}x, highest {high:.3g}x)")
+    return low, high
+
+
+def area_under_curve(points: Sequence[CurvePoint], low: float, high: float,
+                     accuracies: Sequence[float] | None = None) -> float:
+    """Mean accuracy over log10(compression) in [low, high], linear between points (trapezoids), read
+    off the interpolated curve at the ends. ``accuracies`` replaces the points' means (a bootstrap draw)."""
+    ordered = _sorted(points)
+    x = np.log10([p.compression for p in ordered])
+    y = np.array([p.accuracy for p in ordered] if accuracies is None else
+                 [accuracies[points.index(p)] for p in ordered])
+    a, b = math.log10(low), math.log10(high)
+    if a < x[0] - 1e-12 or b > x[-1] + 1e-12:
+        raise ValueError(f"[{low:.3g}x, {high:.3g}x] is outside the curve's {10 ** x[0]:.3g}x to {10 ** x[-1]:.3g}x")
+    inside = x[(x > a) & (x < b)]
+    grid = np.concatenate([[a], inside, [b]])
+    values = np.interp(grid, x, y)
+    return float(np.sum((values[1:] + values[:-1]) / 2 * np.diff(grid)) / (b - a))
+
+
+@dataclass(frozen=True)
+class Area:
+    """A curve's mean accuracy over the common range, and its bootstrap confidence interval."""
+
+    estimate: float
+    low: float
+    high: float
+    level: float
+
+
+def bootstrap_area(points: Sequence[CurvePoint], low: float, high: float, *, resamples: int = 2000,
+                   level: float = 0.95, seed: int = 0) -> Area:
+    """``area_under_curve`` with a percentile bootstrap interval: each draw resamples every point's
+    seeds with replacement (seeded, so one seed gives one interval)."""
+    generator = np.random.default_rng(seed)
+    draws = np.empty(resamples)
+    for i in range(resamples):
+        means = [float(np.mean(generator.choice(p.accuracies, size=len(p.accuracies)))) for p in points]
+        draws[i] = area_under_curve(points, low, high, means)
+    tail = (1 - level) / 2
+    return Area(area_under_curve(points, low, high), float(np.quantile(draws, tail)),
+                float(np.quantile(draws, 1 - tail)), level)
+
+
+def hypervolume(points: Sequence[tuple[float, float]], reference: tuple[float, float]) -> float:
+    """The area the (compression, accuracy) points dominate, both maximised, above ``reference``,
+    compression in log10 (an accuracy-times-decades area). Points not above the reference add nothing."""
+    ref_x, ref_y = math.log10(reference[0]), reference[1]
+    front = sorted(((math.log10(c), a) for c, a in points if math.log10(c) > ref_x and a > ref_y), reverse=True)
+    area, best = 0.0, ref_y
+    for x, y in front:
+        if y > best:
+            area += (x - ref_x) * (y - best)
+            best = y
+    return area
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment: family-wise error controlled over the tests, adjusted p in input order."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted = [0.0] * len(p_values)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+@dataclass(frozen=True)
+class TargetComparison:
+    """Method ``a`` against ``b`` at one target: the mean difference and the tests' p, raw and Holm-adjusted."""
+
+    target: float
+    a: str
+    b: str
+    difference: float
+    p_welch: float
+    p_mwu: float
+    p_welch_holm: float
+    p_mwu_holm: float
+
+    @property
+    def winner(self) -> str | None:
+        """The better method where both corrected tests say the difference is real at 5 %, else None."""
+        if self.p_welch_holm < 0.05 and self.p_mwu_holm < 0.05:
+            return self.a if self.difference > 0 else self.b
+        return None
+
+
+def compare_at_targets(curves: Mapping[str, Sequence[CurvePoint]], a: str, b: str) -> list[TargetComparison]:
+    """Welch's t and Mann-Whitney U (two-sided) on the seeds' accuracies at every target both methods
+    reached, each family Holm-corrected over those targets."""
+    at_a = {p.target: p for p in curves[a]}
+    at_b = {p.target: p for p in curves[b]}
+    targets = sorted(set(at_a) & set(at_b))
+    raw = []
+    for target in targets:
+        x, y = at_a[target].accuracies, at_b[target].accuracies
+        welch = float(stats.ttest_ind(x, y, equal_var=False).pvalue) if min(len(x), len(y)) > 1 else 1.0
+        mwu = float(stats.mannwhitneyu(x, y, alternative="two-sided").pvalue)
+        raw.append((target, float(np.mean(x) - np.mean(y)), 1.0 if math.isnan(welch) else welch, mwu))
+    welch_holm = holm([r[2] for r in raw])
+    mwu_holm = holm([r[3] for r in raw])
+    return [TargetComparison(t, a, b, d, pw, pm, wh, mh)
+            for (t, d, pw, pm), wh, mh in zip(raw, welch_holm, mwu_holm)]
