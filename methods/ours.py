@@ -11,7 +11,7 @@ from typing import ClassVar, Mapping
 import torch
 from torch import Tensor, nn
 
-from rankbench.plugin import (SELECTOR_HYPERPARAMETERS, Bond, Hyper, Method, MethodDefaults, RankSelector, Search, StaticInput, StepLoss,
+from rankbench.plugin import (SELECTOR_HYPERPARAMETERS, Bond, Hyper, Knob, Method, MethodDefaults, RankSelector, Search, StaticInput, StepLoss,
                               TaskLoss)
 
 
@@ -65,6 +65,7 @@ class ProbabilisticL0(Method):
     name: ClassVar[str] = "ours"
     description: ClassVar[str] = "probabilistic l0 rank selection with Gaussian (approximate Bernoulli) gates"
     checks_tasks: ClassVar[bool] = True
+    compression_knob: ClassVar[Knob | None] = Knob("lambda", increases_compression=True)
     hyperparameters: ClassVar[dict[str, Hyper]] = {
         **SELECTOR_HYPERPARAMETERS,
         "lambda": Hyper(1.0, "weight λ of the expected-l0 penalty", minimum=0.0, search=Search(1e-3, 10.0, log=True),

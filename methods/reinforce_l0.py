@@ -13,7 +13,7 @@ from typing import ClassVar, Mapping
 import torch
 from torch import Tensor, nn
 
-from rankbench.plugin import (SELECTOR_HYPERPARAMETERS, Bond, Hyper, Method, RankSelector, Search, StaticInput, StepLoss,
+from rankbench.plugin import (SELECTOR_HYPERPARAMETERS, Bond, Hyper, Knob, Method, RankSelector, Search, StaticInput, StepLoss,
                               TaskLoss)
 
 
@@ -66,6 +66,7 @@ class ReinforceL0(Method):
 
     name: ClassVar[str] = "reinforce_l0"
     description: ClassVar[str] = "discrete Bernoulli rank gates trained by REINFORCE (score-function) gradients"
+    compression_knob: ClassVar[Knob | None] = Knob("lambda", increases_compression=True)
     hyperparameters: ClassVar[dict[str, Hyper]] = {
         **SELECTOR_HYPERPARAMETERS,
         "lambda": Hyper(0.2, "weight λ of the l0 norm in the cost", minimum=0.0, search=Search(1e-3, 10.0, log=True),

@@ -34,7 +34,7 @@ from rankbench.layers.tensorized import (
 from rankbench.contract import Check, check_method, check_task
 from rankbench.hyper import Hyper, Search
 from rankbench.plugins.defaults import MethodDefaults, Recipe
-from rankbench.plugins.method import SELECTOR_HYPERPARAMETERS, Method, MethodContext, StepLoss, TaskLoss
+from rankbench.plugins.method import SELECTOR_HYPERPARAMETERS, Knob, Method, MethodContext, StepLoss, TaskLoss
 from rankbench.plugins.registry import Registry
 from rankbench.plugins.task import Task
 from rankbench.run.metrics import recalibrate_batchnorm
@@ -43,6 +43,7 @@ from rankbench.records import TENSORIZED_COMPRESSION, Record
 __all__ = [
     # method interface
     "Method", "MethodContext", "StepLoss", "TaskLoss", "SELECTOR_HYPERPARAMETERS", "RankSelector", "StaticInput", "Bond",
+    "Knob",
     # declared hyperparameters and defaults
     "Hyper", "Search", "Recipe", "MethodDefaults",
     # task interface and data

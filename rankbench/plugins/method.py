@@ -32,6 +32,16 @@ class StepLoss:
 
 
 TaskLoss = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class Knob:
+    """The hyperparameter a method's compression follows, for matched-compression studies
+    (``rankbench.study.matched``): its name and whether raising it raises the compression (λ of an
+    ℓ0 penalty does; a uniform rank does not). Its search interval is its ``Hyper``'s ``search``."""
+
+    name: str
+    increases_compression: bool
 Role = Literal["reference", "uniform", "selector"]
 ROLES: tuple[Role, ...] = ("reference", "uniform", "selector")
 
@@ -68,6 +78,9 @@ class Method:
     """How reports and figures treat the method: ``reference`` (the 1x model, e.g. dense),
     ``uniform`` (a fixed-rank baseline drawn as a curve over its label, e.g. trn) or
     ``selector`` (a rank-selection method, drawn as points)."""
+    compression_knob: ClassVar[Knob | None] = None
+    """The hyperparameter to tune when methods are matched at target compressions (None: the
+    method's compression is fixed, e.g. dense)."""
     checks_tasks: ClassVar[bool] = False
     """``check-plugin TASK`` runs this method's contract on the task (the built-ins
     dense, trn and ours declare it, one method of each role)."""
