@@ -198,28 +198,11 @@ def _matrix_step(positions: tuple[int, ...], left: str, right: str, swap: bool, 
     row_order = left_read[1] if left_read is not None else "".join(sorted(rows, key=by_memory.get))
     col_order = right_read[2] if right_read is not None else "".join(sorted(cols, key=by_memory.get))
     lead = tuple(sizes[c] for c in batch_order)
-    if left_read is None:
-        target = batch_order + row_order + inner_order
-        left_op = MatrixOperand(tuple(left.index(c) for c in target), (*lead, _size(row_order, sizes),
-                                _size(inner_order, sizes)), False)
-        cost += 2
-    else:
-        transposed = left_read[0]
-        shape = (*lead, _size(inner_order, sizes), _size(row_order, sizes)) if transposed else \
-            (*lead, _size(row_order, sizes), _size(inner_order, sizes))
-        left_op = MatrixOperand(None, shape, transposed)
-        cost += 1 if transposed else 0
-    if right_read is None:
-        target = batch_order + inner_order + col_order
-        right_op = MatrixOperand(tuple(right.index(c) for c in target), (*lead, _size(inner_order, sizes),
-                                 _size(col_order, sizes)), False)
-        cost += 2
-    else:
-        transposed = right_read[0]
-        shape = (*lead, _size(col_order, sizes), _size(inner_order, sizes)) if transposed else \
-            (*lead, _size(inner_order, sizes), _size(col_order, sizes))
-        right_op = MatrixOperand(None, shape, transposed)
-        cost += 1 if transposed else 0
+    left_op, left_cost = _operand(left, left_read, batch_order + row_order + inner_order, lead,
+                                  _size(row_order, sizes), _size(inner_order, sizes))
+    right_op, right_cost = _operand(right, right_read, batch_order + inner_order + col_order, lead,
+                                    _size(inner_order, sizes), _size(col_order, sizes))
+    cost += left_cost + right_cost
     result = batch_order + row_order + col_order
     n_batch, n_rows, n_inner, n_cols = (_size(s, sizes) for s in (batch_order, row_order, inner_order, col_order))
     copied = [n_batch * n_rows * n_inner] * (left_op.permutation is not None) + \
@@ -230,6 +213,18 @@ def _matrix_step(positions: tuple[int, ...], left: str, right: str, swap: bool, 
     step = ContractionStep(tuple(positions), left=left_op, right=right_op,
                            result_shape=tuple(sizes[c] for c in result), swapped=swap, cost=work)
     return step, result, cost
+
+
+def _operand(term: str, read: tuple[bool, str, str] | None, target: str, lead: tuple[int, ...], rows: int,
+             cols: int) -> tuple[MatrixOperand, float]:
+    """How ``term`` enters a product as a ``rows × cols`` matrix laid out as ``target``: read in place
+    (``read``, from ``_read``; a transposed read costs 1, its gradient is copied back) or copied
+    (cost 2: forward and backward)."""
+    if read is None:
+        return MatrixOperand(tuple(term.index(c) for c in target), (*lead, rows, cols), False), 2.0
+    transposed = read[0]
+    shape = (*lead, cols, rows) if transposed else (*lead, rows, cols)
+    return MatrixOperand(None, shape, transposed), 1.0 if transposed else 0.0
 
 
 def _size(indices, sizes: dict[str, int]) -> int:
