@@ -8,7 +8,7 @@ from typing import ClassVar, Mapping
 import torch
 from torch import Tensor, nn
 
-from rankbench.plugin import (SELECTOR_HYPERPARAMETERS, Bond, Hyper, Method, MethodDefaults, RankSelector, Search,
+from rankbench.plugin import (SELECTOR_HYPERPARAMETERS, Bond, Hyper, Knob, Method, MethodDefaults, RankSelector, Search,
                               CoreBank, StaticInput, StepLoss, TaskLoss, tensorized_layers)
 
 MODES = {"soft": {"prior": 0.1, "alpha": -1.5}, "hard": {"prior": 0.01, "alpha": -1.75}}
@@ -18,15 +18,26 @@ class HardConcreteMask(RankSelector):
     """Mask ``m = clamp(s·(ζ−γ) + γ, 0, 1)``, ``s = sigmoid((θ + log u − log(1−u))/τ)``,
     one sample per forward pass shared by the batch; eval ``m = 1[θ > 0]``.
 
-    MARS allows rank 0; rankbench keeps the slice with the largest θ when no θ is
-    positive, so the layer stays connected.
+    MARS allows rank 0 (``allow_zero``, the method's ``allow_rank_zero``: the bond is pruned away
+    and its layer outputs its bias); by default rankbench keeps the slice with the largest θ when
+    no θ is positive, so the layer stays connected. The buffer ``masking`` is 0 during a warm-up
+    (MARS's ``warmup`` switch: the layer runs unmasked, every multiplier 1, in training and
+    evaluation) and 1 after.
     """
 
-    def __init__(self, size: int, alpha: float, temperature: float, gamma: float, zeta: float) -> None:
+    def __init__(self, size: int, alpha: float, temperature: float, gamma: float, zeta: float,
+                 allow_zero: bool = False, masking: bool = True) -> None:
         super().__init__(size)
         self.theta = nn.Parameter(alpha + 0.01 * torch.randn(size))
         self.register_buffer("temperature", torch.tensor(float(temperature)))
+        self.register_buffer("masking", torch.tensor(1.0 if masking else 0.0))
         self.gamma, self.zeta = gamma, zeta
+        self.allows_zero = allow_zero
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        """A checkpoint from before warm-ups has no ``masking``: its masks were on."""
+        state_dict.setdefault(prefix + "masking", torch.ones_like(self.masking))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def sample(self) -> Tensor:
         u = torch.rand(self.size, device=self.theta.device).clamp(1e-6, 1 - 1e-6)
@@ -34,11 +45,14 @@ class HardConcreteMask(RankSelector):
         return torch.clamp(s * (self.zeta - self.gamma) + self.gamma, 0.0, 1.0)
 
     def deterministic(self) -> Tensor:
-        """θ > 0; if no slice is on, the likeliest one (branch-free, so ``torch.compile`` keeps one graph)."""
+        """θ > 0; if no slice is on, the likeliest one unless ``allows_zero``; all ones during a
+        warm-up (branch-free on tensors, so ``torch.compile`` keeps one graph)."""
         with torch.no_grad():
             mask = (self.theta > 0).to(self.theta.dtype)
-            likeliest = torch.zeros_like(mask).scatter_(0, self.theta.argmax().reshape(1), 1.0)
-            return torch.where(mask.sum() > 0, mask, likeliest)
+            if not self.allows_zero:
+                likeliest = torch.zeros_like(mask).scatter_(0, self.theta.argmax().reshape(1), 1.0)
+                mask = torch.where(mask.sum() > 0, mask, likeliest)
+            return torch.where(self.masking > 0, mask, torch.ones_like(mask))
 
     def probability(self) -> Tensor:
         """φ = sigmoid(θ): the probability that each slice is on."""
@@ -49,6 +63,18 @@ FULL_MNIST_N = 60000
 """MARS's N on the embedded digits: full MNIST's training-set size, as in MARS's notebooks."""
 PRIOR_N_WHY = ("mars weighs its priors by 1/N, and with the true N=4,000 they are 15x stronger than on full MNIST: "
                "the embedded data uses full MNIST's N=60,000 (prior_n)")
+
+
+NOTEBOOK = {"mode": "soft", "tau0": 0.1, "tau_decay": 0.99, "tau_min": 0.01, "gamma": -0.1, "zeta": 1.1,
+            "core_prior_inv_std": 0.1, "prior_n": FULL_MNIST_N, "selector_lr": None, "allow_rank_zero": True,
+            "warmup_epochs": 0}
+"""MARS as its notebooks run it (MNIST-2FC-soft.ipynb; ``--set mode=hard`` for -hard): MARSLoss(model,
+len(trainset)) with trainset full MNIST's 60,000 digits (N = 60,000 on any data: on the embedded
+4,000 the data's own N closes every mask, in the authors' code as in rankbench), one Adam for
+weights and logits, eval masks ``logits > 0`` with nothing kept when none is (rank 0), ``warmup``
+never switched on."""
+NOTEBOOK_WHY = ("mlp2 is MARS's 2FC-Net, so mars runs it as MARS's notebooks do (the mars-notebook recipe, on any "
+                "data; --recipe embedded or paper for rankbench's own set-up)")
 
 
 class Mars(Method):
@@ -62,6 +88,7 @@ class Mars(Method):
 
     name: ClassVar[str] = "mars"
     description: ClassVar[str] = "MARS: Hard-Concrete rank masks with a Bernoulli prior (relaxed MAP)"
+    compression_knob: ClassVar[Knob | None] = Knob("prior", increases_compression=False)
     hyperparameters: ClassVar[dict[str, Hyper]] = {
         **SELECTOR_HYPERPARAMETERS,
         "mode": Hyper("soft", "soft: prior 0.1, alpha -1.5; hard: prior 0.01, alpha -1.75", choices=tuple(MODES),
@@ -77,6 +104,10 @@ class Mars(Method):
         "core_prior_inv_std": Hyper(0.1, "s^-1 of the Gaussian prior on core entries", minimum=0.0),
         "prior_n": Hyper(None, "N of the prior's 1/N weight (none: the training set's size)", type=int,
                          minimum=1, nullable=True),
+        "allow_rank_zero": Hyper(False, "let a bond whose every logit is <= 0 prune to rank 0 (the layer then "
+                                 "outputs its bias), as MARS's authors; false: keep its likeliest slice"),
+        "warmup_epochs": Hyper(0, "epochs trained unmasked (every mask 1, MARS's warmup switch) before the masks "
+                               "switch on; the priors and the temperature schedule run throughout", minimum=0),
     }
     task_defaults: ClassVar[dict[str, Mapping[str, object] | MethodDefaults]] = {
         "lenet5/embedded": MethodDefaults({"prior_n": FULL_MNIST_N}, PRIOR_N_WHY + " (measured on mlp2)"),
@@ -86,6 +117,9 @@ class Mars(Method):
             "stay closed for 60-100 of the 300 epochs at the weights' 1e-2. Test accuracy of mars, seeds 0-2: "
             "N=4,000 80.0% (seed 0, 391x); N=60,000 93.4/87.4/86.8%; N=60,000 and selector_lr 0.03 "
             "94.6/93.2/95.0% at 210/188/197x; N=4,000 and selector_lr 0.03 10% (all ranks 1)"),
+        "mlp2": MethodDefaults({}, NOTEBOOK_WHY, recipe="mars-notebook"),
+        "mlp2/mars-notebook": MethodDefaults(NOTEBOOK, "the notebook's MARS: " + ", ".join(
+            f"{k}={'none' if v is None else v}" for k, v in NOTEBOOK.items())),
     }
 
     def __init__(self, params: Mapping) -> None:
@@ -97,9 +131,12 @@ class Mars(Method):
         self._drawn = StaticInput()
         self._step_inputs: tuple[Tensor, Tensor | None] | None = None
         """The θ this training step drew from and its forward's cores, read by ``penalty`` within the step."""
+        self._warming_up = self.params["warmup_epochs"] > 0
+        """Within the first ``warmup_epochs`` epochs: the masks are off (1)."""
 
     def selector(self, bond: Bond) -> RankSelector | None:
-        return HardConcreteMask(bond.size, self.alpha, self.temperature, self.params["gamma"], self.params["zeta"])
+        return HardConcreteMask(bond.size, self.alpha, self.temperature, self.params["gamma"], self.params["zeta"],
+                                allow_zero=self.params["allow_rank_zero"], masking=self.params["warmup_epochs"] == 0)
 
     def masks(self, model: nn.Module) -> list[HardConcreteMask]:
         """The masks ``attach`` put on ``model``, in bond order (read from the registry)."""
@@ -148,7 +185,11 @@ class Mars(Method):
             return super().loss(model, batch, task_loss)
         x, y = batch
         theta = torch.cat([m.theta for m in masks])
-        with RankSelector.supplied(dict(zip(masks, self.draw(masks, theta), strict=True))):
+        if self._warming_up:  # unmasked, as MARS's warmup: every multiplier 1 (the priors still count)
+            values = list(self._drawn.update(torch.ones_like(theta.detach())).split([m.size for m in masks]))
+        else:
+            values = self.draw(masks, theta)
+        with RankSelector.supplied(dict(zip(masks, values, strict=True))):
             outputs = model(x)
         task = task_loss(outputs, y)
         bank = CoreBank.of(model)
@@ -159,13 +200,26 @@ class Mars(Method):
             self._step_inputs = None
         return StepLoss(total=task + penalty, task=task.detach(), penalty=penalty.detach(), outputs=outputs)
 
+    def attach(self, model: nn.Module, context) -> None:
+        super().attach(model, context)
+        self._warming_up = self.params["warmup_epochs"] > 0
+
+    def _set_masking(self, model: nn.Module, on: bool) -> None:
+        self._warming_up = not on
+        for mask in self.masks(model):
+            mask.masking.fill_(1.0 if on else 0.0)
+
     def state_dict(self) -> dict:
-        return {"temperature": self.temperature}
+        return {"temperature": self.temperature, "masking": not self._warming_up}
 
     def load_state_dict(self, model: nn.Module, state: Mapping) -> None:
         self.temperature = state.get("temperature", self.temperature)
+        self._set_masking(model, bool(state.get("masking", True)))
 
     def on_epoch_end(self, model: nn.Module, epoch: int, metrics: Mapping[str, float]) -> None:
+        """Anneal the temperature; after epoch ``warmup_epochs`` (counted from 1) switch the masks on."""
         self.temperature = max(self.params["tau_min"], self.params["tau_decay"] * self.temperature)
         for mask in self.masks(model):
             mask.temperature.fill_(self.temperature)
+        if self._warming_up and epoch >= self.params["warmup_epochs"]:
+            self._set_masking(model, True)

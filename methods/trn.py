@@ -13,7 +13,7 @@ class UniformRank(Method):
     description: ClassVar[str] = "uniform-rank tensor ring/train, every bond rank r, no selection"
     role: ClassVar[str] = "uniform"
     checks_tasks: ClassVar[bool] = True
-    compression_knob: ClassVar[Knob | None] = Knob("rank", increases_compression=False)
+    compression_knob: ClassVar[Knob | None] = Knob("rank", increases_compression=False, found_by="model")
     hyperparameters: ClassVar[dict[str, Hyper]] = {
         "rank": Hyper(10, "rank of every bond", minimum=1, search=Search(2, 30), label=True),
     }

@@ -179,7 +179,8 @@ def _check_selector_output(where: str, selector: RankSelector, size: int) -> Non
 
 def _eval_rank(selector: RankSelector) -> int:
     with torch.no_grad():
-        return max(1, int((selector.deterministic() != 0).sum()))
+        rank = int((selector.deterministic() != 0).sum())
+        return rank if selector.allows_zero else max(1, rank)
 
 
 def _hand_count(model: nn.Module) -> int:
@@ -333,7 +334,9 @@ def check_method(registry: Registry, name: str, task: str, *, prefix: str = "") 
             for k, (r, r0) in enumerate(zip(values, initial)):
                 _require(isinstance(r, int) and not isinstance(r, bool), f"{layer_name} bond {k}: rank {r!r} "
                                                                          "is not an int")
-                _require(1 <= r <= r0, f"{layer_name} bond {k}: rank {r} outside 1..{r0} (its initial size)")
+                selector = layers[layer_name].selector(k)
+                low = 0 if selector is not None and selector.allows_zero else 1  # a selector may allow rank 0
+                _require(low <= r <= r0, f"{layer_name} bond {k}: rank {r} outside {low}..{r0} (its initial size)")
         return f"{ranks_}" if ranks_ else "no tensorized layers"
 
     def export() -> str:

@@ -7,7 +7,8 @@ from here, not from the modules behind it: they may move, this list stays.
 
 from rankbench.data import DataSplits, Split, default_data_dir, download_file, holdout_split, iterate_batches
 from rankbench.data.cifar import load_cifar10, random_crop_flip
-from rankbench.data.mnist import DATASETS, load_mnist_family, load_mnist_family_from, mnist_family_hyperparameters
+from rankbench.data.mnist import (DATASETS, load_mnist_family, load_mnist_family_from, mnist_family_hyperparameters,
+                                  pixel_normalisation)
 from rankbench.data.text import load_text_classification
 from rankbench.data.translation import corpus_bleu, decode, load_translation
 from rankbench.errors import RankbenchError
@@ -49,6 +50,7 @@ __all__ = [
     # task interface and data
     "Task", "Record", "TENSORIZED_COMPRESSION", "DataSplits", "Split", "DATASETS", "default_data_dir", "download_file", "holdout_split",
     "iterate_batches", "load_mnist_family", "load_mnist_family_from", "mnist_family_hyperparameters",
+    "pixel_normalisation",
     "load_cifar10", "random_crop_flip", "recalibrate_batchnorm", "load_text_classification", "load_translation",
     "decode", "corpus_bleu",
     # tensorized layers and model helpers

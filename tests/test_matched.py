@@ -1,5 +1,5 @@
 """Matched compression (rankbench/study/matched.py): a uniform rank's compression read off the model
-with nothing trained, and a learned method's knob bisected toward a target compression."""
+with nothing trained, and a learned method's knob searched toward each target compression."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from rankbench.plugins.method import Knob
 from rankbench.plugins.registry import Registry
 from rankbench.run.config import make_config
-from rankbench.study.matched import KnobInterval, search_knob, uniform_compressions, uniform_rank_bracket
+from rankbench.study.matched import KnobInterval, search_targets, uniform_compressions, uniform_rank_bracket
 
 REGISTRY = Registry.discover(entry_point_groups=False)
 
@@ -35,7 +35,7 @@ def test_uniform_ranks_compressions_are_read_off_the_model_and_bracket_a_target(
         uniform_rank_bracket(compressions, 5000.0)
 
 
-def test_a_knob_is_bisected_in_log_space_until_the_compression_is_within_the_tolerance():
+def test_a_knob_is_searched_in_log_space_until_each_target_is_within_the_tolerance():
     runs = []
 
     def measure(lam: float) -> float:  # compression grows like sqrt(lambda), as a learned method's might
@@ -43,28 +43,65 @@ def test_a_knob_is_bisected_in_log_space_until_the_compression_is_within_the_tol
         return 10.0 * math.sqrt(lam / 0.1)
 
     knob = Knob("lambda", increases_compression=True)
-    search = search_knob(measure, knob, KnobInterval(1e-3, 10.0, log=True, integer=False), 40.0, tolerance=0.05)
-    assert search.hit and abs(search.best[1] / 40.0 - 1) <= 0.05
-    assert runs[0] == pytest.approx(math.sqrt(1e-3 * 10.0))  # the interval's geometric middle first
-    assert len(search.steps) == len(runs) <= 8
+    targets = [5.0, 20.0, 40.0, 80.0]
+    searches = search_targets(measure, knob, KnobInterval(1e-3, 10.0, log=True, integer=False), targets, 1.0,
+                              tolerance=0.05)
+    assert runs[0] == 1.0  # the start (the method's default) first
+    for target in targets:
+        assert searches[target].hit and abs(searches[target].best[1] / target - 1) <= 0.05
+    assert len(runs) == len(set(runs)) <= 3 * len(targets)  # no value trained twice, a few runs per target
+    # a power law is a line in (log knob, log compression): once bracketed, one interpolation hits it
+    assert len(searches[40.0].steps) <= 2
+
+
+def test_measurements_are_shared_between_targets_and_with_an_earlier_search():
+    runs = []
+
+    def measure(lam: float) -> float:
+        runs.append(lam)
+        return 10.0 * math.sqrt(lam / 0.1)
+
+    knob = Knob("lambda", increases_compression=True)
+    interval = KnobInterval(1e-3, 10.0, log=True, integer=False)
+    first = search_targets(measure, knob, interval, [20.0], 1.0, tolerance=0.05)
+    measured = {v: c for s in first.values() for v, c in s.steps}
+    count = len(runs)
+    again = search_targets(measure, knob, interval, [20.0], 1.0, tolerance=0.05, measured=measured)
+    assert len(runs) == count and again[20.0].best == first[20.0].best  # a replay trains nothing
 
 
 def test_a_decreasing_integer_knob_stops_when_no_new_rank_is_left_and_says_it_missed():
     compressions = uniform_compressions(lenet5(), range(2, 31))
     knob = Knob("rank", increases_compression=False)
     target = (compressions[12] * compressions[13]) ** 0.5  # between two ranks: no rank is within 1 %
-    search = search_knob(lambda r: compressions[int(r)], knob, KnobInterval(2, 30, log=False, integer=True),
-                         target, tolerance=0.01)
+    trained = []
+
+    def measure(r: float) -> float:
+        trained.append(int(r))
+        return compressions[int(r)]
+
+    search = search_targets(measure, knob, KnobInterval(2, 30, log=False, integer=True), [target], 10,
+                            tolerance=0.01, max_runs=20)[target]
     assert not search.hit
     assert int(search.best[0]) in (12, 13)
-    assert len({v for v, _ in search.steps}) == len(search.steps)  # no rank trained twice
+    assert len(set(trained)) == len(trained)  # no rank trained twice
+    assert {12, 13} <= set(trained)  # it stopped because nothing is left between the two
 
 
-def test_an_unreachable_target_ends_near_the_intervals_end_and_is_not_a_hit():
+def test_an_unreachable_target_ends_at_the_intervals_end_and_is_not_a_hit():
     knob = Knob("lambda", increases_compression=True)
-    search = search_knob(lambda lam: min(50.0, 100 * lam), knob, KnobInterval(0.01, 1.0, log=True, integer=False),
-                         200.0, max_steps=6)
-    assert not search.hit and len(search.steps) == 6 and search.best[0] > 0.5
+    searches = search_targets(lambda lam: min(50.0, 100 * lam), knob,
+                              KnobInterval(0.01, 1.0, log=True, integer=False), [200.0], 0.1, max_runs=6)
+    assert not searches[200.0].hit and searches[200.0].best[0] == 1.0
+    assert len(searches[200.0].steps) < 7  # it stopped at the end, not after every run it was allowed
+
+
+def test_noise_that_breaks_the_monotone_order_does_not_stall_the_search():
+    values = iter([8.0, 30.0, 12.0, 26.0, 19.5])
+    knob = Knob("lambda", increases_compression=True)
+    searches = search_targets(lambda lam: next(values), knob, KnobInterval(1e-3, 10.0, log=True, integer=False),
+                              [20.0], 0.5, tolerance=0.05, max_runs=4)
+    assert searches[20.0].hit and searches[20.0].best[1] == 19.5
 
 
 def test_every_built_in_method_but_the_reference_declares_a_knob_with_a_search_interval():
@@ -73,8 +110,6 @@ def test_every_built_in_method_but_the_reference_declares_a_knob_with_a_search_i
         if method.role == "reference":
             assert method.compression_knob is None
             continue
-        if method.compression_knob is None:
-            continue  # declared as its plugin lands (mars: its prior)
         interval = KnobInterval.of(method)
         assert interval.low < interval.high
     with pytest.raises(ValueError, match="no compression knob"):

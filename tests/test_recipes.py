@@ -79,24 +79,33 @@ def test_cli_budget_conflicts_with_epochs(tmp_path, capsys):
 
 
 def test_mars_uses_full_mnist_prior_weight_on_the_embedded_digits_only(tmp_path):
-    """MARS's priors are weighted 1/N; its defaults on mlp2's embedded recipe set N to full MNIST's 60,000."""
+    """MARS's priors are weighted 1/N; its defaults on the embedded recipes set N to full MNIST's 60,000.
+    On mlp2 (MARS's own 2FC-Net) MARS runs its notebook's recipe on any data, N = 60,000 there too."""
     from rankbench.data.mnist import load_mnist_family
     from rankbench.methods.mars import FULL_MNIST_N
     from rankbench.run.prepare import prepare
 
     from helpers import make_tiny_mnist
 
-    config = make_config(REGISTRY, "mlp2", "mars")
+    config = make_config(REGISTRY, "lenet5", "mars")
     assert config.method_params["prior_n"] is None and config.method_params["selector_lr"] is None  # paper
     full = load_mnist_family("mnist", make_tiny_mnist(tmp_path), val_size=40)
     on_embedded = prepare(config, REGISTRY)
-    on_full = prepare(make_config(REGISTRY, "mlp2", "mars", {"val_size": 40}, data_dir=tmp_path), REGISTRY, data=full)
+    on_full = prepare(make_config(REGISTRY, "lenet5", "mars", {"val_size": 40}, data_dir=tmp_path), REGISTRY,
+                      data=full)
     assert on_embedded.data.embedded and not full.embedded
     assert on_embedded.recipe == "embedded" and on_full.recipe == "paper"
     assert on_embedded.method_params["prior_n"] == FULL_MNIST_N == 60000
-    assert on_embedded.method_params["selector_lr"] == 0.03
     assert on_full.method_params == config.method_params
-    assert on_embedded.defaults.sources["prior_n"] == "mars defaults on mlp2/embedded"
+    assert on_embedded.defaults.sources["prior_n"] == "mars defaults on lenet5/embedded"
+    embedded = prepare(make_config(REGISTRY, "mlp2", "mars", recipe="embedded"), REGISTRY, data=on_embedded.data)
+    assert embedded.recipe == "embedded" and embedded.method_params["prior_n"] == 60000
+    assert embedded.method_params["selector_lr"] == 0.03
+    assert embedded.defaults.sources["prior_n"] == "mars defaults on mlp2/embedded"
+    for data in (on_embedded.data, full):
+        notebook = prepare(make_config(REGISTRY, "mlp2", "mars", {"val_size": 40}), REGISTRY, data=data)
+        assert notebook.recipe == "mars-notebook" and notebook.method_params["prior_n"] == 60000
+        assert notebook.method_params["selector_lr"] is None
     ours = prepare(make_config(REGISTRY, "mlp2", "ours"), REGISTRY, data=on_embedded.data)
     assert ours.recipe == "paper" and ours.method_params == make_config(REGISTRY, "mlp2", "ours").method_params
     chosen = prepare(make_config(REGISTRY, "mlp2", "mars", {"prior_n": 4000}), REGISTRY, data=on_embedded.data)
@@ -195,8 +204,8 @@ def test_the_embedded_mars_run_records_and_prints_its_prior_n(tmp_path, capsys):
     import mlflow
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
-    assert main(["run", "--task", "mlp2", "--method", "mars", "--epochs", "1", "--tracking-uri", uri,
-                 "--no-progress"]) in (0, None)
+    assert main(["run", "--task", "mlp2", "--method", "mars", "--recipe", "embedded", "--epochs", "1",
+                 "--tracking-uri", uri, "--no-progress"]) in (0, None)  # without it: the notebook's recipe
     out = capsys.readouterr().out
     assert "selector_lr=0.03" in out.splitlines()[1] and "prior_n=60000" in out.splitlines()[1]  # values used
     assert out.splitlines()[2].startswith("recipe embedded:") and "1/N" in out.splitlines()[2]

@@ -51,7 +51,7 @@ MLP2 = {
     "trn": {"rank": 8},
     "ours": {"lambda": 1.0},
     "reinforce_l0": {},
-    "mars": {"alpha": 0.3, "prior": 1e-8},
+    "mars": {"alpha": 0.3, "prior": 1e-8, "selector_lr": 0.03},  # the notebook's set-up, logits 3x faster
 }
 
 

@@ -19,7 +19,8 @@ import torch
 from rankbench.data.splits import DataSplits, Split, dataset_folders, download_file, file_digest, holdout_split
 from rankbench.errors import RankbenchError
 
-__all__ = ["DATASETS", "load_mnist_family", "load_mnist_family_from", "mnist_family_hyperparameters"]
+__all__ = ["DATASETS", "load_mnist_family", "load_mnist_family_from", "mnist_family_hyperparameters",
+           "pixel_normalisation"]
 
 DATASETS: tuple[str, ...] = ("mnist", "fashion-mnist", "kmnist")
 
@@ -267,6 +268,13 @@ def _load_embedded(split_seed: int, sizes: tuple[int, int, int]) -> DataSplits:
         embedded=True,
         digest=hashlib.sha256(np.ascontiguousarray(images).tobytes() + np.ascontiguousarray(labels).tobytes()).hexdigest(),
     )
+
+
+def pixel_normalisation(name: str) -> tuple[float, float]:
+    """The (mean, std) every loader here normalises ``name``'s [0, 1] pixels with: x = (p/255 − mean)/std."""
+    if name not in _MEAN_STD:
+        raise RankbenchError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)}")
+    return _MEAN_STD[name]
 
 
 def mnist_family_hyperparameters() -> dict:

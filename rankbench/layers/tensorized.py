@@ -29,6 +29,8 @@ from rankbench.layers.contraction import ContractionCost, ContractionPlan
 
 Decomposition = Literal["tr", "tt"]
 Strategy = Literal["auto", "weight", "input"]
+Init = Literal["variance", "glorot"]
+INITS: tuple[str, ...] = ("variance", "glorot")
 
 
 class RankSelector(nn.Module):
@@ -48,6 +50,10 @@ class RankSelector(nn.Module):
     own during forward. Under ``--compile`` the supplied tensors are inputs a
     CUDA graph takes as static: supply views of a :class:`StaticInput`.
     """
+
+    allows_zero: bool = False
+    """Whether an eval rank of 0 stands (the bond is pruned away and its layer outputs its bias alone, as
+    MARS's authors allow); by default a bond whose every eval multiplier is 0 counts and prunes as rank 1."""
 
     def __init__(self, size: int) -> None:
         super().__init__()
@@ -167,14 +173,21 @@ class TensorizedLayer(nn.Module):
         ranks: int | Sequence[int],
         decomposition: Decomposition,
         fan_in: int,
+        init: Init = "variance",
+        glorot_fans: tuple[int, int] | None = None,
     ) -> None:
         """``core_modes[k]`` are the physical modes core ``k`` carries (one mode
         for a ring of vectors, an (in, out) pair for a TT-matrix core);
         ``weight_order`` lists ``(core, position)`` of each mode in the order of
-        ``full_tensor``'s axes."""
+        ``full_tensor``'s axes. ``init`` is the cores' rule (``reset_cores``); ``glorot_fans``
+        the (rows, columns) of the matrix tt-pytorch's Glorot rule sees."""
         super().__init__()
         if decomposition not in ("tr", "tt"):
             raise RankbenchError(f"unknown decomposition {decomposition!r}: use 'tr' or 'tt'")
+        if init not in INITS:
+            raise RankbenchError(f"unknown init {init!r}: use {' or '.join(map(repr, INITS))}")
+        self.init: Init = init
+        self.glorot_fans = glorot_fans
         self.decomposition: Decomposition = decomposition
         self.core_modes = tuple(tuple(int(m) for m in core) for core in core_modes)
         self.weight_order = tuple(weight_order)
@@ -216,16 +229,29 @@ class TensorizedLayer(nn.Module):
             raise RankbenchError(f"ranks must be >= 1, got {out}")
         return tuple(out)
 
+    def init_variance(self) -> float:
+        """The variance ``reset_cores`` gives the reconstructed weight: ``variance``, 1/(3·fan_in) (a
+        default-initialised dense layer's); ``glorot``, 2/(rows + columns) (tt-pytorch's
+        ``glorot_initializer``, which MARS's authors use; for a conv the rows are in·k·k)."""
+        if self.init == "glorot":
+            if self.glorot_fans is None:
+                raise RankbenchError(f"{type(self).__name__} has no Glorot fans: pass glorot_fans")
+            return 2.0 / sum(self.glorot_fans)
+        return 1.0 / (3.0 * self.fan_in)
+
     @torch.no_grad()
     def reset_cores(self) -> None:
         """Draw cores N(0, s²) with s chosen so the reconstructed weight has the
-        variance of a default-initialised dense layer, 1/(3·fan_in).
+        variance ``init_variance`` (by default a default-initialised dense layer's, 1/(3·fan_in)).
 
         Each weight entry is a sum of prod(r_k) products of d independent core
         entries, so Var(W) = prod(r_k)·s^(2d). Without this rescaling a rank-25
         ring starts with several times the dense variance and trains slowly.
+        Every core gets the same s, as tt-pytorch spreads its Glorot variance
+        (``random_matrix``: s = σ^(1/d)·prod(r)^(-1/(2d)); for a TT exactly this;
+        its ring version counts the wrap-around rank twice, a variance R times too small).
         """
-        target = 1.0 / (3.0 * self.fan_in)
+        target = self.init_variance()
         log_paths = sum(math.log(r) for r in self.ranks)
         std = math.exp(0.5 * (math.log(target) - log_paths) / len(self.core_modes))
         for core in self.cores:
@@ -261,10 +287,12 @@ class TensorizedLayer(nn.Module):
 
     @torch.no_grad()
     def eval_ranks(self) -> tuple[int, ...]:
-        """Bond sizes after pruning: selectors' eval ranks, never below 1."""
+        """Bond sizes after pruning: selectors' eval ranks, never below 1 unless the selector
+        ``allows_zero`` (then a bond of rank 0 empties its two cores and the layer outputs its bias)."""
         out = list(self.ranks)
         for key, selector in self.selectors.items():
-            out[int(key)] = max(1, selector.rank())
+            rank = selector.rank()
+            out[int(key)] = rank if selector.allows_zero else max(1, rank)
         return tuple(out)
 
     def parameter_count(self, ranks: Sequence[int] | None = None) -> int:
@@ -394,6 +422,22 @@ class TensorizedLayer(nn.Module):
     def _clone_with(self, ranks: tuple[int, ...]) -> "TensorizedLayer":
         raise NotImplementedError
 
+    def _clone_at(self, ranks: tuple[int, ...]) -> "TensorizedLayer":
+        """``_clone_with``, where a bond may have size 0 (a constructor takes ranks >= 1): the
+        clone is built at rank 1 there, then its cores are replaced by zero-filled ones of the
+        real sizes (the two beside a zero bond hold no entries)."""
+        new = self._clone_with(tuple(max(1, r) for r in ranks))
+        if 0 in ranks:
+            d = len(ranks)
+            like = new.cores[0]
+            new.ranks = tuple(ranks)
+            new.cores = nn.ParameterList(
+                nn.Parameter(torch.zeros(ranks[k], *self.core_modes[k], ranks[(k + 1) % d],
+                                         device=like.device, dtype=like.dtype))
+                for k in range(d))
+            new._weight_cache, new._expr_cache = None, {}
+        return new
+
     @torch.no_grad()
     def pruned(self) -> "TensorizedLayer":
         """A selector-free copy whose bonds keep only slices with non-zero eval
@@ -407,10 +451,11 @@ class TensorizedLayer(nn.Module):
             m = selector.deterministic().detach().to(cores[k].dtype)
             cores[k] = cores[k] * m.view(-1, *[1] * (cores[k].dim() - 1))
             nz = torch.nonzero(m != 0).flatten()
-            keep[k] = nz if nz.numel() > 0 else torch.zeros(1, dtype=torch.long, device=m.device)
+            keep[k] = nz if nz.numel() > 0 or selector.allows_zero else torch.zeros(1, dtype=torch.long,
+                                                                                      device=m.device)
         for k in range(d):
             cores[k] = cores[k][keep[k]][..., keep[(k + 1) % d]]
-        new = self._clone_with(tuple(len(i) for i in keep))
+        new = self._clone_at(tuple(len(i) for i in keep))
         for param, core in zip(new.cores, cores):
             param.copy_(core)
         if self.bias is not None:
@@ -469,6 +514,7 @@ class TensorizedLinear(TensorizedLayer):
         strategy: Strategy = "auto",
         name: str = "linear",
         layout: Literal["chain", "matrix"] = "chain",
+        init: Init = "variance",
     ) -> None:
         _check_modes(name, in_modes, in_features, "input")
         _check_modes(name, out_modes, out_features, "output")
@@ -478,7 +524,8 @@ class TensorizedLinear(TensorizedLayer):
         self.label = name
         self.layout = layout
         core_modes, order = _matrix_layout(name, self.in_modes, self.out_modes, layout)
-        super().__init__(core_modes, order, ranks, decomposition, fan_in=in_features)
+        super().__init__(core_modes, order, ranks, decomposition, fan_in=in_features, init=init,
+                         glorot_fans=(in_features, out_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         if self.bias is not None:
             bound = 1.0 / math.sqrt(in_features)
@@ -488,7 +535,7 @@ class TensorizedLinear(TensorizedLayer):
         return type(self)(
             self.in_features, self.out_features, self.in_modes, self.out_modes, ranks,
             decomposition=self.decomposition, bias=self.bias is not None,
-            strategy=self.strategy, name=self.label, layout=self.layout,
+            strategy=self.strategy, name=self.label, layout=self.layout, init=self.init,
         ).to(self.cores[0].device, self.cores[0].dtype)
 
     def _dense_layout(self, full: Tensor) -> Tensor:
@@ -570,6 +617,7 @@ class TensorizedEmbedding(TensorizedLayer):
         strategy: Literal["auto", "weight", "gather"] = "auto",
         name: str = "embedding",
         layout: Literal["chain", "matrix"] = "chain",
+        init: Init = "variance",
     ) -> None:
         _check_modes(name, vocab_modes, num_embeddings, "vocabulary")
         _check_modes(name, dim_modes, embedding_dim, "embedding")
@@ -580,12 +628,14 @@ class TensorizedEmbedding(TensorizedLayer):
         self.layout = layout
         core_modes, order = _matrix_layout(name, self.vocab_modes, self.dim_modes, layout, ("vocabulary", "embedding"))
         # nn.Embedding's default init is N(0, 1): variance 1 = 1/(3·fan_in) with fan_in = 1/3
-        super().__init__(core_modes, order, ranks, decomposition, fan_in=1.0 / 3.0)
+        super().__init__(core_modes, order, ranks, decomposition, fan_in=1.0 / 3.0, init=init,
+                         glorot_fans=(num_embeddings, embedding_dim))
 
     def _clone_with(self, ranks: tuple[int, ...]) -> "TensorizedEmbedding":
         return type(self)(
             self.num_embeddings, self.embedding_dim, self.vocab_modes, self.dim_modes, ranks,
             decomposition=self.decomposition, strategy=self.strategy, name=self.label, layout=self.layout,
+            init=self.init,
         ).to(self.cores[0].device, self.cores[0].dtype)
 
     def _dense_layout(self, full: Tensor) -> Tensor:
@@ -681,6 +731,7 @@ class TensorizedConv2d(TensorizedLayer):
         padding: int = 0,
         bias: bool = True,
         name: str = "conv",
+        init: Init = "variance",
     ) -> None:
         _check_modes(name, in_modes, in_channels, "input")
         _check_modes(name, out_modes, out_channels, "output")
@@ -691,7 +742,8 @@ class TensorizedConv2d(TensorizedLayer):
         modes = (kernel_size * kernel_size,) + self.in_modes + self.out_modes
         super().__init__(
             [(m,) for m in modes], [(k, 0) for k in range(len(modes))], ranks, decomposition,
-            fan_in=in_channels * kernel_size * kernel_size,
+            fan_in=in_channels * kernel_size * kernel_size, init=init,
+            glorot_fans=(in_channels * kernel_size * kernel_size, out_channels),
         )
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
         if self.bias is not None:
@@ -702,7 +754,7 @@ class TensorizedConv2d(TensorizedLayer):
         return type(self)(
             self.in_channels, self.out_channels, self.kernel_size, self.in_modes, self.out_modes, ranks,
             decomposition=self.decomposition, stride=self.stride, padding=self.padding,
-            bias=self.bias is not None, name=self.label,
+            bias=self.bias is not None, name=self.label, init=self.init,
         ).to(self.cores[0].device, self.cores[0].dtype)
 
     def _dense_layout(self, full: Tensor) -> Tensor:

@@ -6,7 +6,9 @@ Lowest to highest:
 2. the method's defaults for this task (``Method.task_defaults["TASK"]``, e.g. the paper's λ for LeNet-5);
 3. the recipe (``Task.recipes[NAME].task`` for the task's keys, ``Method.task_defaults["TASK/NAME"]``
    for the method's): ``paper`` changes nothing; ``embedded`` is chosen by itself when the small
-   embedded default data is loaded, and any recipe by ``--recipe NAME``;
+   embedded default data is loaded, a method's own recipe on a task whose recipe reproduces the
+   method's published experiment (``MethodDefaults(recipe=...)`` on ``"TASK"``) on any data, and
+   any recipe by ``--recipe NAME``;
 4. what the user set (``--set``, ``--epochs``, a study's values).
 
 A step budget (``--budget steps=N``) then sets the epochs from the data's size. Tasks never name
@@ -46,6 +48,9 @@ class MethodDefaults:
 
     values: Mapping[str, Any]
     why: str = ""
+    recipe: str | None = None
+    """On a ``"TASK"`` entry: the task's recipe this method runs without ``--recipe``, on any data (a
+    recipe that reproduces the method's own published experiment, e.g. MARS's notebook on ``mlp2``)."""
 
 
 @dataclass(frozen=True)
@@ -71,8 +76,13 @@ def method_defaults(method_cls: type["Method"], key: str) -> MethodDefaults:
     return entry if isinstance(entry, MethodDefaults) else MethodDefaults(dict(entry))
 
 
-def automatic_recipe(task_cls: type["Task"], embedded: bool) -> str:
-    """The recipe a run gets without ``--recipe``: the task's embedded-data one on the embedded data."""
+def automatic_recipe(task_cls: type["Task"], embedded: bool, method_cls: type["Method"] | None = None) -> str:
+    """The recipe a run gets without ``--recipe``: the method's own on this task if it names one
+    (``MethodDefaults.recipe``), else the task's embedded-data one on the embedded data."""
+    if method_cls is not None:
+        own = method_defaults(method_cls, task_cls.name).recipe
+        if own is not None:
+            return own
     if embedded:
         for name, recipe in recipes_of(task_cls).items():
             if recipe.on_embedded_data:
@@ -112,7 +122,7 @@ def resolve_defaults(task_cls: type["Task"], method_cls: type["Method"], recipe:
     changed = recipe != PAPER and bool(recipes[recipe].task or recipe_defaults.values)
     task_defaults = method_defaults(method_cls, task)
     why = [recipes[recipe].why] if changed else []
-    why += [d.why for d in (task_defaults, recipe_defaults) if d.values and d.why]
+    why += [d.why for d in (task_defaults, recipe_defaults) if (d.values or d.recipe == recipe) and d.why]
     return Resolved(recipe if changed else PAPER, values["task"], values["method"], sources,
                     tuple(w for w in why if w))
 
@@ -153,7 +163,13 @@ def check_declarations(tasks: Mapping[str, type["Task"]], methods: Mapping[str, 
                 broken[name] = (f"method {name}: task_defaults names recipe {key!r}, but task {task_name} has "
                                 f"{', '.join(recipes_of(tasks[task_name]))}")
             else:
-                problem = _invalid(method_defaults(method_cls, key).values, method_cls.hyperparameters)
+                entry = method_defaults(method_cls, key)
+                problem = _invalid(entry.values, method_cls.hyperparameters)
+                if entry.recipe is not None and recipe_name:
+                    problem = f"recipe={entry.recipe!r} belongs on the task's entry {task_name!r}, not on a recipe's"
+                elif entry.recipe is not None and entry.recipe not in recipes_of(tasks[task_name]):
+                    problem = (f"recipe={entry.recipe!r} is not a recipe of task {task_name} "
+                               f"({', '.join(recipes_of(tasks[task_name]))})")
                 if problem:
                     broken[name] = f"method {name}: task_defaults[{key!r}]: {problem}"
     return broken

@@ -42,6 +42,12 @@ class Knob:
 
     name: str
     increases_compression: bool
+    found_by: Literal["training", "model", "target"] = "training"
+    """How a setting that reaches a target compression is found: ``training`` (the compression is known
+    after a run: the knob is searched with runs of one seed, e.g. λ), ``model`` (the knob is the uniform
+    rank the task's model is built at, so every rank's compression is counted without training), or
+    ``target`` (the knob is the target compression itself, e.g. a post-hoc truncation's)."""
+
 Role = Literal["reference", "uniform", "selector"]
 ROLES: tuple[Role, ...] = ("reference", "uniform", "selector")
 

@@ -79,7 +79,7 @@ def prepare(config: RunConfig, registry: Registry, *, data: DataSplits | None = 
     task_cls, method_cls = registry.task(config.task), registry.method(config.method)
     if data is None:
         data = task_cls(config.task_params).load_data(config.data_dir, config.download)
-    recipe = config.recipe or automatic_recipe(task_cls, data.embedded)
+    recipe = config.recipe or automatic_recipe(task_cls, data.embedded, method_cls)
     resolved = resolve_defaults(task_cls, method_cls, recipe, *config.set_values())
     recipe, method_params = resolved.recipe, resolved.method
     task_params = task_cls.adapt_to_data(data, resolved.task)

@@ -95,52 +95,130 @@ class KnobInterval:
 
 @dataclass
 class KnobSearch:
-    """A bisection of one knob toward one target: every (value, compression) it measured, in order."""
+    """The search of one knob toward one target: every (value, compression) measured while it ran,
+    in order, and the setting chosen (the measured one closest to the target in log compression, among
+    every measurement of the method, which searches for earlier targets made too)."""
 
     knob: Knob
     target: float
     tolerance: float
     steps: list[tuple[float, float]] = field(default_factory=list)
+    chosen: tuple[float, float] | None = None
 
     @property
     def best(self) -> tuple[float, float]:
-        """The measured setting closest to the target in log compression."""
+        if self.chosen is not None:
+            return self.chosen
         return min(self.steps, key=lambda s: abs(math.log(s[1] / self.target)))
 
     @property
     def hit(self) -> bool:
-        return bool(self.steps) and abs(self.best[1] / self.target - 1) <= self.tolerance
+        return (bool(self.steps) or self.chosen is not None) and abs(self.best[1] / self.target - 1) <= self.tolerance
 
 
-def search_knob(measure: Callable[[float], float], knob: Knob, interval: KnobInterval, target: float, *,
-                tolerance: float = 0.1, max_steps: int = 8) -> KnobSearch:
-    """Bisect ``knob`` over ``interval`` until ``measure(value)`` (the compression a run reaches) is
-    within ``tolerance`` (relative) of ``target`` or ``max_steps`` runs were made. Assumes the
-    compression moves monotonically with the knob, in the declared direction; when the target lies
-    outside what the interval reaches, the search ends near its end and says so (``hit`` is False)."""
-    low, high = interval.low, interval.high
-    if not low < high:
-        raise ValueError(f"the search interval for {knob.name} must have low < high, got [{low}, {high}]")
-    if interval.log and low <= 0:
-        raise ValueError(f"{knob.name} is searched in log space: its interval must be positive, got [{low}, {high}]")
-    search = KnobSearch(knob, target, tolerance)
+def _coordinate(value: float, interval: KnobInterval) -> float:
+    return math.log(value) if interval.log else value
 
-    def middle(a: float, b: float) -> float:
-        value = math.sqrt(a * b) if interval.log else (a + b) / 2
-        return float(round(value)) if interval.integer else value
 
-    a, b = low, high
-    for _ in range(max_steps):
-        value = middle(a, b)
-        if search.steps and any(v == value for v, _ in search.steps):
-            break  # an integer knob has nowhere left to go
-        compression = measure(value)
-        search.steps.append((value, compression))
-        if abs(compression / target - 1) <= tolerance:
-            break
-        too_little = compression < target
-        if too_little == knob.increases_compression:
-            a = value
+def _value(x: float, interval: KnobInterval) -> float:
+    value = min(max(math.exp(x) if interval.log else x, interval.low), interval.high)
+    return float(round(value)) if interval.integer else float(f"{value:.4g}")
+
+
+def next_value(measured: dict[float, float], knob: Knob, interval: KnobInterval, target: float,
+               step_factor: float = 4.0) -> float | None:
+    """The next knob value to measure for ``target`` given every ``measured`` value → compression, or
+    None when there is nowhere left to go (the interval's end is measured and misses, or an integer
+    knob has no untried value between two brackets).
+
+    Between two measured values whose compressions enclose the target, the value is interpolated
+    linearly in (knob coordinate, log compression), the knob coordinate being log when the knob is
+    searched in log space, and kept at least 10 % of the bracket from either end (regula falsi that
+    cannot stall). Outside every measurement it extrapolates from the two nearest values (at most
+    ``step_factor`` times, at least 1.5 times, further in log space; a quarter of the interval linearly),
+    or steps ``step_factor`` from the only one."""
+    if not measured:
+        raise ValueError("next_value needs one measured value to start from")
+    ordered = sorted(measured.items())
+    sign = 1.0 if knob.increases_compression else -1.0
+    wanted = math.log(target)
+    # the knob coordinate at which each measured value's log compression sits, in the increasing direction
+    points = [(_coordinate(v, interval), sign * math.log(c)) for v, c in ordered]
+    goal = sign * wanted
+    below = [p for p in points if p[1] < goal]
+    above = [p for p in points if p[1] >= goal]
+    if below and above:
+        (x1, y1) = max(below, key=lambda p: p[0])
+        (x2, y2) = min(above, key=lambda p: p[0])
+        if x2 <= x1 or y2 == y1:  # noise broke the monotone order: halve the gap between the two
+            x = (x1 + x2) / 2
         else:
-            b = value
-    return search
+            x = x1 + (goal - y1) * (x2 - x1) / (y2 - y1)
+            margin = 0.1 * (x2 - x1)
+            x = min(max(x, x1 + margin), x2 - margin)
+    else:
+        lo_c, hi_c = _coordinate(interval.low, interval), _coordinate(interval.high, interval)
+        span = (hi_c - lo_c) / 4 if not interval.log else math.log(step_factor)
+        if below:  # every measurement compresses too little: go up the knob's increasing direction
+            (x0, y0) = max(below, key=lambda p: p[1])
+            direction = 1.0
+        else:
+            (x0, y0) = min(above, key=lambda p: p[1])
+            direction = -1.0
+        step = span
+        others = [p for p in points if p[0] != x0]
+        if others and interval.log:
+            (x1, y1) = min(others, key=lambda p: abs(p[0] - x0))
+            if y1 != y0 and (x0 - x1) * (y0 - y1) > 0:  # the measured slope, where it points the right way
+                step = min(max(abs((goal - y0) * (x0 - x1) / (y0 - y1)), math.log(1.5)), math.log(step_factor))
+        x = x0 + direction * step
+    value = _value(x, interval)
+    if value in measured and interval.integer and below and above:  # the nearest untried rank inside the bracket
+        ends = sorted(math.exp(e) if interval.log else e for e in (x1, x2))
+        inside = [float(r) for r in range(round(ends[0]) + 1, round(ends[1])) if float(r) not in measured]
+        return min(inside, key=lambda r: abs(_coordinate(r, interval) - x)) if inside else None
+    return None if value in measured else value
+
+
+def search_targets(measure: Callable[[float], float], knob: Knob, interval: KnobInterval, targets: list[float],
+                   start: float, *, tolerance: float = 0.1, max_runs: int = 5,
+                   measured: dict[float, float] | None = None) -> dict[float, KnobSearch]:
+    """Find, for every target, the knob setting whose run reaches it within ``tolerance`` (relative):
+    measure ``start``, then for each target (ascending) measure ``next_value`` until a measurement
+    (of any target's search) is within the tolerance, ``max_runs`` new runs were made for it, or there
+    is nowhere left to go; then choose the measurement closest to the target (``hit`` says whether it is
+    within the tolerance). Assumes the compression moves monotonically with the knob, in the declared
+    direction; one run's compression is noisy, so the tolerance should be wider than that noise."""
+    if not interval.low < interval.high:
+        raise ValueError(f"the search interval for {knob.name} must have low < high, got "
+                         f"[{interval.low}, {interval.high}]")
+    if interval.log and interval.low <= 0:
+        raise ValueError(f"{knob.name} is searched in log space: its interval must be positive, got "
+                         f"[{interval.low}, {interval.high}]")
+    measured = dict(measured or {})
+    order: list[float] = list(measured)
+    start = _value(_coordinate(start, interval), interval)
+
+    def take(value: float, search: KnobSearch) -> None:
+        if value not in measured:
+            measured[value] = float(measure(value))
+            order.append(value)
+        search.steps.append((value, measured[value]))
+
+    searches = {}
+    for target in sorted(targets):
+        search = KnobSearch(knob, target, tolerance)
+        searches[target] = search
+        if not measured:
+            take(start, search)
+        runs = 0
+        while runs < max_runs:
+            if any(abs(c / target - 1) <= tolerance for c in measured.values()):
+                break
+            value = next_value(measured, knob, interval, target)
+            if value is None:
+                break
+            take(value, search)
+            runs += 1
+        search.chosen = min(((v, measured[v]) for v in order), key=lambda s: abs(math.log(s[1] / target)))
+    return searches
