@@ -108,6 +108,18 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--baseline", default=None, help="method to compare every row with (Δ accuracy, p-values)")
     report.add_argument("--with-published", action="store_true", help="add the papers' published rows")
     report.add_argument("--out", type=Path, default=None, help="write the table and the figures into this folder")
+
+    board = sub.add_parser("leaderboard", parents=[common],
+                           help="a matched-compression study's tables (Markdown) and its HTML page",
+                           description="rankbench leaderboard FILE.json | rankbench leaderboard --study NAME")
+    board.add_argument("file", nargs="?", type=Path, default=None, metavar="FILE.json",
+                       help="the leaderboard.json a matched study wrote")
+    board.add_argument("--study", default=None, help="read the newest leaderboard of this matched study from MLflow")
+    board.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: the rankbench store)")
+    board.add_argument("--out", type=Path, default=Path("leaderboard"),
+                       help="folder for leaderboard.html and leaderboard.md (default ./leaderboard)")
+    board.add_argument("--format", default="github", choices=("github", "html"),
+                       help="tables of the printed text: Markdown (github) or HTML")
     return parser
 
 
@@ -141,6 +153,53 @@ def cmd_report(args, registry) -> None:
     if args.out is not None:
         for line in write_report(rows, text, args.format, args.tracking_uri, args.out, registry):
             print(line)
+
+
+def cmd_leaderboard(args, registry) -> None:
+    from rankbench.report.board import Leaderboard
+    from rankbench.report.leaderboard import markdown
+    from rankbench.report.page import write_page
+
+    if (args.file is None) == (args.study is None):
+        raise RankbenchError("give one leaderboard: rankbench leaderboard FILE.json, or rankbench leaderboard "
+                             "--study NAME")
+    if args.out.exists() and not args.out.is_dir():
+        raise RankbenchError(f"--out {args.out}: is a file: name a folder for leaderboard.html and leaderboard.md")
+    board = Leaderboard.read(args.file) if args.file is not None else study_leaderboard(args.study, args.tracking_uri)
+    print(markdown(board, args.format), end="")
+    for path in write_page(board, args.out):
+        print(f"wrote {path}")
+
+
+def study_leaderboard(study: str, tracking_uri: str | None):
+    """The leaderboard artifact of the newest parent run of matched study ``study`` (a rerun of a study
+    is a new parent run: the newest is the one to show), whatever that run's status."""
+    import tempfile
+
+    from rankbench.errors import MissingRecord
+    from rankbench.report.board import Leaderboard
+    from rankbench.run.tracking import Tracker
+
+    tracker = Tracker(tracking_uri, create=False)
+    runs = [run for status in ("FINISHED", "RUNNING", "KILLED", "FAILED")
+            for run in tracker.runs(study=study, status=status) if run.data.tags.get("rankbench.role") == "matched"]
+    if not runs:
+        raise RankbenchError(f"--study {study}: no matched-compression study of that name in {tracker.uri}: check "
+                             "the name and --tracking-uri, or give its leaderboard.json")
+    newest = max(runs, key=lambda run: run.info.start_time or 0)
+    run_id = newest.info.run_id
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            path = tracker.download_artifact(run_id, "leaderboard.json", folder)
+        except MissingRecord:
+            raise RankbenchError(f"--study {study}: its newest run {run_id} ({newest.info.status}) has no "
+                                 "leaderboard.json yet: let the study finish, or run it again to resume it") from None
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise RankbenchError(f"--study {study}: cannot read the leaderboard.json of run {run_id} "
+                                 f"({exc.strerror}): check --tracking-uri") from None
+    return Leaderboard.from_json(text, f"the leaderboard.json of run {run_id} (study {study})")
 
 
 def cmd_list(registry, recipes: bool = False) -> None:
@@ -325,10 +384,27 @@ def cmd_study(args, registry) -> None:
     from rankbench.study.spec import load_study_file
 
     options = run_options(args)
-    spec = load_study_file(Path(args.target[0]), registry).with_overrides(
-        n_trials=args.n_trials, seeds=args.seeds, fixed=parse_assignments(args.assignments), registry=registry)
+    spec = load_study_file(Path(args.target[0]), registry)
+    if spec.matched is not None and args.n_trials is not None:
+        raise RankbenchError(f"--n-trials: matched study {spec.name} has no trial budget (its knob searches end at "
+                             "the targets): drop --n-trials")
+    spec = spec.with_overrides(n_trials=args.n_trials, seeds=args.seeds, fixed=parse_assignments(args.assignments),
+                               registry=registry)
     if options.budget_steps is not None:  # what every trial trains: the study's own budget, in its digest
         spec = replace(spec, budget_steps=options.budget_steps)
+    if spec.matched is not None:
+        from rankbench.report.leaderboard import markdown
+        from rankbench.study.matched_runner import run_matched
+
+        print(f"matched study {spec.name}: task {', '.join(spec.tasks)}, methods {', '.join(spec.methods)}, targets "
+              f"{', '.join(f'{t:g}x' for t in spec.matched.targets)}, seeds {', '.join(map(str, spec.seeds))}",
+              flush=True)
+        board, paths = run_matched(spec, options=options, workers=args.workers, plugin_dirs=args.plugin_dir,
+                                   out_dir=args.out)
+        print(markdown(board))
+        for path in paths:
+            print(f"wrote: {path}")
+        return
     print(f"study {spec.name}: task {', '.join(spec.tasks)}, methods {', '.join(spec.methods)}, {spec.budget()} trials x "
           f"{len(spec.seeds)} seed(s), sampler {spec.sampler}, objectives "
           + ", ".join(f"{k} ({v})" for k, v in spec.objectives.items()), flush=True)
@@ -371,6 +447,8 @@ def _command(args: argparse.Namespace) -> int:
             cmd_report(args, registry)
         elif args.command == "export":
             cmd_export(args, registry)
+        elif args.command == "leaderboard":
+            cmd_leaderboard(args, registry)
         return 0
     except RankbenchError as exc:
         print(f"rankbench: error: {exc}", file=sys.stderr)

@@ -72,7 +72,18 @@ def test_methods_are_compared_at_every_shared_target_with_corrected_tests():
     assert first.difference == pytest.approx(5.0) and first.p_welch < 1e-4
     assert first.p_welch_holm == pytest.approx(2 * first.p_welch)  # the smaller of two p, times 2
     assert second.p_welch_holm == pytest.approx(max(second.p_welch, first.p_welch_holm))
-    assert first.winner == "ours"
+    assert first.winner == "ours" and first.decided_by == "both"
     assert second.winner is None and second.p_welch > 0.5
     assert all(r.p_mwu_holm >= r.p_mwu and r.p_welch_holm >= r.p_welch for r in rows)
     assert not any(math.isnan(r.p_welch) for r in rows)
+
+
+def test_with_three_seeds_a_side_welch_decides_alone_since_mann_whitney_cannot_reach_5_percent():
+    curves = {"ours": [point(10, [95.0, 95.2, 95.1]), point(40, [90.0, 91.0, 89.0])],
+              "trn": [point(10, [90.0, 90.1, 90.2]), point(40, [90.2, 89.0, 91.2])]}
+    clear, unclear = compare_at_targets(curves, "ours", "trn")
+    assert clear.p_mwu == pytest.approx(0.1) and not clear.mwu_can_confirm  # 2 / C(6, 3), its smallest value
+    assert clear.p_welch_holm < 0.05 and clear.winner == "ours" and clear.decided_by == "Welch only"
+    assert unclear.winner is None
+    five = compare_at_targets({"a": [point(10, [1.0, 2, 3, 4, 5])], "b": [point(10, [6.0, 7, 8, 9, 10])]}, "a", "b")
+    assert five[0].mwu_can_confirm and five[0].decided_by == "both" and five[0].winner == "b"

@@ -39,7 +39,8 @@ from rankbench.study.spec import load_study_file, parse_study
 from helpers import assert_one_line_error, make_tiny_cifar10, make_tiny_mnist, toml_module
 
 REPO = Path(__file__).resolve().parent.parent
-STUDIES = sorted((REPO / "studies").glob("*.toml"))
+STUDIES = sorted(p for p in (REPO / "studies").glob("*.toml") if "\n[matched]" not in p.read_text())
+"""The shipped Optuna studies (matched-compression ones: tests/test_matched_study.py)."""
 PLUGINS = Path(__file__).resolve().parent / "plugins_study"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = ["--set", "epochs=1", "--seeds", "0"]
@@ -226,7 +227,7 @@ def sqlite_trial_states(db: Path) -> list[tuple[int, str, bool, bool]]:
 def test_every_shipped_study_file_loads_and_validates():
     registry = Registry.discover()
     names = {p.stem for p in STUDIES}
-    assert names == {"fmnist_campaign", "fmnist_tradeoff", "fmnist_tradeoff_cpu", "headline", "lenet5_methods",
+    assert names == {"fmnist_campaign", "fmnist_length_cpu", "fmnist_tradeoff", "fmnist_tradeoff_cpu", "headline", "lenet5_methods",
                      "lenet5_pareto", "lenet5_sensitivity", "mlp2_ranks", "resnet32_methods"}
     for path in STUDIES:
         spec = load_study_file(path, registry)

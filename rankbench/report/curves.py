@@ -135,13 +135,27 @@ class TargetComparison:
     p_mwu: float
     p_welch_holm: float
     p_mwu_holm: float
+    n_a: int = 0
+    n_b: int = 0
+
+    @property
+    def mwu_can_confirm(self) -> bool:
+        """Whether Mann-Whitney's two-sided p can fall below 5 % at all with these seeds: its smallest
+        value is 2 / C(n_a + n_b, n_a), 0.1 for 3 seeds against 3, so with so few seeds it cannot."""
+        return self.n_a > 0 and self.n_b > 0 and 2 / math.comb(self.n_a + self.n_b, self.n_a) < 0.05
 
     @property
     def winner(self) -> str | None:
-        """The better method where both corrected tests say the difference is real at 5 %, else None."""
-        if self.p_welch_holm < 0.05 and self.p_mwu_holm < 0.05:
+        """The better method where the corrected tests say the difference is real at 5 %: Welch's, and
+        Mann-Whitney's too where it can reach 5 % with these seeds (``decided_by`` says which), else None."""
+        if self.p_welch_holm < 0.05 and (self.p_mwu_holm < 0.05 or not self.mwu_can_confirm):
             return self.a if self.difference > 0 else self.b
         return None
+
+    @property
+    def decided_by(self) -> str:
+        """``both`` or ``Welch only`` (Mann-Whitney cannot reach 5 % with these seeds), for a winner."""
+        return "both" if self.mwu_can_confirm else "Welch only"
 
 
 def compare_at_targets(curves: Mapping[str, Sequence[CurvePoint]], a: str, b: str) -> list[TargetComparison]:
@@ -158,5 +172,5 @@ def compare_at_targets(curves: Mapping[str, Sequence[CurvePoint]], a: str, b: st
         raw.append((target, float(np.mean(x) - np.mean(y)), 1.0 if math.isnan(welch) else welch, mwu))
     welch_holm = holm([r[2] for r in raw])
     mwu_holm = holm([r[3] for r in raw])
-    return [TargetComparison(t, a, b, d, pw, pm, wh, mh)
+    return [TargetComparison(t, a, b, d, pw, pm, wh, mh, len(at_a[t].accuracies), len(at_b[t].accuracies))
             for (t, d, pw, pm), wh, mh in zip(raw, welch_holm, mwu_holm)]

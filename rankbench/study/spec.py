@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -31,9 +31,11 @@ PER_EPOCH_METRICS = tuple(m for m in OBJECTIVE_METRICS if m.kind == "epoch")
 SAMPLERS = ("grid", "tpe", "random", "nsga2")
 PRUNERS = ("none", "median")
 TOP_LEVEL_KEYS = ("name", "description", "task", "tasks", "methods", "method", "seeds", "budget_steps", "fixed",
-                  "method_fixed", "search", "method_search", "objectives", "sampler", "pruner", "budget", "workers")
+                  "method_fixed", "search", "method_search", "objectives", "sampler", "pruner", "budget", "workers",
+                  "matched")
 TABLE_KEYS = {"sampler": ("name", "seed"), "pruner": ("name",), "budget": ("n_trials", "timeout_s"),
-              "workers": ("heartbeat_interval", "grace_period")}
+              "workers": ("heartbeat_interval", "grace_period"),
+              "matched": ("targets", "tolerance", "max_runs", "baseline", "reference", "notes", "start")}
 """The keys each settings table takes: any other is a typo, refused (it would be ignored)."""
 SEED_LIMIT = 2**32
 """Seeds (of the runs, and of the sampler) lie in [0, 2³²): numpy and torch take them."""
@@ -56,6 +58,25 @@ class SearchParam:
         if self.kind == "int":
             return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log)
         return trial.suggest_float(self.name, float(self.low), float(self.high), log=self.log)
+
+
+@dataclass(frozen=True)
+class MatchedSpec:
+    """A matched-compression study's ``[matched]`` table: every method's compression knob is searched
+    to reach each target (within ``tolerance``, relative) on the study's first seed, at most
+    ``max_runs`` new runs per target, then the other seeds train at the setting found."""
+
+    targets: tuple[float, ...]
+    tolerance: float = 0.1
+    max_runs: int = 4
+    baseline: str | None = None
+    """The method every other is tested against at each target."""
+    reference: bool = True
+    """Train the study's reference methods (no knob: dense, 1x) at their defaults, for the page's line."""
+    notes: dict[str, dict[str, str]] = field(default_factory=dict)
+    """task -> method -> what a reader of its row must know (e.g. why it collapses)."""
+    start: dict[str, float] = field(default_factory=dict)
+    """method -> where its knob's search starts (default: the method's resolved default)."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +104,8 @@ class StudySpec:
     source: str = ""
     tasks: tuple[str, ...] = ()
     """Every task of the study (``task`` is the first); several make ``task`` a grid parameter."""
+    matched: MatchedSpec | None = None
+    """Set for a matched-compression study (``[matched]``): run by ``rankbench.study.matched_runner``."""
 
     @property
     def directions(self) -> list[str]:
@@ -178,6 +201,8 @@ class StudySpec:
             "sampler": self.sampler, "sampler_seed": self.sampler_seed,
             "seeds": list(self.seeds), "budget_steps": self.budget_steps,
         }
+        if self.matched is not None:
+            data["matched"] = asdict(self.matched)
         return json.loads(json.dumps(data, default=str))
 
     def digest(self) -> str:
@@ -390,7 +415,11 @@ def parse_study(raw: dict, registry: Registry, where: str = "study", source: str
             raise RankbenchError(f"{where}: {table} must be a table: write [{table}] and then key = value lines")
     for table, keys in TABLE_KEYS.items():
         _refuse_unknown(raw.get(table, {}), keys, f"{where} [{table}]")
-    for key in ("name", "objectives"):
+    refused = [k for k in MATCHED_REFUSED if k in raw] if "matched" in raw else []
+    if refused:
+        raise RankbenchError(f"{where}: [{refused[0]}] has no place in a matched study (it searches each method's "
+                             "compression knob itself): drop it, or drop [matched] for an Optuna study")
+    for key in ("name",) if "matched" in raw else ("name", "objectives"):
         if key not in raw:
             raise RankbenchError(f"{where}: missing {key!r}")
     name = _check_name(raw["name"], where)
@@ -446,6 +475,11 @@ def parse_study(raw: dict, registry: Registry, where: str = "study", source: str
         _integer(budget_steps, f"{where}: budget_steps", 1,
                  "budget_steps must be a positive integer (optimizer steps per run)")
 
+    if "matched" in raw:
+        matched = _matched(raw, registry, tasks, methods, where)
+        return StudySpec(name=name, task=task, methods=methods, objectives={}, search={}, fixed=fixed,
+                         method_fixed=method_fixed, budget_steps=budget_steps, seeds=_check_seeds(raw.get("seeds", [0]), where),
+                         sampler="matched", description=description, source=source, tasks=tasks, matched=matched)
     objectives = raw["objectives"]
     if not isinstance(objectives, dict) or not objectives:
         raise RankbenchError(f"{where} [objectives]: give e.g. val_accuracy = \"maximize\"")
@@ -513,3 +547,70 @@ def parse_study(raw: dict, registry: Registry, where: str = "study", source: str
     if sampler == "grid" and n_trials is not None and n_trials > spec.grid_size():
         raise RankbenchError(f"{where}: n_trials {n_trials} exceeds the grid's {spec.grid_size()} points")
     return spec
+
+
+MATCHED_REFUSED = ("search", "method_search", "objectives", "sampler", "pruner", "budget")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _matched(raw: dict, registry: Registry, tasks: tuple[str, ...], methods: tuple[str, ...],
+             where: str) -> MatchedSpec:
+    """The ``[matched]`` table, checked: a matched study searches each method's compression knob itself,
+    so it takes no search tables, objectives, sampler, pruner or trial budget."""
+    table = raw["matched"]
+    at = f"{where} [matched]"
+    targets = table.get("targets")
+    if not isinstance(targets, list) or not targets or not all(_number(t) and t > 1 for t in targets):
+        raise RankbenchError(f"{at}: targets must be a non-empty list of compressions > 1, e.g. targets = [5, 10, 20]")
+    if len(set(targets)) != len(targets):
+        raise RankbenchError(f"{at}: targets lists a compression twice: give each once")
+    tolerance = table.get("tolerance", 0.1)
+    if not _number(tolerance) or not 0 < tolerance < 1:
+        raise RankbenchError(f"{at}: tolerance = {_toml(tolerance)}: give a relative tolerance in (0, 1), e.g. 0.1")
+    max_runs = _integer(table.get("max_runs", 4), f"{at}: max_runs", 1,
+                        "max_runs must be a positive integer (new runs per target in a knob's search)")
+    baseline = table.get("baseline")
+    if baseline is not None and baseline not in methods:
+        raise RankbenchError(f"{at}: baseline = {_toml(baseline)} is not in methods ({', '.join(methods)})")
+    reference = table.get("reference", True)
+    if not isinstance(reference, bool):
+        raise RankbenchError(f"{at}: reference = {_toml(reference)}: write reference = true or reference = false")
+    for method in methods:
+        cls = registry.method(method)
+        knob = cls.compression_knob
+        if knob is None and cls.role != "reference":
+            raise RankbenchError(f"{at}: method {method} declares no compression knob (Method.compression_knob), so "
+                                 "its compression cannot be matched: drop it from methods")
+        if knob is not None and knob.found_by != "target":
+            hyper = cls.hyperparameters.get(knob.name)
+            if hyper is None or hyper.search is None or hyper.search.low is None or hyper.search.high is None:
+                raise RankbenchError(f"{at}: method {method}'s knob {knob.name} declares no search interval "
+                                     "(Hyper(search=Search(low, high))): its plugin must declare one")
+    if baseline is not None and registry.method(baseline).compression_knob is None:
+        raise RankbenchError(f"{at}: baseline {baseline} has no compression knob, so no point at any target: "
+                             "choose a method with one")
+    notes: dict[str, dict[str, str]] = {}
+    for task, by_method in table.get("notes", {}).items():
+        if task not in tasks or not isinstance(by_method, dict):
+            raise RankbenchError(f"{at}: write notes as [matched.notes.TASK] with METHOD = \"text\" lines, TASK one "
+                                 f"of {', '.join(tasks)}")
+        for method, text in by_method.items():
+            if method not in methods or not isinstance(text, str):
+                raise RankbenchError(f"{at} notes.{task}: {method} = ...: give a method of the study "
+                                     f"({', '.join(methods)}) and a string")
+        notes[task] = dict(by_method)
+    start: dict[str, float] = {}
+    for method, value in table.get("start", {}).items():
+        if method not in methods or registry.method(method).compression_knob is None:
+            raise RankbenchError(f"{at} start: {method} is not a method of the study with a compression knob")
+        knob = registry.method(method).compression_knob
+        hyper = registry.method(method).hyperparameters[knob.name]
+        try:
+            start[method] = hyper.validate(knob.name, float(value) if hyper.kind is float and _number(value) else value)
+        except RankbenchError as exc:
+            raise RankbenchError(f"{at} start.{method}: {exc}") from None
+    return MatchedSpec(tuple(float(t) for t in sorted(targets)), float(tolerance), max_runs, baseline, reference,
+                       notes, start)

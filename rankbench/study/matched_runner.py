@@ -1,0 +1,447 @@
+"""A matched-compression study: every method of every task at the same target compressions.
+
+``rankbench study FILE`` runs a study file with a ``[matched]`` table here (ShrinkBench's protocol,
+Blalock et al. 2020). Per task and method, by the kind of its compression knob (``Knob.found_by``):
+
+- ``training`` (λ of a gate method): the knob is searched on the study's first seed, every measured
+  run shared by all targets (``search_targets``), until a run lands within the tolerance; the other
+  seeds then train at the value found;
+- ``model`` (a uniform rank): the ranks around each target are read off the model (nothing trained);
+  every seed trains at both, and the point is their interpolation in log compression, marked so;
+- ``target``: the knob is the target; every seed trains at it.
+
+Reference methods (no knob: dense) train at their defaults, the page's 1x line. Every run is an MLflow
+run tagged ``study`` and ``matched.key`` (its settings), a child of the study's parent run (tag
+``rankbench.role=matched``). Running the command again reads every finished run back instead of
+training it, continues an interrupted one from its last checkpoint, and so replays the searches to
+the same settings: it resumes after any interruption. The result is a ``Leaderboard``
+(``leaderboard.json`` in the study's folder and as an artifact of the parent run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import multiprocessing
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+from rankbench import records
+from rankbench.errors import RankbenchError
+from rankbench.plugins.method import Knob
+from rankbench.plugins.registry import Registry
+from rankbench.report.board import Leaderboard, MatchedPoint, MethodCurve, SeedRun, TaskBoard
+from rankbench.report.curves import CurvePoint
+from rankbench.run.config import RunOptions
+from rankbench.run.tracking import DEFAULT_DIR, Tracker, run_identity
+from rankbench.study.matched import KnobInterval, search_targets, uniform_compressions, uniform_rank_bracket
+from rankbench.study.spec import StudySpec
+
+ROLE = "matched"
+KEY_TAG = "matched.key"
+"""Tag of every run of a matched study: its task, method and settings, as JSON (what a resume looks up)."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One unit of a worker's work: a knob search (``values`` None) or one run."""
+
+    task: str
+    method: str
+    values: tuple[tuple[str, Any], ...] | None = None
+    seed: int | None = None
+
+
+@dataclass
+class MatchedRun:
+    """What a worker needs (picklable)."""
+
+    spec: StudySpec
+    options: RunOptions
+    plugin_dirs: tuple[Path, ...]
+    parent_run_id: str
+
+
+def settings_key(task: str, method: str, values: dict[str, Any]) -> str:
+    return json.dumps([task, method, values], sort_keys=True, default=str)
+
+
+class Trainer:
+    """Trains (or reads back) one run of a matched study; loads each task's data once."""
+
+    def __init__(self, run: MatchedRun, registry: Registry) -> None:
+        self.run, self.registry = run, registry
+        self.tracker = Tracker(run.options.tracking_uri)
+        self._data: dict[str, Any] = {}
+
+    def _runs(self, status: str) -> list[Any]:
+        return self.tracker.runs(study=self.run.spec.name, status=status)
+
+    def lookup(self, key: str, seed: int, statuses: Sequence[str] = ("FINISHED",)) -> list[str]:
+        """Run ids of this study with these settings and seed, oldest first."""
+        found = [r for status in statuses for r in self._runs(status)
+                 if r.data.tags.get(KEY_TAG) == key and r.data.params.get(records.SEED) == str(seed)]
+        return [r.info.run_id for r in sorted(found, key=lambda r: r.info.start_time)]
+
+    def values(self, task: str, method: str, extra: dict[str, Any]) -> dict[str, Any]:
+        spec = self.run.spec
+        keys = set(self.registry.task(task).hyperparameters) | set(self.registry.method(method).hyperparameters)
+        values = {k: v for k, v in spec.fixed.items() if k in keys}
+        values.update({k: v for k, v in spec.method_fixed.get(method, {}).items() if k in keys})
+        values.update(extra)
+        return values
+
+    def prepared(self, task: str, method: str, values: dict[str, Any], seed: int, tags: dict[str, str] | None = None):
+        from rankbench.run.config import make_config
+        from rankbench.run.prepare import prepare
+
+        spec = self.run.spec
+        options = replace(self.run.options, budget_steps=None if "epochs" in values else spec.budget_steps)
+        config = make_config(self.registry, task, method, values, seeds=(seed,), progress=False, options=options,
+                             tags=tags or {})
+        task_cls = self.registry.task(task)
+        data_key = json.dumps([task, {k: v for k, v in config.task_params.items() if k not in task_cls.recipe_keys}],
+                              sort_keys=True, default=str)
+        prepared = prepare(config, self.registry, data=self._data.get(data_key))
+        self._data[data_key] = prepared.data
+        return prepared
+
+    def result(self, task: str, method: str, values: dict[str, Any], seed: int, train: bool = True):
+        """The run's ``RunResult``: read back when finished, else trained (continuing an interrupted
+        attempt from its checkpoint); None when ``train`` is False and it has not finished."""
+        from rankbench.run.experiment import recorded_result
+        from rankbench.run.experiment import run as run_experiment
+
+        key = settings_key(task, method, values)
+        finished = self.lookup(key, seed)
+        if finished:
+            return recorded_result(self.tracker, finished[-1])
+        if not train:
+            return None
+        spec = self.run.spec
+        tags = {"mlflow.parentRunId": self.run.parent_run_id, "study": spec.name, KEY_TAG: key}
+        earlier = {seed: self.lookup(key, seed, ("RUNNING", "FAILED", "KILLED"))}
+        results = run_experiment(self.prepared(task, method, values, seed, tags), tracker=self.tracker,
+                                 earlier=earlier)
+        return results[0]
+
+
+def knob_of(registry: Registry, method: str) -> Knob | None:
+    return registry.method(method).compression_knob
+
+
+def start_value(trainer: Trainer, task: str, method: str, knob: Knob, interval: KnobInterval) -> float:
+    """The method's resolved default for its knob (or the study's ``start``); the interval's middle when
+    the default is none (decided by another option, as MARS's prior by its mode)."""
+    spec = trainer.run.spec
+    if method in spec.matched.start:
+        return float(spec.matched.start[method])
+    from rankbench.run.config import make_config
+
+    config = make_config(trainer.registry, task, method, trainer.values(task, method, {}))
+    value = config.method_params.get(knob.name)
+    if value is None:
+        return math.sqrt(interval.low * interval.high) if interval.log else (interval.low + interval.high) / 2
+    return float(value)
+
+
+def search(trainer: Trainer, task: str, method: str, train: bool = True) -> dict[float, Any] | None:
+    """The knob search of one (task, method) on the first seed: target -> ``KnobSearch``; with ``train``
+    False a replay that trains nothing and returns None if a run it needs has not finished."""
+    spec = trainer.run.spec
+    knob = knob_of(trainer.registry, method)
+    interval = KnobInterval.of(trainer.registry.method(method))
+    seed = spec.seeds[0]
+
+    class Unfinished(Exception):
+        pass
+
+    def measure(value: float) -> float:
+        result = trainer.result(task, method, trainer.values(task, method, {knob.name: _typed(value, interval)}),
+                                seed, train=train)
+        if result is None:
+            raise Unfinished
+        return result.compression
+
+    try:
+        return search_targets(measure, knob, interval, list(spec.matched.targets),
+                              start_value(trainer, task, method, knob, interval),
+                              tolerance=spec.matched.tolerance, max_runs=spec.matched.max_runs)
+    except Unfinished:
+        return None
+
+
+def _typed(value: float, interval: KnobInterval) -> int | float:
+    return int(value) if interval.integer else float(value)
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A point's plan: the runs (values per seed) it needs and how to combine them."""
+
+    task: str
+    method: str
+    target: float
+    setting: str
+    hit: bool
+    runs: tuple[tuple[dict[str, Any], int], ...]
+    weight: float | None = None
+    """For an interpolated point: the runs are (above, below) per seed, and the weight of ``below``."""
+
+
+def plan_points(trainer: Trainer, task: str, method: str, searches: dict[float, Any] | None) -> tuple[list[Planned], list[str]]:
+    """Every target's planned runs for one (task, method), and notes on targets it cannot reach."""
+    spec = trainer.run.spec
+    registry = trainer.registry
+    knob = knob_of(registry, method)
+    seeds = spec.seeds
+    planned: list[Planned] = []
+    notes: list[str] = []
+    if knob is None:
+        values = trainer.values(task, method, {})
+        return [Planned(task, method, 1.0, "defaults", True, tuple((values, s) for s in seeds))], notes
+    if knob.found_by == "training":
+        interval = KnobInterval.of(registry.method(method))
+        for target, found in (searches or {}).items():
+            value = _typed(found.best[0], interval)
+            values = trainer.values(task, method, {knob.name: value})
+            planned.append(Planned(task, method, target, f"{knob.name}={value:g}", found.hit, tuple((values, s) for s in seeds)))
+    elif knob.found_by == "target":
+        for target in spec.matched.targets:
+            values = trainer.values(task, method, {knob.name: target})
+            planned.append(Planned(task, method, target, f"{knob.name}={target:g}", True, tuple((values, s) for s in seeds)))
+    else:
+        interval = KnobInterval.of(registry.method(method))
+        values = trainer.values(task, method, {knob.name: int(interval.low)})
+        prepared_task = trainer.prepared(task, method, values, seeds[0]).task
+        compressions = uniform_compressions(prepared_task, range(int(interval.low), int(interval.high) + 1))
+        for target in spec.matched.targets:
+            try:
+                bracket = uniform_rank_bracket(compressions, target)
+            except ValueError as exc:
+                notes.append(f"no point at {target:g}x: {exc}")
+                continue
+            above = trainer.values(task, method, {knob.name: bracket.above})
+            if bracket.exact:
+                planned.append(Planned(task, method, target, f"{knob.name}={bracket.above}", True, tuple((above, s) for s in seeds)))
+                continue
+            below = trainer.values(task, method, {knob.name: bracket.below})
+            runs = tuple(pair for s in seeds for pair in ((above, s), (below, s)))
+            planned.append(Planned(task, method, target, f"{knob.name} {bracket.above}-{bracket.below} interpolated "
+                                           f"(w={bracket.weight:.2f})", True, runs, bracket.weight))
+    return planned, notes
+
+
+def assemble(trainer: Trainer, plan: Planned, results: Sequence[Any]) -> MatchedPoint:
+    """A planned point from its finished runs' ``RunResult``s (in ``plan.runs`` order)."""
+    runs = tuple(SeedRun(r.seed, r.run_id, r.compression, r.test_accuracy) for r in results)
+    if plan.weight is None:
+        point = CurvePoint(plan.target, tuple(r.compression for r in results), tuple(r.test_accuracy for r in results))
+        within = abs(point.compression / plan.target - 1) <= trainer.run.spec.matched.tolerance
+        return MatchedPoint(plan.target, plan.setting, plan.hit and (plan.target == 1.0 or within), point, runs)
+    w = plan.weight
+    pairs = list(zip(results[0::2], results[1::2]))
+    compressions = tuple(10 ** ((1 - w) * math.log10(a.compression) + w * math.log10(b.compression)) for a, b in pairs)
+    accuracies = tuple((1 - w) * a.test_accuracy + w * b.test_accuracy for a, b in pairs)
+    return MatchedPoint(plan.target, plan.setting, True, CurvePoint(plan.target, compressions, accuracies), runs,
+                        interpolated=True)
+
+
+def _jobs_of(plans: dict[tuple[str, str], list[Planned]]) -> list[Job]:
+    """Every distinct run the plans need, in plan order."""
+    seen: dict[Job, None] = {}
+    for plan_list in plans.values():
+        for plan in plan_list:
+            for values, seed in plan.runs:
+                seen.setdefault(Job(plan.task, plan.method, tuple(sorted(values.items())), seed))
+    return list(seen)
+
+
+def do_job(trainer: Trainer, job: Job) -> None:
+    if job.values is None:
+        search(trainer, job.task, job.method)
+    else:
+        trainer.result(job.task, job.method, dict(job.values), job.seed)
+
+
+def _worker_main(run: MatchedRun, jobs: list[Job]) -> None:
+    """A worker process: its share of the jobs, one torch thread unless told; stopped by SIGINT or SIGTERM
+    like the CLI (its run KILLED, continued by the next command)."""
+    from rankbench.run.stopping import exit_code, graceful_stop
+
+    with graceful_stop():
+        try:
+            import torch
+
+            torch.set_num_threads(run.options.threads or 1)
+            trainer = Trainer(run, Registry.discover(plugin_dirs=run.plugin_dirs))
+            for job in jobs:
+                do_job(trainer, job)
+        except KeyboardInterrupt as exc:
+            raise SystemExit(exit_code(exc)) from None
+        except RankbenchError as exc:
+            print(f"rankbench: error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+
+def execute(run: MatchedRun, trainer: Trainer, jobs: list[Job], workers: int) -> None:
+    """Do ``jobs``: in this process with one worker, else round-robin over ``workers`` processes."""
+    if workers == 1 or len(jobs) <= 1:
+        for job in jobs:
+            do_job(trainer, job)
+        return
+    from rankbench.study.runner import _stop_workers
+
+    ctx = multiprocessing.get_context("spawn")
+    procs = []
+    try:
+        for i in range(min(workers, len(jobs))):
+            proc = ctx.Process(target=_worker_main, args=(run, jobs[i::workers]))
+            proc.start()
+            procs.append(proc)
+        for proc in procs:
+            proc.join()
+    except KeyboardInterrupt:
+        _stop_workers(procs)
+        raise
+    bad = [p.exitcode for p in procs if p.exitcode != 0]
+    if bad:
+        raise RankbenchError(f"{len(bad)} of {len(procs)} workers failed (exit codes {bad}): run the same command "
+                             "again to resume (finished runs are kept)")
+
+
+def ensure_parent(tracker: Tracker, spec: StudySpec) -> str:
+    """The study's parent run: found again by its name on resume (and refused when the file's settings
+    changed since), else created."""
+    from rankbench.study.spec import first_difference
+
+    found = [r for status in ("FINISHED", "RUNNING", "FAILED", "KILLED") for r in tracker.runs(study=spec.name, status=status)
+             if r.data.tags.get("rankbench.role") == ROLE]
+    if found:
+        parent = max(found, key=lambda r: r.info.start_time)
+        if parent.data.params.get("spec_digest") != spec.digest():
+            try:
+                stored = json.loads(tracker.download_artifact(parent.info.run_id, "spec.json").read_text())
+                _, how = first_difference(spec.canonical(), stored)
+            except (RankbenchError, OSError, ValueError):
+                how = "its settings differ"
+            raise RankbenchError(f"matched study {spec.name} in {tracker.uri} was run from other settings ({how}): "
+                                 "give the study another name, or use another --tracking-uri")
+        tracker.reopen(parent.info.run_id, run_identity())
+        return parent.info.run_id
+    params = {"study": spec.name, "task": ",".join(spec.tasks), "methods": ",".join(spec.methods),
+              "seeds": ",".join(map(str, spec.seeds)), "targets": ",".join(f"{t:g}" for t in spec.matched.targets),
+              "tolerance": spec.matched.tolerance, "budget_steps": spec.budget_steps, "spec_digest": spec.digest()}
+    run_id = tracker.start(spec.task, f"matched {spec.name}", params,
+                           {"rankbench.role": ROLE, "study": spec.name, "task": spec.task, **run_identity()})
+    tracker.log_text(run_id, json.dumps(spec.canonical(), indent=1), "spec.json")
+    if spec.source:
+        tracker.log_text(run_id, spec.source, "study.toml")
+    return run_id
+
+
+def protocol_text(spec: StudySpec) -> str:
+    m = spec.matched
+    rest = ", ".join(map(str, spec.seeds[1:]))
+    others = f"seed{'s' if len(spec.seeds) > 2 else ''} {rest} train at the value found" if rest else "no other seed"
+    steps = f"{spec.budget_steps:,} optimizer steps per run" if spec.budget_steps else "Each task's own epochs"
+    return (f"Targets {', '.join(f'{t:g}x' for t in m.targets)} within ±{m.tolerance:.0%}. A learned method's knob is "
+            f"searched on seed {spec.seeds[0]} (runs shared by all targets, at most {m.max_runs} new runs per target); "
+            f"{others}, and each seed reports the compression it reached. A uniform "
+            "rank's point interpolates the two ranks around the target in log10 compression, per seed. "
+            f"{steps}; test accuracy of the final model.")
+
+
+def build_board(trainer: Trainer, plans: dict[tuple[str, str], list[Planned]],
+                notes: dict[tuple[str, str], list[str]]) -> Leaderboard:
+    spec = trainer.run.spec
+    registry = trainer.registry
+    boards = []
+    used: dict[str, float] = {}
+    for task in spec.tasks:
+        curves, reference, dataset = [], None, ""
+        for method in spec.methods:
+            if (task, method) not in plans:
+                continue
+            points = []
+            for plan in plans[(task, method)]:
+                results = [trainer.result(task, method, values, seed, train=False) for values, seed in plan.runs]
+                if any(r is None for r in results):
+                    raise RankbenchError(f"a run of {method} on {task} at {plan.target:g}x has not finished: run the "
+                                         "study again to train it")
+                used.update({r.run_id: r.wall_seconds for r in results})
+                dataset = dataset or results[0].dataset
+                points.append(assemble(trainer, plan, results))
+            knob = knob_of(registry, method)
+            if knob is None:
+                reference = points[0]
+                continue
+            text = "; ".join([*notes.get((task, method), []), spec.matched.notes.get(task, {}).get(method, "")])
+            curves.append(MethodCurve(method, knob.name, tuple(points), text.strip("; ")))
+        boards.append(TaskBoard(task, dataset, spec.matched.targets, spec.matched.tolerance, tuple(curves),
+                                spec.matched.baseline, reference))
+    every = [r for r in trainer.tracker.runs(study=spec.name) if KEY_TAG in r.data.tags]
+    cost = {"runs": len(every), "runs_in_board": len(used), "search_runs_not_in_board": len(every) - len(used),
+            "run_hours": round(sum(r.data.metrics.get(records.WALL_SECONDS, 0.0) for r in every) / 3600, 2)}
+    return Leaderboard(spec.name, spec.description, tuple(boards), protocol_text(spec), cost)
+
+
+def _stoppable():
+    from rankbench.study.runner import _stoppable as stoppable
+
+    return stoppable()
+
+
+def run_matched(spec: StudySpec, *, options: RunOptions | None = None, workers: int = 1,
+                plugin_dirs: Sequence[Path] = (), out_dir: Path | None = None) -> tuple[Leaderboard, list[Path]]:
+    """Run (or resume) a matched study to its end; returns its leaderboard and the files written."""
+    if spec.matched is None:
+        raise RankbenchError(f"study {spec.name} has no [matched] table")
+    if workers < 1:
+        raise RankbenchError("--workers must be >= 1")
+    options = (options or RunOptions()).checked()
+    if options.budget_steps is not None:
+        spec, options = replace(spec, budget_steps=options.budget_steps), replace(options, budget_steps=None)
+    registry = Registry.discover(plugin_dirs=plugin_dirs)
+    tracker = Tracker(options.tracking_uri)
+    with _stoppable():
+        parent = ensure_parent(tracker, spec)
+        run = MatchedRun(spec, replace(options, tracking_uri=tracker.uri), tuple(plugin_dirs), parent)
+        trainer = Trainer(run, registry)
+        try:
+            searched = [Job(t, m) for t in spec.tasks for m in spec.methods
+                        if (k := knob_of(registry, m)) is not None and k.found_by == "training"]
+            execute(run, trainer, searched, workers)
+            plans: dict[tuple[str, str], list[Planned]] = {}
+            notes: dict[tuple[str, str], list[str]] = {}
+            for task in spec.tasks:
+                for method in spec.methods:
+                    knob = knob_of(registry, method)
+                    if knob is None and not spec.matched.reference:
+                        continue
+                    searches = search(trainer, task, method, train=False) if knob and knob.found_by == "training" else None
+                    if knob is not None and knob.found_by == "training" and searches is None:
+                        raise RankbenchError(f"the knob search of {method} on {task} did not finish: run the study "
+                                             "again to continue it")
+                    plans[(task, method)], notes[(task, method)] = plan_points(trainer, task, method, searches)
+            execute(run, trainer, _jobs_of(plans), workers)
+            board = build_board(trainer, plans, notes)
+            folder = Path(out_dir or DEFAULT_DIR / "studies" / spec.name)
+            paths = [board.write(folder / "leaderboard.json")]
+            with contextlib.suppress(ImportError):
+                from rankbench.report.page import write_page
+
+                paths += write_page(board, folder)
+            tracker.log_text(parent, board.to_json(), "leaderboard.json")
+        except KeyboardInterrupt:
+            tracker.terminate(parent, "KILLED")
+            raise
+        except Exception:
+            tracker.terminate(parent, "FAILED")
+            raise
+        tracker.finish(parent)
+    return board, paths

@@ -1,0 +1,205 @@
+"""A matched-compression study end to end (rankbench/study/matched_runner.py): every method of a task
+at the same targets, its knob searched on the first seed and the other seeds trained at the value
+found, written as a leaderboard; resumed without training anything twice; bad files refused first."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from helpers import assert_one_line_error, make_tiny_mnist, toml_module
+from rankbench.cli import main
+from rankbench.plugins.registry import Registry
+from rankbench.report.board import Leaderboard
+from rankbench.study.spec import parse_study
+
+PLUGINS = Path(__file__).parent / "plugins_matched"
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = sorted(p for p in (REPO / "studies").glob("*.toml") if "\n[matched]" in p.read_text())
+STUDY = """
+name = "matched_tiny"
+description = "mlp2 at two matched compressions"
+task = "mlp2"
+methods = ["dense", "trn", "keep_fraction"]
+seeds = [0, 1]
+
+[matched]
+targets = [25, 60]
+tolerance = 0.1
+max_runs = 4
+baseline = "trn"
+
+[matched.notes.mlp2]
+keep_fraction = "a test plugin"
+"""
+
+
+class Env:
+    def __init__(self, root: Path, data_dir: Path, mlflow_template: Path) -> None:
+        self.root, self.data_dir = root, data_dir
+        shutil.copyfile(mlflow_template, root / "mlflow.db")
+        self.uri = f"sqlite:///{root / 'mlflow.db'}"
+        self.out = root / "out"
+
+    def argv(self, study_file: Path, *extra: str) -> list[str]:
+        return ["study", str(study_file), "--tracking-uri", self.uri, "--out", str(self.out), "--plugin-dir",
+                str(PLUGINS), "--data-dir", str(self.data_dir), "--set", "val_size=40", "--set", "epochs=1", *extra]
+
+    def runs(self) -> list:
+        client = MlflowClient(self.uri)
+        ids = [e.experiment_id for e in client.search_experiments()]
+        return [r for r in client.search_runs(ids, max_results=1000) if "matched.key" in r.data.tags]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """Random IDX digits under ``<dir>/mnist`` (train 160 / val 40 / test 40 with val_size=40)."""
+    return make_tiny_mnist(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch, data_dir, store_template) -> Env:
+    monkeypatch.chdir(tmp_path)
+    return Env(tmp_path, data_dir, store_template)
+
+
+def finished_pairs(env: Env) -> list[tuple[str, str]]:
+    return [(r.data.tags["matched.key"], r.data.params["seed"]) for r in env.runs() if r.info.status == "FINISHED"]
+
+
+def test_every_method_reaches_every_target_and_a_rerun_trains_nothing(env, capsys):
+    path = env.root / "matched_tiny.toml"
+    path.write_text(STUDY)
+    assert main(env.argv(path)) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    board = Leaderboard.read(env.out / "leaderboard.json")
+    (mlp2,) = board.boards
+    assert mlp2.targets == (25.0, 60.0) and mlp2.baseline == "trn"
+    curves = {c.method: c for c in mlp2.curves}
+    assert set(curves) == {"trn", "keep_fraction"}  # dense is the reference line, not a curve
+    assert mlp2.reference is not None and mlp2.reference.point.compression == pytest.approx(1.0)
+    assert len(mlp2.reference.runs) == 2
+
+    keep = curves["keep_fraction"]
+    assert keep.note == "a test plugin" and keep.knob == "keep"
+    for point in keep.points:  # found on seed 0, seed 1 trained at the same value, both within 10 %
+        assert point.hit and [r.seed for r in point.runs] == [0, 1]
+        assert all(abs(r.compression / point.target - 1) <= 0.1 for r in point.runs)
+        assert point.setting.startswith("keep=")
+    trn = curves["trn"]
+    for point in trn.points:  # no rank reaches 25x or 60x within 0.5 %: both ranks around it, per seed
+        assert point.interpolated and len(point.runs) == 4 and "interpolated" in point.setting
+        assert point.point.compression == pytest.approx(point.target, rel=1e-9)
+        above, below = point.runs[0], point.runs[1]
+        assert above.compression > point.target > below.compression
+        low, high = sorted((above.accuracy, below.accuracy))
+        assert low - 1e-9 <= point.point.accuracies[0] <= high + 1e-9
+
+    pairs = finished_pairs(env)
+    assert len(pairs) == len(set(pairs))  # no (settings, seed) trained twice
+    assert board.cost["runs"] == len(pairs) and board.cost["runs_in_board"] <= len(pairs)
+    for name in ("trn", "keep_fraction", "25x", "60x"):
+        assert name in out
+    assert (env.out / "leaderboard.json").read_text() == board.to_json()
+
+    assert main(env.argv(path)) == 0, capsys.readouterr().err
+    assert finished_pairs(env) == pairs or sorted(finished_pairs(env)) == sorted(pairs)  # nothing trained again
+    again = Leaderboard.read(env.out / "leaderboard.json")
+    assert again.boards == board.boards
+
+
+def test_a_lost_run_is_trained_again_and_nothing_else(env, capsys):
+    path = env.root / "matched_tiny.toml"
+    path.write_text(STUDY.replace('methods = ["dense", "trn", "keep_fraction"]', 'methods = ["keep_fraction"]')
+                    .replace('baseline = "trn"', ""))
+    assert main(env.argv(path)) == 0, capsys.readouterr().err
+    board = Leaderboard.read(env.out / "leaderboard.json")
+    lost = board.boards[0].curves[0].points[1].runs[1]  # a replicate seed: as if its machine died mid-run
+    client = MlflowClient(env.uri)
+    client.set_terminated(lost.run_id, "FAILED")
+    before = {r.info.run_id for r in env.runs()}
+    assert main(env.argv(path)) == 0, capsys.readouterr().err
+    new = [r for r in env.runs() if r.info.run_id not in before]
+    assert new == [] or len(new) <= 1  # continued in its own MLflow run (from its checkpoint) or one fresh run
+    again = Leaderboard.read(env.out / "leaderboard.json").boards[0].curves[0].points[1]
+    assert [r.seed for r in again.runs] == [0, 1]
+    assert client.get_run(again.runs[1].run_id).info.status == "FINISHED"
+    assert sorted(finished_pairs(env)) == sorted(set(finished_pairs(env)))
+
+
+def test_other_settings_under_the_same_name_are_refused(env, capsys):
+    path = env.root / "matched_tiny.toml"
+    path.write_text(STUDY.replace('methods = ["dense", "trn", "keep_fraction"]', 'methods = ["trn"]')
+                    .replace("[matched.notes.mlp2]\nkeep_fraction = \"a test plugin\"", ""))
+    assert main(env.argv(path)) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    path.write_text(path.read_text().replace("targets = [25, 60]", "targets = [25, 40]"))
+    assert main(env.argv(path)) == 2
+    line = assert_one_line_error(capsys.readouterr().err)
+    assert "matched_tiny" in line and "another name" in line
+
+
+BAD = {
+    "search-table": (STUDY + "\n[search]\nlambda = { grid = [1.0] }\n", "has no place in a matched study"),
+    "no-knob": (STUDY.replace('"keep_fraction"]', '"keep_fraction", "nan_when_big"]'), "declares no compression knob"),
+    "bad-targets": (STUDY.replace("targets = [25, 60]", "targets = [0.5]"), "compressions > 1"),
+    "twice": (STUDY.replace("targets = [25, 60]", "targets = [25, 25]"), "twice"),
+    "tolerance": (STUDY.replace("tolerance = 0.1", "tolerance = 2"), "tolerance"),
+    "baseline": (STUDY.replace('baseline = "trn"', 'baseline = "ours"'), "not in methods"),
+    "reference-baseline": (STUDY.replace('baseline = "trn"', 'baseline = "dense"'), "no compression knob"),
+    "typo": (STUDY.replace("max_runs = 4", "max_run = 4"), "did you mean 'max_runs'"),
+    "note-task": (STUDY.replace("[matched.notes.mlp2]", "[matched.notes.lenet5]"), "notes"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_a_bad_matched_table_is_one_line_exit_2_before_any_run(env, capsys, case):
+    text, expected = BAD[case]
+    path = env.root / "bad.toml"
+    path.write_text(text)
+    argv = env.argv(path, "--plugin-dir", str(Path(__file__).parent / "plugins_study"))
+    assert main(argv) == 2
+    assert expected in assert_one_line_error(capsys.readouterr().err)
+    assert env.runs() == []
+
+
+def test_n_trials_has_no_meaning_for_a_matched_study(env, capsys):
+    path = env.root / "matched_tiny.toml"
+    path.write_text(STUDY)
+    assert main(env.argv(path, "--n-trials", "3")) == 2
+    assert "--n-trials" in assert_one_line_error(capsys.readouterr().err)
+
+
+def test_the_matched_table_is_part_of_the_studys_digest():
+    registry = Registry.discover(plugin_dirs=[PLUGINS])
+    tomllib = toml_module()
+    one = parse_study(tomllib.loads(STUDY), registry)
+    other = parse_study(tomllib.loads(STUDY.replace("tolerance = 0.1", "tolerance = 0.2")), registry)
+    assert one.matched.targets == (25.0, 60.0) and one.digest() != other.digest()
+    assert json.loads(json.dumps(one.canonical()))["matched"]["tolerance"] == 0.1
+
+
+def test_the_shipped_matched_studies_are_the_leaderboards():
+    assert {p.stem for p in SHIPPED} == {"leaderboard_lenet5", "leaderboard_mlp2"}
+    registry = Registry.discover()
+    for path in SHIPPED:
+        spec = parse_study(toml_module().loads(path.read_text()), registry, source=path.read_text())
+        assert spec.name == path.stem and spec.matched.baseline == "trn" and len(spec.seeds) == 3
+        assert set(spec.methods) == set(registry.methods) - {m for m in registry.methods if m.startswith("svd")}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_a_shipped_matched_study_runs_end_to_end_with_a_tiny_budget(path, env, capsys):
+    assert main(env.argv(path, "--seeds", "0")) == 0, capsys.readouterr().err
+    board = Leaderboard.read(env.out / "leaderboard.json")
+    (task,) = board.boards
+    assert {c.method for c in task.curves} == {"trn", "ours", "mars", "reinforce_l0"}
+    for curve in task.curves:  # a point at every target, hit or marked missed, each with its seed's run
+        assert [p.target for p in curve.points] == [10.0, 20.0, 40.0]
+        assert all(p.runs for p in curve.points)
+    assert task.reference is not None
+    assert (env.out / "leaderboard.html").exists()
