@@ -54,3 +54,18 @@ def test_harness_benchmark_prints_the_overhead_and_its_target(tmp_path):
     out = run_script("harness.py", "--task", "mlp2", "--epochs", "1", "--repeat", "1", cwd=tmp_path)
     assert "bare loop, 1 epochs" in out and "rankbench run (MLflow), 1 epochs" in out
     assert re.search(r"^target: tracking overhead <= 3% of a run's wall time: .*(PASS|MISS)", out, re.M)
+
+
+def test_the_fashion_mnist_length_answer_reads_each_ours_row_on_the_trn_curve(tmp_path):
+    short = BENCHMARKS / "results" / "fmnist_tradeoff_cpu" / "report.md"
+    long = tmp_path / "long.md"  # a 16,000-step table: here the TRN rows alone, and one ours row beyond them
+    rows = [line for line in short.read_text().splitlines() if line.startswith("| trn ")]
+    long.write_text("\n".join([*rows, "| ours     | lambda=9.0, sigma=0.5  | 3   | 70.00±1.00   | 300.00±1.00x  |"]))
+    out = run_script("fmnist_length.py", "--long", str(long), cwd=tmp_path)
+    lines = out.splitlines()
+    short_lines = [line for line in lines if line.lstrip().startswith("4,000 steps")]
+    assert len(short_lines) == 3  # ours at lambda 0.15, 0.4, 1.0
+    assert "87.38±0.57 % at   9.81x" in short_lines[1] and "between 6.62x and 11.72x" in short_lines[1]
+    assert "gap -2.22 points" in short_lines[1] and "p (Welch) 0.0169" in short_lines[1]
+    (beyond,) = [line for line in lines if line.lstrip().startswith("16,000 steps")]
+    assert "outside the curve" in beyond  # not extrapolated

@@ -87,3 +87,20 @@ def test_with_three_seeds_a_side_welch_decides_alone_since_mann_whitney_cannot_r
     assert unclear.winner is None
     five = compare_at_targets({"a": [point(10, [1.0, 2, 3, 4, 5])], "b": [point(10, [6.0, 7, 8, 9, 10])]}, "a", "b")
     assert five[0].mwu_can_confirm and five[0].decided_by == "both" and five[0].winner == "b"
+
+
+def test_a_point_is_compared_with_the_curve_read_at_its_own_compression():
+    from rankbench.report.curves import Summary, gap_to_curve
+
+    trn = [Summary(6.62, 90.40, 0.19, 3), Summary(11.72, 89.24, 0.18, 3), Summary(26.01, 88.10, 0.16, 3)]
+    gap = gap_to_curve(Summary(9.81, 87.38, 0.57, 3), trn)
+    w = (math.log10(9.81) - math.log10(6.62)) / (math.log10(11.72) - math.log10(6.62))
+    assert gap.between == (6.62, 11.72)
+    assert gap.curve_mean == pytest.approx((1 - w) * 90.40 + w * 89.24)
+    assert gap.curve_std == pytest.approx(math.hypot((1 - w) * 0.19, w * 0.18))
+    assert gap.difference == pytest.approx(87.38 - gap.curve_mean) and gap.difference < -2
+    assert 0 < gap.p_welch < 0.05
+    at_a_point = gap_to_curve(Summary(11.72, 89.24, 0.18, 3), trn)
+    assert at_a_point.difference == pytest.approx(0) and at_a_point.p_welch == pytest.approx(1)
+    with pytest.raises(ValueError, match="outside the curve"):
+        gap_to_curve(Summary(40.0, 80.0, 1.0, 3), trn)

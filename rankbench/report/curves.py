@@ -174,3 +174,49 @@ def compare_at_targets(curves: Mapping[str, Sequence[CurvePoint]], a: str, b: st
     mwu_holm = holm([r[3] for r in raw])
     return [TargetComparison(t, a, b, d, pw, pm, wh, mh, len(at_a[t].accuracies), len(at_b[t].accuracies))
             for (t, d, pw, pm), wh, mh in zip(raw, welch_holm, mwu_holm)]
+
+
+@dataclass(frozen=True)
+class Summary:
+    """A row of a report: the mean and sample std of n seeds' accuracies at a (geometric-mean) compression."""
+
+    compression: float
+    mean: float
+    std: float
+    n: int
+
+
+@dataclass(frozen=True)
+class CurveGap:
+    """A point against a curve read at the point's own compression: the curve's interpolated mean and std,
+    the difference, and Welch's p from the summaries."""
+
+    point: Summary
+    curve_mean: float
+    curve_std: float
+    difference: float
+    p_welch: float
+    between: tuple[float, float]
+    """The curve's compressions on both sides of the point."""
+
+
+def gap_to_curve(point: Summary, curve: Sequence[Summary]) -> CurveGap:
+    """``point`` against ``curve`` (e.g. uniform TRN over its ranks) interpolated linearly in log10
+    compression at the point's compression: mean (1-w)·m₁ + w·m₂, std √((1-w)²s₁² + w²s₂²) (the two
+    curve points' seeds taken as independent), n the smaller n of the two. Welch's t from these
+    summaries (``scipy.stats.ttest_ind_from_stats``), so it also works where only mean±std was kept.
+    A point outside the curve's range is an error: extrapolating a trade-off curve says nothing."""
+    ordered = sorted(curve, key=lambda s: s.compression)
+    for low, high in zip(ordered, ordered[1:]):
+        if low.compression <= point.compression <= high.compression:
+            span = math.log10(high.compression) - math.log10(low.compression)
+            w = 0.0 if span == 0 else (math.log10(point.compression) - math.log10(low.compression)) / span
+            mean = (1 - w) * low.mean + w * high.mean
+            std = math.sqrt((1 - w) ** 2 * low.std ** 2 + w ** 2 * high.std ** 2)
+            n = min(low.n, high.n)
+            p = float(stats.ttest_ind_from_stats(point.mean, point.std, point.n, mean, std, n, equal_var=False).pvalue)
+            return CurveGap(point, mean, std, point.mean - mean, 1.0 if math.isnan(p) else p,
+                            (low.compression, high.compression))
+    reach = f"{ordered[0].compression:.3g}x to {ordered[-1].compression:.3g}x" if ordered else "nothing"
+    raise ValueError(f"the point at {point.compression:.3g}x lies outside the curve ({reach}): add a curve point "
+                     "beyond it")
