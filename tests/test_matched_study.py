@@ -28,7 +28,7 @@ methods = ["dense", "trn", "keep_fraction"]
 seeds = [0, 1]
 
 [matched]
-targets = [25, 60]
+targets = [10, 25, 60]
 tolerance = 0.1
 max_runs = 4
 baseline = "trn"
@@ -78,14 +78,17 @@ def test_every_method_reaches_every_target_and_a_rerun_trains_nothing(env, capsy
     out = capsys.readouterr().out
     board = Leaderboard.read(env.out / "leaderboard.json")
     (mlp2,) = board.boards
-    assert mlp2.targets == (25.0, 60.0) and mlp2.baseline == "trn"
+    assert mlp2.targets == (10.0, 25.0, 60.0) and mlp2.baseline == "trn"
     curves = {c.method: c for c in mlp2.curves}
     assert set(curves) == {"trn", "keep_fraction"}  # dense is the reference line, not a curve
     assert mlp2.reference is not None and mlp2.reference.point.compression == pytest.approx(1.0)
     assert len(mlp2.reference.runs) == 2
 
     keep = curves["keep_fraction"]
-    assert keep.note == "a test plugin" and keep.knob == "keep"
+    assert keep.knob == "keep" and keep.note.endswith("a test plugin")
+    # it starts from rank 20 (18.2x) and only removes rank: 10x is out of its reach, said, and not searched
+    assert [p.target for p in keep.points] == [25.0, 60.0]
+    assert "no point at 10x: below the 18.2x of the model it starts from" in keep.note
     for point in keep.points:  # found on seed 0, seed 1 trained at the same value, both within 10 %
         assert point.hit and [r.seed for r in point.runs] == [0, 1]
         assert all(abs(r.compression / point.target - 1) <= 0.1 for r in point.runs)
@@ -102,7 +105,7 @@ def test_every_method_reaches_every_target_and_a_rerun_trains_nothing(env, capsy
     pairs = finished_pairs(env)
     assert len(pairs) == len(set(pairs))  # no (settings, seed) trained twice
     assert board.cost["runs"] == len(pairs) and board.cost["runs_in_board"] <= len(pairs)
-    for name in ("trn", "keep_fraction", "25x", "60x"):
+    for name in ("trn", "keep_fraction", "10x", "25x", "60x"):
         assert name in out
     assert (env.out / "leaderboard.json").read_text() == board.to_json()
 
@@ -137,7 +140,7 @@ def test_other_settings_under_the_same_name_are_refused(env, capsys):
                     .replace("[matched.notes.mlp2]\nkeep_fraction = \"a test plugin\"", ""))
     assert main(env.argv(path)) == 0, capsys.readouterr().err
     capsys.readouterr()
-    path.write_text(path.read_text().replace("targets = [25, 60]", "targets = [25, 40]"))
+    path.write_text(path.read_text().replace("targets = [10, 25, 60]", "targets = [25, 40]"))
     assert main(env.argv(path)) == 2
     line = assert_one_line_error(capsys.readouterr().err)
     assert "matched_tiny" in line and "another name" in line
@@ -146,8 +149,8 @@ def test_other_settings_under_the_same_name_are_refused(env, capsys):
 BAD = {
     "search-table": (STUDY + "\n[search]\nlambda = { grid = [1.0] }\n", "has no place in a matched study"),
     "no-knob": (STUDY.replace('"keep_fraction"]', '"keep_fraction", "nan_when_big"]'), "declares no compression knob"),
-    "bad-targets": (STUDY.replace("targets = [25, 60]", "targets = [0.5]"), "compressions > 1"),
-    "twice": (STUDY.replace("targets = [25, 60]", "targets = [25, 25]"), "twice"),
+    "bad-targets": (STUDY.replace("targets = [10, 25, 60]", "targets = [0.5]"), "compressions > 1"),
+    "twice": (STUDY.replace("targets = [10, 25, 60]", "targets = [25, 25]"), "twice"),
     "tolerance": (STUDY.replace("tolerance = 0.1", "tolerance = 2"), "tolerance"),
     "baseline": (STUDY.replace('baseline = "trn"', 'baseline = "ours"'), "not in methods"),
     "reference-baseline": (STUDY.replace('baseline = "trn"', 'baseline = "dense"'), "no compression knob"),
@@ -179,7 +182,7 @@ def test_the_matched_table_is_part_of_the_studys_digest():
     tomllib = toml_module()
     one = parse_study(tomllib.loads(STUDY), registry)
     other = parse_study(tomllib.loads(STUDY.replace("tolerance = 0.1", "tolerance = 0.2")), registry)
-    assert one.matched.targets == (25.0, 60.0) and one.digest() != other.digest()
+    assert one.matched.targets == (10.0, 25.0, 60.0) and one.digest() != other.digest()
     assert json.loads(json.dumps(one.canonical()))["matched"]["tolerance"] == 0.1
 
 
@@ -198,8 +201,10 @@ def test_a_shipped_matched_study_runs_end_to_end_with_a_tiny_budget(path, env, c
     board = Leaderboard.read(env.out / "leaderboard.json")
     (task,) = board.boards
     assert {c.method for c in task.curves} == {"trn", "ours", "mars", "reinforce_l0"}
-    for curve in task.curves:  # a point at every target, hit or marked missed, each with its seed's run
-        assert [p.target for p in curve.points] == [10.0, 20.0, 40.0]
+    for curve in task.curves:  # a point at every target it can reach, hit or marked missed, with its seed's run
+        unreachable = [t for t in (10.0, 20.0, 40.0) if f"no point at {t:g}x" in curve.note]
+        assert sorted([p.target for p in curve.points] + unreachable) == [10.0, 20.0, 40.0]
         assert all(p.runs for p in curve.points)
+        assert curve.method != "trn" or not unreachable
     assert task.reference is not None
     assert (env.out / "leaderboard.html").exists()

@@ -149,13 +149,44 @@ def start_value(trainer: Trainer, task: str, method: str, knob: Knob, interval: 
     return float(value)
 
 
-def search(trainer: Trainer, task: str, method: str, train: bool = True) -> dict[float, Any] | None:
-    """The knob search of one (task, method) on the first seed: target -> ``KnobSearch``; with ``train``
+def initial_compression(trainer: Trainer, task: str, method: str) -> float:
+    """The compression of the model ``method`` starts from on ``task`` (its ``initial_rank`` of the task's),
+    counted on the ``meta`` device: a method that learns ranks by removing slices never compresses less."""
+    prepared = trainer.prepared(task, method, trainer.values(task, method, {}), trainer.run.spec.seeds[0])
+    rank = prepared.method_cls(prepared.method_params).initial_rank(prepared.task.params["initial_rank"])
+    return uniform_compressions(prepared.task, range(rank, rank + 1))[rank]
+
+
+def measured_runs(trainer: Trainer, task: str, method: str, knob: Knob, interval: KnobInterval) -> dict[float, float]:
+    """Knob value -> compression of every finished run of the first seed of this (task, method) whose other
+    settings are the study's: what a search knows before it trains anything (so a resumed search never
+    retrains a value, whatever order it measured them in)."""
+    seed = str(trainer.run.spec.seeds[0])
+    measured = {}
+    for run in trainer._runs("FINISHED"):
+        key = run.data.tags.get(KEY_TAG)
+        if key is None or run.data.params.get(records.SEED) != seed:
+            continue
+        run_task, run_method, values = json.loads(key)
+        if (run_task, run_method) != (task, method) or knob.name not in values:
+            continue
+        value = float(values[knob.name])
+        if values == trainer.values(task, method, {knob.name: _typed(value, interval)}):
+            measured[value] = float(run.data.metrics[records.COMPRESSION])
+    return measured
+
+
+def search(trainer: Trainer, task: str, method: str, train: bool = True) -> tuple[dict[float, Any], dict[float, float]] | None:
+    """The knob search of one (task, method) on the first seed: (target -> ``KnobSearch``, target -> the
+    initial model's compression for every target below it, which pruning cannot reach); with ``train``
     False a replay that trains nothing and returns None if a run it needs has not finished."""
     spec = trainer.run.spec
     knob = knob_of(trainer.registry, method)
     interval = KnobInterval.of(trainer.registry.method(method))
     seed = spec.seeds[0]
+    floor = initial_compression(trainer, task, method)
+    unreachable = {t: floor for t in spec.matched.targets if t * (1 + spec.matched.tolerance) < floor}
+    targets = [t for t in spec.matched.targets if t not in unreachable]
 
     class Unfinished(Exception):
         pass
@@ -168,11 +199,12 @@ def search(trainer: Trainer, task: str, method: str, train: bool = True) -> dict
         return result.compression
 
     try:
-        return search_targets(measure, knob, interval, list(spec.matched.targets),
-                              start_value(trainer, task, method, knob, interval),
-                              tolerance=spec.matched.tolerance, max_runs=spec.matched.max_runs)
+        searches = search_targets(measure, knob, interval, targets, start_value(trainer, task, method, knob, interval),
+                                  tolerance=spec.matched.tolerance, max_runs=spec.matched.max_runs,
+                                  measured=measured_runs(trainer, task, method, knob, interval)) if targets else {}
     except Unfinished:
         return None
+    return searches, unreachable
 
 
 def _typed(value: float, interval: KnobInterval) -> int | float:
@@ -193,7 +225,8 @@ class Planned:
     """For an interpolated point: the runs are (above, below) per seed, and the weight of ``below``."""
 
 
-def plan_points(trainer: Trainer, task: str, method: str, searches: dict[float, Any] | None) -> tuple[list[Planned], list[str]]:
+def plan_points(trainer: Trainer, task: str, method: str,
+                searches: tuple[dict[float, Any], dict[float, float]] | None) -> tuple[list[Planned], list[str]]:
     """Every target's planned runs for one (task, method), and notes on targets it cannot reach."""
     spec = trainer.run.spec
     registry = trainer.registry
@@ -206,7 +239,10 @@ def plan_points(trainer: Trainer, task: str, method: str, searches: dict[float, 
         return [Planned(task, method, 1.0, "defaults", True, tuple((values, s) for s in seeds))], notes
     if knob.found_by == "training":
         interval = KnobInterval.of(registry.method(method))
-        for target, found in (searches or {}).items():
+        found_at, unreachable = searches
+        notes += [f"no point at {t:g}x: below the {c:.3g}x of the model it starts from (it only removes rank)"
+                  for t, c in unreachable.items()]
+        for target, found in found_at.items():
             value = _typed(found.best[0], interval)
             values = trainer.values(task, method, {knob.name: value})
             planned.append(Planned(task, method, target, f"{knob.name}={value:g}", found.hit, tuple((values, s) for s in seeds)))
