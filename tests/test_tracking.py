@@ -8,6 +8,7 @@ temporary folder, which is also the working directory.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -112,6 +113,23 @@ def test_the_pruned_model_loads_with_mlflow_pytorch_and_matches_the_gated_eval_m
     assert sum(p.numel() for p in loaded.parameters()) == result.parameters
 
 
+def test_the_pruned_model_is_an_mlflow_logged_model_of_its_run_with_a_signature(embedded_run, monkeypatch):
+    import mlflow
+
+    uri, result = embedded_run
+    client = client_for(uri)
+    run = client.get_run(result.run_id)
+    (model,) = client.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                           filter_string=f"source_run_id = '{result.run_id}'")
+    assert model.name == "pruned_model" and model.status == "READY"
+    assert [o.model_id for o in run.outputs.model_outputs] == [model.model_id]  # the run's Models tab links it
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    info = mlflow.models.get_model_info(f"models:/{model.model_id}")
+    assert info.signature is not None and tuple(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, 1, 28, 28)
+    assert info.saved_input_example_info is not None
+    assert "MLFLOW_EXPERIMENT_ID" not in os.environ  # the fluent state was restored
+
+
 
 
 def test_one_finished_run_in_the_task_experiment(embedded_run):
@@ -176,7 +194,7 @@ def test_final_metrics_match_the_run_result(embedded_run):
 def test_ranks_artifact_equals_the_run_result(embedded_run, tmp_path):
     uri, result = embedded_run
     client = client_for(uri)
-    assert [a.path for a in client.list_artifacts(result.run_id)] == ["model", "pruned_model", "ranks.json"]
+    assert [a.path for a in client.list_artifacts(result.run_id)] == ["model", "ranks.json"]  # pruned_model: a logged model
     assert [a.path for a in client.list_artifacts(result.run_id, "model")] == ["model/state_dict.pt"]
     local = client.download_artifacts(result.run_id, "ranks.json", str(tmp_path))
     assert json.loads(Path(local).read_text()) == result.ranks

@@ -403,7 +403,7 @@ def _train_and_measure(prepared: PreparedRun, method: Method, model: torch.nn.Mo
     result.final = {str(k): float(v) for k, v in final.items()}
     tracker.log_dict(run_id, ranks, "ranks.json")
     tracker.log_state_dict(run_id, model)
-    tracker.log_pytorch_model(run_id, prune_model(model).cpu().eval())
+    tracker.log_pytorch_model(run_id, prune_model(model).cpu().eval(), input_example=prepared.data.test.x[:2].cpu())
     tracker.finish(run_id)
     checkpoint_path.unlink(missing_ok=True)  # a finished run has nothing to resume
     return result

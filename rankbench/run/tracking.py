@@ -97,6 +97,23 @@ def _writes(what: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
     return decorate
 
 
+@contextlib.contextmanager
+def _fluent(uri: str, experiment_id: str) -> Iterator[None]:
+    """MLflow's fluent tracking URI and experiment, for one call that reads them (``log_model``)."""
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    before = os.environ.get("MLFLOW_EXPERIMENT_ID")
+    os.environ["MLFLOW_EXPERIMENT_ID"] = experiment_id
+    try:
+        with _use_tracking_uri(uri):
+            yield
+    finally:
+        if before is None:
+            os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+        else:
+            os.environ["MLFLOW_EXPERIMENT_ID"] = before
+
+
 class Tracker:
     """The one owner of MLflow in rankbench: every read and write of the tracking store goes
     through here, so store errors become one-line ``RankbenchError``s naming the store, and
@@ -344,21 +361,36 @@ class Tracker:
             self.log_artifact(run_id, path, "model")
 
     @_writes("the pruned model")
-    def log_pytorch_model(self, run_id: str, model, folder: str = PRUNED_MODEL_FOLDER) -> None:
-        """An MLflow PyTorch model (``MLmodel``, pickled module, requirements) in the run's artifacts,
-        so ``mlflow.pytorch.load_model("runs:/RUN_ID/pruned_model")`` loads it (rankbench must be
-        importable: the module's classes are rankbench's). Pickle, not ``pt2``: a traced graph would
-        need an example input per task and loses the tensorized layers' structure."""
-        import tempfile
-
+    def log_pytorch_model(self, run_id: str, model, folder: str = PRUNED_MODEL_FOLDER, input_example=None) -> None:
+        """The pruned model as an MLflow 3 logged model named ``folder`` of the run (the UI's Models tab,
+        ``mlflow.search_logged_models``), with ``input_example`` (a few inputs, a tensor) and the
+        signature inferred from the model's output on it, so ``mlflow.pytorch.load_model("runs:/RUN_ID/
+        pruned_model")`` (or its ``models:/`` URI) loads it (rankbench must be importable: the module's
+        classes are rankbench's). Pickle, not ``pt2``: a traced graph loses the tensorized layers'
+        structure. MLflow's ``log_model`` reads the store and the experiment from its fluent state, so
+        both are set for the call alone and restored (no active run is started)."""
         import mlflow.pytorch
+        from mlflow.models import infer_signature
 
         logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)  # its warning about pickle, chosen above
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / folder
-            mlflow.pytorch.save_model(model, path, serialization_format="pickle",
-                                      pip_requirements=[f"torch=={_installed_version('torch')}", "rankbench"])
-            self._client.log_artifacts(run_id, str(path), folder)
+        logging.getLogger("mlflow.models.model").setLevel(logging.ERROR)
+        example = signature = None
+        if input_example is not None:
+            import torch
+
+            with torch.no_grad():
+                try:
+                    output = model(input_example)
+                except Exception:  # a model whose forward takes more than one tensor: log it without an example
+                    output = None
+            if isinstance(output, torch.Tensor):
+                example = input_example.cpu().numpy()
+                signature = infer_signature(example, output.cpu().numpy())
+        experiment = self.get_run(run_id).info.experiment_id
+        with _fluent(self.uri, experiment):
+            mlflow.pytorch.log_model(model, name=folder, run_id=run_id, serialization_format="pickle",
+                                     input_example=example, signature=signature,
+                                     pip_requirements=[f"torch=={_installed_version('torch')}", "rankbench"])
 
     @_writes("the dataset input")
     def log_dataset(self, run_id: str, name: str, digest: str, source: str, sizes: Mapping[str, int]) -> None:
