@@ -20,7 +20,7 @@ from rankbench.contract import Check, check_method, check_task
 from rankbench.plugins.registry import Registry
 
 ROOT = Path(__file__).resolve().parents[1]
-BUILTIN_METHODS = ("dense", "trn", "ours", "reinforce_l0", "mars")
+BUILTIN_METHODS = ("dense", "trn", "ours", "reinforce_l0", "mars", "svd_posthoc")
 BUILTIN_TASKS = ("lenet5", "mlp2")
 METHOD_CHECKS = ["config", "data", "build", "train", "ranks", "export", "compression"]
 TASK_CHECKS = ["config", "data", "dense model", "tensorized model"]

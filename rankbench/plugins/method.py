@@ -15,7 +15,14 @@ from rankbench.plugins.defaults import MethodDefaults
 
 @dataclass(frozen=True)
 class MethodContext:
-    """Facts about the run a method may need (e.g. MARS scales its prior by N)."""
+    """Facts about the run a method may need (e.g. MARS scales its prior by N).
+
+    ``Method.attach`` stores it as ``self.context`` before any selector is built.
+
+    Attributes:
+        num_train: Number of training examples of the data the run loaded.
+        device: The device the model trains on.
+    """
 
     num_train: int
     device: torch.device
@@ -23,7 +30,18 @@ class MethodContext:
 
 @dataclass
 class StepLoss:
-    """What one training step minimises, and its parts for logging."""
+    """What one training step minimises, and its parts for logging.
+
+    ``Method.loss`` returns one per training batch; the trainer back-propagates
+    ``total`` and logs the epoch means of ``task`` and ``penalty`` as ``train_loss``
+    and ``penalty``.
+
+    Attributes:
+        total: Scalar tensor that is back-propagated; it must require grad.
+        task: The task loss, detached, for logging.
+        penalty: The penalty (already weighted), detached, for logging.
+        outputs: The model's outputs, optional.
+    """
 
     total: Tensor
     task: Tensor
@@ -32,13 +50,23 @@ class StepLoss:
 
 
 TaskLoss = Callable[[Tensor, Tensor], Tensor]
+"""The task's loss function as ``Method.loss`` receives it: ``task_loss(outputs, targets)``
+returns a scalar tensor (``Task.loss``, cross-entropy by default)."""
 
 
 @dataclass(frozen=True)
 class Knob:
     """The hyperparameter a method's compression follows, for matched-compression studies
     (``rankbench.study.matched``): its name and whether raising it raises the compression (λ of an
-    ℓ0 penalty does; a uniform rank does not). Its search interval is its ``Hyper``'s ``search``."""
+    ℓ0 penalty does; a uniform rank does not). Its search interval is its ``Hyper``'s ``search``.
+
+    Declared as ``Method.compression_knob``, e.g. ``Knob("lambda", increases_compression=True)``.
+
+    Attributes:
+        name: The hyperparameter tuned; its ``Hyper`` must declare ``search=Search(low, high, ...)``.
+        increases_compression: Whether a larger value gives a larger compression.
+        found_by: How a setting reaching a target is found (``training``, ``model`` or ``target``).
+    """
 
     name: str
     increases_compression: bool
@@ -58,6 +86,10 @@ SELECTOR_HYPERPARAMETERS: dict[str, Hyper] = {
         nullable=True, search=Search(1e-4, 1e-1, log=True),
     ),
 }
+"""The hyperparameters every method whose selectors the optimizer trains declares:
+``selector_lr``, the selectors' learning rate (``None``: the weights' rate; a study
+searches 1e-4..1e-1, log). Merge it into ``hyperparameters``:
+``hyperparameters = {**SELECTOR_HYPERPARAMETERS, "lambda": Hyper(...)}``."""
 
 
 class Method:
@@ -71,15 +103,32 @@ class Method:
     An instance serves one model, the one ``attach`` was last called with: its
     ``selectors`` registry (bond name → selector) is built there, and the
     ``model`` its other hooks receive is that model.
+
+    One instance is created per run (per seed). If you override ``__init__``, call
+    ``super().__init__(params)``.
+
+    Args:
+        params: A value for every declared hyperparameter, already validated
+            (read them as ``self.params["lambda"]``).
+
+    Attributes:
+        params: The run's hyperparameter values, by name.
+        context: The run's ``MethodContext``, set by ``attach`` (``None`` before).
+        selectors: Bond name (``fc1.bond2``) → the selector installed on it, in bond
+            order; filled by ``attach``.
     """
 
     name: ClassVar[str] = ""
+    """Unique name, what ``--method`` takes; a class without one is not a plugin."""
     description: ClassVar[str] = ""
+    """One line, shown by ``rankbench list``."""
     hyperparameters: ClassVar[dict[str, Hyper]] = {}
+    """Typed, validated, searchable settings by name (``--set KEY=VALUE``, study files)."""
     task_defaults: ClassVar[dict[str, Mapping[str, Any] | MethodDefaults]] = {}
     """Defaults on a task (``"lenet5": {"lambda": 1.0}``) or on one of its recipes (``"mlp2/embedded"``),
     with ``MethodDefaults(values, why)`` to say why; checked at discovery (``rankbench.plugins.defaults``)."""
     tensorized: ClassVar[bool] = True
+    """False: the run trains the task's dense model, with no selectors (``dense``)."""
     role: ClassVar[Role] = "selector"
     """How reports and figures treat the method: ``reference`` (the 1x model, e.g. dense),
     ``uniform`` (a fixed-rank baseline drawn as a curve over its label, e.g. trn) or
@@ -97,11 +146,29 @@ class Method:
         self.selectors: dict[str, RankSelector] = {}
 
     def initial_rank(self, task_rank: int) -> int:
-        """Rank of every bond in the tensorized model this method starts from."""
+        """Rank of every bond in the tensorized model this method starts from.
+
+        Override it when the method fixes its own rank (``trn`` returns its ``rank``).
+
+        Args:
+            task_rank: The task's ``initial_rank``.
+
+        Returns:
+            The initial rank of every bond; default ``task_rank``.
+        """
         return task_rank
 
     def selector(self, bond: Bond) -> RankSelector | None:
-        """The selector for ``bond``, or None to leave it unselected."""
+        """The selector for ``bond``, or None to leave it unselected.
+
+        Called by ``attach`` once per gateable bond of the model, in bond order.
+
+        Args:
+            bond: The bond (its ``layer_name``, ``layer``, ``index``, ``size`` and ``name``).
+
+        Returns:
+            A ``RankSelector`` of size ``bond.size``, or ``None`` (the default, everywhere).
+        """
         return None
 
     def attach(self, model: nn.Module, context: MethodContext) -> None:
@@ -109,7 +176,14 @@ class Method:
         each in ``self.selectors`` under its bond's name (``fc1.bond2``), in bond
         order (module order, which is forward order when modules are registered in
         the order they run, as in every built-in task): the method reads its
-        selectors from there instead of searching the model at every step."""
+        selectors from there instead of searching the model at every step.
+
+        Override it only to do more, and call ``super().attach(model, context)``.
+
+        Args:
+            model: The freshly built model (``Task.tensorized_model``), not yet on its device.
+            context: Facts about the run, stored as ``self.context``.
+        """
         self.context = context
         registry: dict[str, RankSelector] = {}
         for bond in bonds(model):
@@ -120,35 +194,103 @@ class Method:
         self.selectors = registry
 
     def penalty(self, model: nn.Module) -> Tensor:
-        """The regularisation term added to the task loss (λ already applied)."""
+        """The regularisation term added to the task loss (λ already applied).
+
+        Find the selectors in ``self.selectors``. The default ``loss`` adds it to the
+        task loss.
+
+        Args:
+            model: The model ``attach`` was called with, in ``train()`` mode.
+
+        Returns:
+            A finite scalar (0-dim) tensor on the model's device, differentiable with
+            respect to what it should train (usually the selectors' parameters);
+            default 0.
+        """
         return torch.zeros((), device=next(model.parameters()).device)
 
     def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor], task_loss: TaskLoss) -> StepLoss:
-        """Task loss + penalty for one batch; override to own the surrogate."""
+        """Task loss + penalty for one batch; override to own the surrogate.
+
+        Override it when the step's objective is not one forward pass plus the
+        penalty: several forward passes, a score-function (REINFORCE) surrogate, or
+        all selectors computed at once and supplied with ``RankSelector.supplied``.
+
+        Args:
+            model: The model, already in ``train()`` mode.
+            batch: ``(x, y)``: the training inputs (after ``Task.augment``) and targets.
+            task_loss: The task's loss, ``task_loss(outputs, y)`` → scalar.
+
+        Returns:
+            ``StepLoss(total=task + penalty, task, penalty, outputs)``; the trainer stops
+            the run (exit 2, run ``FAILED``) when ``total`` is NaN or infinite.
+        """
         x, y = batch
         outputs = model(x)
         task = task_loss(outputs, y)
         penalty = self.penalty(model)
         return StepLoss(total=task + penalty, task=task.detach(), penalty=penalty.detach(), outputs=outputs)
 
+    def on_train_begin(self, model: nn.Module, epochs: int, steps_per_epoch: int) -> None:
+        """Once per training, before its first step (and, when it resumes, before the checkpoint is
+        loaded): the epochs it runs to and its optimizer steps per epoch, for a method whose schedule
+        depends on them (a post-hoc truncation at ``epochs - finetune_epochs``); default none.
+
+        Args:
+            model: The model about to be trained.
+            epochs: The epoch the training runs to.
+            steps_per_epoch: Optimizer steps per epoch.
+        """
+
     def on_step_end(self, model: nn.Module, step: int) -> None:
         """Per-step action after the optimizer step ``step`` (counted from 1 over the whole training):
         a closed-form update of a selector, a periodic truncation of the cores; default none. What it
-        changes outside the model belongs in ``state_dict`` so a resumed run continues it."""
+        changes outside the model belongs in ``state_dict`` so a resumed run continues it.
+
+        Args:
+            model: The model being trained.
+            step: Optimizer steps so far, counted from 1 over the whole training.
+        """
 
     def on_epoch_end(self, model: nn.Module, epoch: int, metrics: Mapping[str, float]) -> None:
-        """Per-epoch action (fix gates, anneal a temperature); default none."""
+        """Per-epoch action (fix gates, anneal a temperature); default none.
+
+        Called after the scheduler's step, ``Task.calibrate`` and the epoch's validation.
+
+        Args:
+            model: The model being trained.
+            epoch: The epoch just finished, counted from 1.
+            metrics: ``train_loss``, ``penalty``, ``val_loss``, ``val_accuracy`` (%),
+                ``compression`` (dense / current parameters), ``total_rank`` and
+                ``train_seconds_per_batch`` of that epoch.
+        """
 
     def state_dict(self) -> dict[str, Any]:
         """What the method keeps between epochs outside the model (checkpointed every epoch so a
-        run resumes exactly): e.g. whether gates are fixed, a temperature. Default: nothing."""
+        run resumes exactly): e.g. whether gates are fixed, a temperature. Default: nothing.
+
+        Returns:
+            A dict that ``torch.save`` can store; ``load_state_dict`` receives it back.
+        """
         return {}
 
     def load_state_dict(self, model: nn.Module, state: Mapping[str, Any]) -> None:
         """Restore ``state_dict()`` into a method attached to a freshly built ``model`` whose
-        weights (selectors included) are already loaded."""
+        weights (selectors included) are already loaded.
+
+        Args:
+            model: The rebuilt model, its weights loaded from the checkpoint.
+            state: What ``state_dict()`` returned when the checkpoint was written.
+        """
 
     def selector_lr(self, weights_lr: float) -> float:
-        """The optimizer's rate for selector parameters: ``selector_lr`` when set, else the weights'."""
+        """The optimizer's rate for selector parameters: ``selector_lr`` when set, else the weights'.
+
+        Args:
+            weights_lr: The task's learning rate for the weights.
+
+        Returns:
+            The learning rate of the optimizer's ``selectors`` parameter group.
+        """
         value = self.params.get("selector_lr")
         return weights_lr if value is None else value

@@ -123,6 +123,7 @@ class Trainer:
         self.optimizer = task.optimizer(param_groups(model, lr, method.selector_lr(lr)))
         self.per_step_scheduler = task.scheduler_interval == "step"
         self.steps_per_epoch = math.ceil(len(data.train) / self.batch_size)
+        method.on_train_begin(model, epochs, self.steps_per_epoch)
         self.scheduler = task.scheduler(self.optimizer,
                                         epochs * self.steps_per_epoch if self.per_step_scheduler else epochs)
         self.generator = torch.Generator().manual_seed(seed)
