@@ -89,6 +89,22 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
                        help="override a fixed setting for every trial (repeatable)")
     study.add_argument("--out", type=Path, default=None, help="folder for the plots (default rankbench-runs/studies/NAME)")
+    study.add_argument("--launcher", default="local", choices=("local", "slurm"),
+                       help="local: worker processes here (default); slurm: --workers N worker jobs as one Slurm job "
+                            "array (submitit), on a PostgreSQL or journal:// storage (docs/cluster.md)")
+    study.add_argument("--detach", action="store_true",
+                       help="with --launcher slurm: submit, print the job ids and return (rerun the command to summarise)")
+    study.add_argument("--slurm-partition", default=None, metavar="NAME", help="partition of the worker jobs")
+    study.add_argument("--slurm-time", default=None, metavar="LIMIT",
+                       help="time limit of each worker job (MINUTES, HH:MM:SS, D-HH:MM:SS); a job reaching it "
+                            "checkpoints and requeues itself")
+    study.add_argument("--slurm-cpus-per-task", default=None, metavar="N", help="CPUs of each worker job (its torch threads)")
+    study.add_argument("--slurm-mem", default=None, metavar="MEM", help="memory of each worker job, e.g. 8G")
+    study.add_argument("--slurm-gres", default=None, metavar="GRES", help="generic resources of each job, e.g. gpu:1")
+    study.add_argument("--slurm-account", default=None, metavar="NAME", help="account charged for the jobs")
+    study.add_argument("--slurm-arg", action="append", default=[], metavar="KEY=VALUE",
+                       help="any other sbatch option (--KEY=VALUE), or a [slurm] key, e.g. qos=long or "
+                            "signal_delay_s=120 (repeatable); the file's [slurm] table < --slurm-arg < --slurm-* flags")
 
     export = sub.add_parser("export", parents=[common], help="write a run's pruned model")
     export.add_argument("run_id", metavar="RUN_ID")
@@ -359,6 +375,13 @@ def cmd_study(args, registry) -> None:
     from rankbench.hyper import parse_assignments
     from rankbench.study import runner as studies
 
+    slurm_flags = {"partition": args.slurm_partition, "time": args.slurm_time, "cpus_per_task": args.slurm_cpus_per_task,
+                   "mem": args.slurm_mem, "gres": args.slurm_gres, "account": args.slurm_account}
+    if args.launcher != "slurm":
+        given = [f"--slurm-{k.replace('_', '-')}" for k, v in slurm_flags.items() if v is not None]
+        given += ["--slurm-arg"] * bool(args.slurm_arg) + ["--detach"] * args.detach
+        if given:
+            raise RankbenchError(f"{given[0]} needs --launcher slurm")
     if args.list:
         listed = studies.list_studies(args.storage, args.tracking_uri)
         for s in listed:
@@ -370,8 +393,14 @@ def cmd_study(args, registry) -> None:
                  "-" if s["running"] is None else s["running"], "-" if s["died"] is None else s["died"],
                  "; ".join(f"#{n}: {', '.join(f'{v:.4g}' for v in values)}" for n, values in s["best"][:5])]
                 for s in listed]
-        print(tabulate(rows, headers=["study", "trials", "directions", "runs running", "runs died/failed",
-                                      "best (pareto) trials"]) if rows else "no studies in the storage")
+        headers = ["study", "trials", "directions", "runs running", "runs died/failed", "best (pareto) trials"]
+        if any(s.get("slurm_jobs") for s in listed):  # only then: the table stays as it was for local studies
+            from rankbench.study.launcher import describe_jobs
+
+            headers.append("slurm jobs")
+            for row, s in zip(rows, listed):
+                row.append(describe_jobs(s["slurm_jobs"]) if s.get("slurm_jobs") else "-")
+        print(tabulate(rows, headers=headers) if rows else "no studies in the storage")
         return
     if args.target[:1] == ["show"]:
         if len(args.target) != 2:
@@ -385,6 +414,14 @@ def cmd_study(args, registry) -> None:
 
     options = run_options(args)
     spec = load_study_file(Path(args.target[0]), registry)
+    if spec.matched is not None and args.launcher == "slurm":
+        raise RankbenchError(f"--launcher slurm: {spec.name} is a matched-compression study; the Slurm launcher runs "
+                             "Optuna studies only: run it with --launcher local")
+    slurm = None
+    if args.launcher == "slurm":
+        from rankbench.study.launcher import slurm_options
+
+        slurm = slurm_options(spec.slurm, slurm_flags, args.slurm_arg)
     if spec.matched is not None and args.n_trials is not None:
         raise RankbenchError(f"--n-trials: matched study {spec.name} has no trial budget (its knob searches end at "
                              "the targets): drop --n-trials")
@@ -408,8 +445,20 @@ def cmd_study(args, registry) -> None:
     print(f"study {spec.name}: task {', '.join(spec.tasks)}, methods {', '.join(spec.methods)}, {spec.budget()} trials x "
           f"{len(spec.seeds)} seed(s), sampler {spec.sampler}, objectives "
           + ", ".join(f"{k} ({v})" for k, v in spec.objectives.items()), flush=True)
-    outcome = studies.run_study(spec, storage_url=args.storage, workers=args.workers, options=options,
-                                plugin_dirs=args.plugin_dir, out_dir=args.out)
+    if slurm is not None:
+        from rankbench.study.launcher import describe_jobs, run_study_slurm
+
+        launched = run_study_slurm(spec, storage_url=args.storage, workers=args.workers, options=options,
+                                   plugin_dirs=args.plugin_dir, out_dir=args.out, slurm=slurm, detach=args.detach,
+                                   say=lambda line: print(line, flush=True))
+        if launched.outcome is None:
+            return
+        outcome = launched.outcome
+        if launched.jobs:
+            print(f"slurm jobs: {describe_jobs(launched.jobs, launched.states)}")
+    else:
+        outcome = studies.run_study(spec, storage_url=args.storage, workers=args.workers, options=options,
+                                    plugin_dirs=args.plugin_dir, out_dir=args.out)
     rows = [[b["number"], ", ".join(f"{k}={v}" for k, v in b["params"].items()),
              *[f"{b[m]:.4g}" for m in spec.objectives],
              f"{b['test_accuracy']:.2f}" if b["test_accuracy"] is not None else ""] for b in outcome.best]

@@ -55,7 +55,18 @@ _DATA_CACHE: dict[tuple, DataSplits] = {}
 
 @dataclass
 class Check:
-    """The outcome of one contract check."""
+    """The outcome of one contract check.
+
+    ``rankbench check-plugin`` prints one row per check.
+
+    Attributes:
+        name: The check (``config``, ``data``, ``build``, ``train``, ``ranks``, ``export``,
+            ``compression``; a task's method checks are prefixed ``"<method>: "``).
+        passed: Whether it holds. A check whose prerequisite failed fails with a
+            detail ``skipped: ...``.
+        detail: What was found; a passing detail that starts with ``warning:`` has a
+            caveat worth reading, a failing one names the exception or the violation.
+    """
 
     name: str
     passed: bool
@@ -217,7 +228,24 @@ def _small_rank_overrides(method_cls: type[Method], method_params: dict, task_cl
 
 
 def check_method(registry: Registry, name: str, task: str, *, prefix: str = "") -> list[Check]:
-    """Checks of method ``name`` on ``task``: config, data, build, train, ranks, export, compression."""
+    """Checks of method ``name`` on ``task``: config, data, build, train, ranks, export, compression.
+
+    It builds the model at a small rank, trains two steps on 2×16 examples of the
+    task's default data (random inputs of its ``input_shape`` when the data is not on
+    the machine), reads the ranks, exports the pruned model and compares its outputs
+    with the gated eval outputs, and compares the compression count with a count made
+    by hand. A check that raises fails with ``ExceptionType: message``; nothing is
+    raised to the caller.
+
+    Args:
+        registry: The plugins (``Registry.discover(...)``).
+        name: The method's name.
+        task: The task's name.
+        prefix: Prepended to every check's name.
+
+    Returns:
+        One ``Check`` per check, in order.
+    """
     from rankbench.run.config import make_config
     from rankbench.run.prepare import prepare
     from rankbench.run.trainer import Trainer, TrainerCallback
@@ -393,7 +421,16 @@ def check_method(registry: Registry, name: str, task: str, *, prefix: str = "") 
 def check_task(registry: Registry, name: str) -> list[Check]:
     """Checks of task ``name``: hyperparameters, data, dense and tensorized model outputs,
     then ``check_method`` of every method that declares ``checks_tasks`` (the built-ins dense, trn and
-    ours) on it (names prefixed ``"<method>: "``)."""
+    ours) on it (names prefixed ``"<method>: "``).
+
+    Args:
+        registry: The plugins (``Registry.discover(...)``).
+        name: The task's name.
+
+    Returns:
+        One ``Check`` per check, in order: ``config``, ``data``, ``dense model``,
+        ``tensorized model``, then the method checks.
+    """
     runner = _Runner()
     state: dict[str, Any] = {}
 

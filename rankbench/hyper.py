@@ -12,7 +12,20 @@ from rankbench.errors import RankbenchError
 
 @dataclass(frozen=True)
 class Search:
-    """How a study should sample a hyperparameter (used by Optuna studies)."""
+    """How a study should sample a hyperparameter (used by Optuna studies).
+
+    A study file that names the key with an empty table (``[search] lambda = {}``)
+    samples this range; give either ``low``/``high`` or ``choices``.
+
+    Example:
+        ``Hyper(1e-3, "weight of the L1 penalty", minimum=0.0, search=Search(1e-5, 1e-1, log=True))``
+
+    Attributes:
+        low: Lower end of the interval (inclusive).
+        high: Upper end of the interval (inclusive).
+        log: Sample the interval on a log scale.
+        choices: The values to choose from, instead of an interval.
+    """
 
     low: float | None = None
     high: float | None = None
@@ -22,7 +35,25 @@ class Search:
 
 @dataclass(frozen=True)
 class Hyper:
-    """One declared hyperparameter: its type, default, valid range and search hint."""
+    """One declared hyperparameter: its type, default, valid range and search hint.
+
+    ``Method.hyperparameters`` and ``Task.hyperparameters`` map names to these.
+    ``--set key=value`` strings are parsed to ``type`` and validated against
+    ``minimum``, ``maximum`` (inclusive) and ``choices``; floats must be finite. The
+    default itself must validate.
+
+    Attributes:
+        default: The value when nothing sets it (the paper's, for the full dataset).
+        help: One line, shown by ``rankbench list``.
+        type: The value's type; defaults to ``type(default)`` (give it when the
+            default is ``None``).
+        minimum: Smallest valid value (inclusive), or ``None``.
+        maximum: Largest valid value (inclusive), or ``None``.
+        choices: The valid values, or ``None``.
+        search: The range a study samples from, or ``None``.
+        nullable: ``None`` (``--set key=none``) is a valid value.
+        label: Part of a configuration's name (see below).
+    """
 
     default: Any
     help: str = ""
@@ -37,15 +68,34 @@ class Hyper:
 
     @property
     def kind(self) -> type:
+        """The value's type: ``type``, else ``type(default)``."""
         return self.type or type(self.default)
 
     def describe(self) -> str:
+        """The default as ``rankbench list`` prints it (``none`` for ``None``), with its choices.
+
+        Returns:
+            E.g. ``"soft one of soft|hard"``.
+        """
         default = "none" if self.default is None else self.default
         extra = f" one of {'|'.join(map(str, self.choices))}" if self.choices else ""
         return f"{default}{extra}"
 
     def parse(self, name: str, text: str) -> Any:
-        """Convert a ``--set`` string to this hyperparameter's type, then validate it."""
+        """Convert a ``--set`` string to this hyperparameter's type, then validate it.
+
+        ``bool`` accepts true/false/1/0/yes/no; a nullable one accepts none/null.
+
+        Args:
+            name: The key, for the error message.
+            text: The string given on the command line.
+
+        Returns:
+            The typed, validated value.
+
+        Raises:
+            RankbenchError: The string does not parse, or the value is out of range.
+        """
         kind = self.kind
         if self.nullable and text.strip().lower() in ("none", "null", ""):
             return None
@@ -68,6 +118,19 @@ class Hyper:
         return self.validate(name, value)
 
     def validate(self, name: str, value: Any) -> Any:
+        """Check a typed value against the declaration (an int is accepted for a float).
+
+        Args:
+            name: The key, for the error message.
+            value: The value (a study file's, a default, or a parsed ``--set``).
+
+        Returns:
+            The value, an int converted to float for a float hyperparameter.
+
+        Raises:
+            RankbenchError: A wrong type, ``None`` where not nullable, a non-finite
+                float, or a value outside ``minimum``/``maximum``/``choices``.
+        """
         if value is None:
             if self.nullable:
                 return None

@@ -16,7 +16,22 @@ Direction = Literal["maximize", "minimize", ""]
 
 
 class Record(str):
-    """A recorded name and its declaration."""
+    """A recorded name and its declaration.
+
+    A ``str`` (use it as a dict key or an MLflow key as it is) that also carries what
+    it means. A task declares its extra final metrics as records in ``Task.metrics``,
+    e.g. ``Record("test_bleu", "final", "sacreBLEU of the test split", direction="maximize")``;
+    ``run`` and ``report`` then show each as a column.
+
+    Built as ``Record(name, kind, help, *, direction="", unit="")``; the record is the
+    string ``name``.
+
+    Attributes:
+        kind: ``"param"``, ``"epoch"`` (logged every epoch) or ``"final"`` (once, at the end).
+        direction: ``"maximize"``, ``"minimize"`` or ``""`` (neither).
+        unit: Its unit (``"%"``, ``"x"``, ``"s"``, or ``""``).
+        help: What it means.
+    """
 
     kind: Kind
     direction: Direction
@@ -83,6 +98,10 @@ TENSORIZED_COMPRESSION = Record(
     "tensorized_compression", "final",
     "dense parameters of the layers the model tensorizes / their parameters after pruning (1 for a dense model): "
     "the paper's compression for the text tasks, whose embedding alone is tensorized", direction="maximize", unit="x")
+"""``tensorized_compression``: the compression of the tensorized layers alone, (dense reference parameters −
+every parameter outside the tensorized layers) / the tensorized layers' parameters after pruning. Every
+run records it; list it in ``Task.metrics`` to show it as a column of ``run`` and ``report`` (the text
+tasks do)."""
 PARAMETERS = Record("parameters", "final", "trainable parameters of the pruned model", direction="minimize")
 INFERENCE_SECONDS = Record("inference_seconds", "final", "wall time of one eval pass over the test set",
                            direction="minimize", unit="s")

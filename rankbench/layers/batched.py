@@ -212,7 +212,15 @@ class CoreBank:
     """Forward hooks that give a model's tensorized layers one :class:`BankPass` per training (or
     grad-enabled) forward. ``attach`` registers them; the bank holds no reference to the model: it
     reads the model's layers at each forward and re-plans when they, their selectors, device or dtype
-    change (pruning, ``set_selector``, ``.to()``)."""
+    change (pruning, ``set_selector``, ``.to()``).
+
+    A model built by a run carries one (``build_model`` attaches it). Parameters and ``state_dict``
+    keys stay per layer, so checkpoints, pruning and export are unchanged; a layer alone in its group
+    contracts its own cores as it does without a bank.
+
+    Example:
+        ``bank = CoreBank.attach(model)``; later ``CoreBank.of(model).flat_cores()`` in a penalty.
+    """
 
     def __init__(self) -> None:
         self._plan: _Plan | None = None
@@ -221,7 +229,14 @@ class CoreBank:
 
     @classmethod
     def attach(cls, model: nn.Module) -> "CoreBank | None":
-        """Hook a bank on ``model`` (none when it has no tensorized layer); ``CoreBank.of(model)`` finds it."""
+        """Hook a bank on ``model`` (none when it has no tensorized layer); ``CoreBank.of(model)`` finds it.
+
+        Args:
+            model: The model whose forward the bank hooks.
+
+        Returns:
+            The bank, or ``None`` when the model has no tensorized layer.
+        """
         if not any(True for _ in tensorized_layers(model)):
             return None
         bank = cls()
@@ -232,7 +247,14 @@ class CoreBank:
 
     @staticmethod
     def of(model: nn.Module) -> "CoreBank | None":
-        """The bank ``attach`` hooked on ``model`` (or on the model a compiled module wraps), if any."""
+        """The bank ``attach`` hooked on ``model`` (or on the model a compiled module wraps), if any.
+
+        Args:
+            model: A model, or a compiled module wrapping one.
+
+        Returns:
+            Its bank, or ``None``.
+        """
         bank = getattr(model, "_core_bank", None)
         return bank if isinstance(bank, CoreBank) else None
 
@@ -241,13 +263,25 @@ class CoreBank:
         ungated, with its autograd graph (None when that forward made none: nothing was gated, or it was
         no training forward). A penalty on all cores computed from it, in the same step, shares the
         forward's concatenation: computed from the parameters again, each core would get two gradients
-        and cost one more addition per core in the backward pass."""
+        and cost one more addition per core in the backward pass.
+
+        Returns:
+            The flat cores of the latest training forward, or ``None``.
+        """
         return self._flat
 
     def __getstate__(self) -> dict:
         return {"_plan": None, "_active": [], "_flat": None}
 
     def plan(self, model: nn.Module) -> _Plan | None:
+        """The layout of ``model``'s cores, re-planned when its layers, selectors, device or dtype changed.
+
+        Args:
+            model: The hooked model.
+
+        Returns:
+            The plan, or ``None`` when the model has no tensorized layer.
+        """
         layers = [layer for _, layer in tensorized_layers(model)]
         if not layers:
             return None
@@ -256,6 +290,12 @@ class CoreBank:
         return self._plan
 
     def begin(self, model: nn.Module, args: tuple) -> None:
+        """Forward pre-hook: start a pass (gate every core at once) for a training or grad-enabled forward.
+
+        Args:
+            model: The hooked model.
+            args: The forward's positional arguments (unused).
+        """
         self.end(model)
         self._flat = None
         if not (model.training or torch.is_grad_enabled()):
@@ -270,6 +310,13 @@ class CoreBank:
         self._flat = active.flat
 
     def end(self, model: nn.Module, args: tuple = (), output: object = None) -> None:
+        """Forward hook (called on exceptions too): end the pass, so every layer contracts on its own again.
+
+        Args:
+            model: The hooked model.
+            args: The forward's positional arguments (unused).
+            output: The forward's output (unused).
+        """
         for layer in self._active:
             layer._pass = None
         self._active = []

@@ -20,7 +20,18 @@ def _ratio(modes: tuple[int, ...]) -> float:
 
 def balanced_modes(size: int, d: int) -> tuple[int, ...]:
     """The ``d`` factors of ``size`` (exactly) whose largest / smallest is least, in descending order,
-    e.g. 256 → (8, 8, 4)."""
+    e.g. 256 → (8, 8, 4).
+
+    Args:
+        size: The size to factor (an embedding dimension).
+        d: Number of modes.
+
+    Returns:
+        ``d`` positive factors whose product is ``size``.
+
+    Raises:
+        RankbenchError: ``size`` or ``d`` is below 1.
+    """
     if size < 1 or d < 1:
         raise RankbenchError(f"cannot split {size} into {d} modes: both must be positive")
 
@@ -39,7 +50,20 @@ def balanced_modes(size: int, d: int) -> tuple[int, ...]:
 
 def padded_modes(size: int, d: int, max_ratio: float = 2.0) -> tuple[int, ...]:
     """``d`` modes whose product is the smallest at or above ``size`` with largest / smallest at most
-    ``max_ratio`` (ties: the more balanced), in descending order; e.g. 25,002 → (37, 26, 26), 25,012 rows."""
+    ``max_ratio`` (ties: the more balanced), in descending order; e.g. 25,002 → (37, 26, 26), 25,012 rows.
+
+    Args:
+        size: The size to cover (a vocabulary); the extra rows are never indexed.
+        d: Number of modes.
+        max_ratio: Largest allowed ratio of the largest to the smallest mode.
+
+    Returns:
+        ``d`` modes whose product is at least ``size`` (``balanced_modes(size, d)`` when
+        no padded choice meets ``max_ratio``).
+
+    Raises:
+        RankbenchError: ``size`` or ``d`` is below 1.
+    """
     if size < 1 or d < 1:
         raise RankbenchError(f"cannot split {size} into {d} modes: both must be positive")
     if d == 1:

@@ -49,6 +49,22 @@ class RankSelector(nn.Module):
     selector keeps a value past the step, and no selector writes state of its
     own during forward. Under ``--compile`` the supplied tensors are inputs a
     CUDA graph takes as static: supply views of a :class:`StaticInput`.
+
+    A subclass declares its trainable state as ``nn.Parameter``s (they form the
+    optimizer's ``selectors`` group and are never counted as model parameters),
+    other state as buffers, and implements ``deterministic`` (and usually
+    ``sample``). Both must return a finite 1-D tensor of shape ``(size,)`` on the
+    selector's device; multiplier ``j`` scales rank slice ``j`` of the bond.
+
+    Args:
+        size: The bond's size (its rank before selection); call
+            ``super().__init__(size)`` first.
+
+    Attributes:
+        size: The bond's size.
+
+    Shape:
+        - Output of ``forward()``, ``sample()`` and ``deterministic()``: ``(size,)``.
     """
 
     allows_zero: bool = False
@@ -66,7 +82,17 @@ class RankSelector(nn.Module):
         """Within the block each selector's training ``forward`` returns its tensor
         in ``values`` (shape ``(size,)``, used as given, autograd graph included).
         One block for many selectors keeps the per-step cost to one attribute write
-        per selector; nested blocks restore the outer values on exit."""
+        per selector; nested blocks restore the outer values on exit.
+
+        Args:
+            values: Selector → its training multipliers, each of shape ``(size,)``.
+
+        Yields:
+            Nothing; the values are in force inside the ``with`` block.
+
+        Raises:
+            ValueError: A supplied tensor's shape is not ``(selector.size,)``.
+        """
         previous: list[tuple[RankSelector, Tensor | None]] = []
         try:
             for selector, value in values.items():
@@ -81,15 +107,37 @@ class RankSelector(nn.Module):
                 selector._supplied = value
 
     def sample(self) -> Tensor:
-        """Multipliers used during training (may be stochastic)."""
+        """Multipliers used during training (may be stochastic).
+
+        Returns:
+            A ``(size,)`` tensor, differentiable for the parameters meant to train;
+            default ``deterministic()``.
+        """
         return self.deterministic()
 
     def deterministic(self) -> Tensor:
-        """Eval-mode multipliers: what pruning folds into the core."""
+        """Eval-mode multipliers: what pruning folds into the core.
+
+        Slices whose multiplier is exactly 0 are cut when the model is pruned, the
+        others are multiplied into the kept slices. Keep at least one non-zero entry
+        (unless ``allows_zero``).
+
+        Returns:
+            A ``(size,)`` tensor.
+
+        Raises:
+            NotImplementedError: A subclass must implement it.
+        """
         raise NotImplementedError
 
     def forward(self) -> Tensor:
-        """Eval: ``deterministic()``; training: the supplied multipliers if any, else ``sample()``."""
+        """Eval: ``deterministic()``; training: the supplied multipliers if any, else ``sample()``.
+
+        Do not override it.
+
+        Returns:
+            The ``(size,)`` multipliers the layer applies to the bond's core.
+        """
         if not self.training:
             return self.deterministic()
         supplied = self._supplied
@@ -97,7 +145,11 @@ class RankSelector(nn.Module):
 
     @torch.no_grad()
     def rank(self) -> int:
-        """Number of slices whose eval-mode multiplier is non-zero."""
+        """Number of slices whose eval-mode multiplier is non-zero.
+
+        Returns:
+            The bond's learned rank.
+        """
         return int((self.deterministic() != 0).sum())
 
 
@@ -110,12 +162,27 @@ class StaticInput:
     returns the held tensor with the new values and their autograd graph, so gradients flow as
     through ``values``; the previous step's graph is cut first. Keep one per forward pass made
     before ``backward`` (REINFORCE's M samples), since a pass's values are saved for it.
+
+    Example:
+        ``values = static.update(torch.cat(per_gate))``, then split ``values`` into
+        views and hand them to ``RankSelector.supplied``.
     """
 
     def __init__(self) -> None:
         self._held: Tensor | None = None
 
     def update(self, values: Tensor) -> Tensor:
+        """Copy ``values`` into the held tensor, keeping its address.
+
+        The held tensor is (re)allocated only when ``values``' shape, dtype or device
+        changes.
+
+        Args:
+            values: This step's values, with their autograd graph.
+
+        Returns:
+            The held tensor, holding ``values`` and carrying their autograd graph.
+        """
         held = self._held
         if held is None or held.shape != values.shape or held.dtype != values.dtype or held.device != values.device:
             held = self._held = torch.empty_like(values, requires_grad=False)
@@ -124,7 +191,17 @@ class StaticInput:
 
 @dataclass(frozen=True)
 class Bond:
-    """One rank index of one tensorized layer; ``layer_name`` is the layer's module path."""
+    """One rank index of one tensorized layer; ``layer_name`` is the layer's module path.
+
+    ``Method.selector`` receives one per gateable bond (``bonds(model)``).
+
+    Attributes:
+        layer_name: The layer's module path in the model (``fc1``, ``blocks.3.conv2``).
+        layer: The tensorized layer.
+        index: The bond's index in the layer: bond ``k`` joins core ``k-1`` and core ``k``
+            (bond 0 is the ring's wrap-around bond).
+        size: The bond's size (its initial rank).
+    """
 
     layer_name: str
     layer: "TensorizedLayer"
@@ -133,6 +210,7 @@ class Bond:
 
     @property
     def name(self) -> str:
+        """``LAYER.bondK``, e.g. ``fc1.bond2``: the key of ``Method.selectors``."""
         return f"{self.layer_name}.bond{self.index}"
 
 
@@ -158,6 +236,18 @@ class TensorizedLayer(nn.Module):
     ``strategy`` is the training contraction (see ``training_contraction``), one of
     ``strategies``; a layer whose only contraction is reconstructing its weight keeps ``weight``.
     ``bias`` is registered here, as ``None``, so every layer has one.
+
+    Core ``k`` has shape ``(r_k, *core_modes[k], r_{k+1 mod d})``; a tensor train is a
+    ring whose wrap-around bond has size 1 and is never gated. Tasks use the
+    subclasses (``TensorizedLinear``, ``TensorizedConv2d``, ``TensorizedEmbedding``
+    and their ``TensorRing*`` / ``TensorTrain*`` forms); a new layer kind subclasses
+    this and implements ``_dense_layout`` and ``_layout_key``.
+
+    Attributes:
+        cores: The cores, an ``nn.ParameterList``.
+        ranks: The bond sizes (``ranks[k]``: bond ``k``, before core ``k``).
+        selectors: The installed selectors, keyed by bond index (as a string).
+        decomposition: ``"tr"`` (tensor ring) or ``"tt"`` (tensor train).
     """
 
     strategy: str = "weight"
@@ -176,11 +266,23 @@ class TensorizedLayer(nn.Module):
         init: Init = "variance",
         glorot_fans: tuple[int, int] | None = None,
     ) -> None:
-        """``core_modes[k]`` are the physical modes core ``k`` carries (one mode
-        for a ring of vectors, an (in, out) pair for a TT-matrix core);
-        ``weight_order`` lists ``(core, position)`` of each mode in the order of
-        ``full_tensor``'s axes. ``init`` is the cores' rule (``reset_cores``); ``glorot_fans``
-        the (rows, columns) of the matrix tt-pytorch's Glorot rule sees."""
+        """Build the cores and draw them (``reset_cores``).
+
+        Args:
+            core_modes: ``core_modes[k]`` are the physical modes core ``k`` carries (one
+                mode for a ring of vectors, an (in, out) pair for a TT-matrix core).
+            weight_order: ``(core, position)`` of each mode, in the order of
+                ``full_tensor``'s axes.
+            ranks: One rank for every bond, or one per bond (a TT's bond 0 is set to 1).
+            decomposition: ``"tr"`` or ``"tt"``.
+            fan_in: The dense layer's fan-in, for the default initialisation.
+            init: The cores' rule, ``"variance"`` or ``"glorot"`` (``reset_cores``).
+            glorot_fans: The (rows, columns) of the matrix tt-pytorch's Glorot rule sees.
+
+        Raises:
+            RankbenchError: An unknown decomposition or init, a rank count that does not
+                match the cores, or a rank below 1.
+        """
         super().__init__()
         if decomposition not in ("tr", "tt"):
             raise RankbenchError(f"unknown decomposition {decomposition!r}: use 'tr' or 'tt'")
@@ -232,7 +334,14 @@ class TensorizedLayer(nn.Module):
     def init_variance(self) -> float:
         """The variance ``reset_cores`` gives the reconstructed weight: ``variance``, 1/(3·fan_in) (a
         default-initialised dense layer's); ``glorot``, 2/(rows + columns) (tt-pytorch's
-        ``glorot_initializer``, which MARS's authors use; for a conv the rows are in·k·k)."""
+        ``glorot_initializer``, which MARS's authors use; for a conv the rows are in·k·k).
+
+        Returns:
+            The target variance of the reconstructed weight's entries.
+
+        Raises:
+            RankbenchError: ``init="glorot"`` on a layer without ``glorot_fans``.
+        """
         if self.init == "glorot":
             if self.glorot_fans is None:
                 raise RankbenchError(f"{type(self).__name__} has no Glorot fans: pass glorot_fans")
@@ -260,10 +369,23 @@ class TensorizedLayer(nn.Module):
 
     # ---- bonds and selectors -------------------------------------------------
     def gateable_bonds(self) -> list[int]:
-        """Bond indices a selector may gate (a TT's boundary bond 0 never is)."""
+        """Bond indices a selector may gate (a TT's boundary bond 0 never is).
+
+        Returns:
+            The gateable bond indices, in order.
+        """
         return [k for k in range(len(self.core_modes)) if not (self.decomposition == "tt" and k == 0)]
 
     def set_selector(self, bond: int, selector: RankSelector) -> None:
+        """Install ``selector`` on ``bond`` (``Method.attach`` does it for every bond).
+
+        Args:
+            bond: A gateable bond index.
+            selector: A selector of the bond's size.
+
+        Raises:
+            ValueError: The bond cannot be gated, or the selector's size is not the bond's.
+        """
         if bond not in self.gateable_bonds():
             raise ValueError(f"bond {bond} cannot be gated")
         if selector.size != self.ranks[bond]:
@@ -272,11 +394,23 @@ class TensorizedLayer(nn.Module):
         self._weight_cache = None
 
     def selector(self, bond: int) -> RankSelector | None:
+        """The selector installed on ``bond``.
+
+        Args:
+            bond: A bond index.
+
+        Returns:
+            The selector, or ``None`` when the bond is ungated.
+        """
         return self.selectors[str(bond)] if str(bond) in self.selectors else None
 
     def gated_cores(self) -> list[Tensor]:
         """Cores with each selector's multipliers applied along dim 0 of its core (during a
-        :class:`~rankbench.layers.batched.CoreBank` pass: views of the model's gated cores)."""
+        :class:`~rankbench.layers.batched.CoreBank` pass: views of the model's gated cores).
+
+        Returns:
+            One tensor per core, shaped as the core.
+        """
         if self._pass is not None:
             return self._pass.cores(self)
         cores = list(self.cores)
@@ -288,7 +422,11 @@ class TensorizedLayer(nn.Module):
     @torch.no_grad()
     def eval_ranks(self) -> tuple[int, ...]:
         """Bond sizes after pruning: selectors' eval ranks, never below 1 unless the selector
-        ``allows_zero`` (then a bond of rank 0 empties its two cores and the layer outputs its bias)."""
+        ``allows_zero`` (then a bond of rank 0 empties its two cores and the layer outputs its bias).
+
+        Returns:
+            One size per bond, ungated bonds at their full size.
+        """
         out = list(self.ranks)
         for key, selector in self.selectors.items():
             rank = selector.rank()
@@ -296,7 +434,14 @@ class TensorizedLayer(nn.Module):
         return tuple(out)
 
     def parameter_count(self, ranks: Sequence[int] | None = None) -> int:
-        """Trainable parameters at the given bond sizes (default: eval ranks), bias included."""
+        """Trainable parameters at the given bond sizes (default: eval ranks), bias included.
+
+        Args:
+            ranks: One size per bond; ``None``: ``eval_ranks()``.
+
+        Returns:
+            Σ_k r_k·prod(core_modes[k])·r_{k+1 mod d}, plus the bias's size.
+        """
         r = list(self.eval_ranks() if ranks is None else ranks)
         d = len(self.core_modes)
         cores = sum(r[k] * math.prod(self.core_modes[k]) * r[(k + 1) % d] for k in range(d))
@@ -322,7 +467,11 @@ class TensorizedLayer(nn.Module):
         return ",".join(terms) + "->" + "".join(order)
 
     def full_tensor(self) -> Tensor:
-        """The weight as a tensor whose axes follow ``weight_order`` (gated when selectors exist)."""
+        """The weight as a tensor whose axes follow ``weight_order`` (gated when selectors exist).
+
+        Returns:
+            The reconstructed weight, one axis per physical mode.
+        """
         cores = self.gated_cores()
         shapes = tuple(tuple(c.shape) for c in cores)
         expr = self._expr_cache.get(("full", shapes))
@@ -349,7 +498,14 @@ class TensorizedLayer(nn.Module):
         """The training contraction for this batch size: ``strategy`` unless it is ``auto``, else the
         cheapest by ``_costs`` (``weight`` on a tie). The costs weigh FLOPs, memory traffic and kernel
         launches for the cores' device (``ContractionCost``): by FLOPs alone a TT-matrix at rank 19
-        contracted its input, 23 % slower than rebuilding its weight. Cached per batch size and device."""
+        contracted its input, 23 % slower than rebuilding its weight. Cached per batch size and device.
+
+        Args:
+            batch: The rows contracted at once (``contraction_rows``).
+
+        Returns:
+            One of ``strategies`` other than ``auto``.
+        """
         if self.strategy != "auto":
             return self.strategy
         key = ("choice", batch, self.cores[0].device.type)
@@ -360,7 +516,14 @@ class TensorizedLayer(nn.Module):
 
     def contraction_rows(self, x: Tensor) -> int:
         """The rows a forward on input ``x`` contracts at once (what ``training_contraction`` takes):
-        examples times any leading dimensions (an embedding overrides it: one row per index)."""
+        examples times any leading dimensions (an embedding overrides it: one row per index).
+
+        Args:
+            x: The forward's input.
+
+        Returns:
+            The number of rows.
+        """
         return x.numel() // x.shape[-1] if x.ndim else 1
 
     def training_contraction(self, batch_size: int) -> str:
@@ -371,7 +534,14 @@ class TensorizedLayer(nn.Module):
         indices select). A convolution always answers ``weight``. Rows are what the
         layer contracts at once: examples times any leading dimensions for a linear
         layer, indices (examples times sequence length) for an embedding. Eval-mode
-        no-grad forwards always use the cached weight."""
+        no-grad forwards always use the cached weight.
+
+        Args:
+            batch_size: The rows contracted at once.
+
+        Returns:
+            ``weight``, ``input`` or ``gather``.
+        """
         return self.choose_strategy(batch_size)
 
     def _cache_key(self) -> tuple:
@@ -379,7 +549,13 @@ class TensorizedLayer(nn.Module):
         return tuple((t.data_ptr(), t._version) for t in tensors)
 
     def dense_weight(self) -> Tensor:
-        """The layer's weight in its ordinary dense layout."""
+        """The layer's weight in its ordinary dense layout.
+
+        Returns:
+            ``(in_features, out_features)`` for a linear layer, ``(out, in, kh, kw)`` for
+            a convolution, ``(num_embeddings, embedding_dim)`` for an embedding; gated
+            by the selectors' current multipliers.
+        """
         return self._dense_layout(self.full_tensor())
 
     def _dense_layout(self, full: Tensor) -> Tensor:
@@ -397,7 +573,11 @@ class TensorizedLayer(nn.Module):
         Under ``torch.compile`` the weight is rebuilt inside the graph instead: the cache's
         pointer-and-version check is Python the compiled graph (a CUDA graph) must not run. During a
         :class:`~rankbench.layers.batched.CoreBank` pass it comes from the pass (batched with the
-        layers of the same shapes)."""
+        layers of the same shapes).
+
+        Returns:
+            The weight in its dense layout (``dense_weight``).
+        """
         if self._pass is not None:
             self._weight_cache = None
             return self._pass.weight(self)
@@ -415,7 +595,14 @@ class TensorizedLayer(nn.Module):
         """The plain torch layer (``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding``) of this
         layer's current weight and bias, on its device: what exports ship. With
         stochastic selectors call it in eval mode (or on the ``pruned()`` layer),
-        where its outputs equal this layer's."""
+        where its outputs equal this layer's.
+
+        Returns:
+            The dense layer, in this layer's train/eval mode.
+
+        Raises:
+            NotImplementedError: The layer kind has no dense counterpart.
+        """
         raise NotImplementedError(f"{type(self).__name__} has no dense counterpart")
 
     # ---- pruning -------------------------------------------------------------
@@ -442,7 +629,11 @@ class TensorizedLayer(nn.Module):
     def pruned(self) -> "TensorizedLayer":
         """A selector-free copy whose bonds keep only slices with non-zero eval
         multipliers, the multipliers folded into the gated core. Its outputs equal
-        this layer's eval-mode outputs."""
+        this layer's eval-mode outputs.
+
+        Returns:
+            A new layer of the same kind at the eval ranks, without selectors.
+        """
         d = len(self.core_modes)
         cores = [c.detach().clone() for c in self.cores]
         keep: list[Tensor] = [torch.arange(r, device=cores[0].device) for r in self.ranks]
@@ -498,6 +689,29 @@ class TensorizedLinear(TensorizedLayer):
     training contraction: ``weight`` reconstructs W then multiplies, ``input``
     contracts the input through the cores, ``auto`` takes the cheaper by
     opt_einsum's FLOP count for the batch size at hand.
+
+    Example:
+        ``TensorizedLinear(784, 64, (28, 28), (8, 8), rank, decomposition="tr", name="fc1")``
+
+    Args:
+        in_features: Size of each input sample.
+        out_features: Size of each output sample.
+        in_modes: Factors of ``in_features`` (their product must equal it).
+        out_modes: Factors of ``out_features``.
+        ranks: One rank for every bond, or one per bond.
+        decomposition: ``"tr"`` (tensor ring) or ``"tt"`` (tensor train).
+        bias: Whether the layer adds a learned bias (initialised as ``nn.Linear``'s).
+        strategy: The training contraction: ``"auto"``, ``"weight"`` or ``"input"``.
+        name: Label of the errors raised while the layer is built (tasks pass its path).
+        layout: ``"chain"`` (one core per mode) or ``"matrix"`` (TT-matrix cores).
+        init: ``"variance"`` or ``"glorot"`` (see ``reset_cores``).
+
+    Raises:
+        RankbenchError: Modes that do not multiply out to the features, or bad ranks.
+
+    Shape:
+        - Input: ``(*, in_features)``.
+        - Output: ``(*, out_features)``.
     """
 
     strategies: ClassVar[tuple[str, ...]] = ("auto", "weight", "input")
@@ -547,7 +761,11 @@ class TensorizedLinear(TensorizedLayer):
 
     @torch.no_grad()
     def to_dense(self) -> nn.Linear:
-        """``nn.Linear`` holding the transposed weight (its ``(out, in)`` layout) and the bias."""
+        """``nn.Linear`` holding the transposed weight (its ``(out, in)`` layout) and the bias.
+
+        Returns:
+            The dense layer, on this layer's device, in its train/eval mode.
+        """
         weight = self.dense_weight()
         dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, dtype=weight.dtype)
         dense.weight.copy_(weight.T)
@@ -570,6 +788,14 @@ class TensorizedLinear(TensorizedLayer):
                 "input": inputs.cost.estimate(device)}
 
     def forward(self, x: Tensor) -> Tensor:
+        """``x W + b``, by the training contraction in training and the cached weight in eval.
+
+        Args:
+            x: Input of shape ``(*, in_features)``.
+
+        Returns:
+            Output of shape ``(*, out_features)``.
+        """
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         use_weight = (not self.training and not torch.is_grad_enabled()) or (
@@ -589,6 +815,11 @@ class TensorizedLinear(TensorizedLayer):
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
+        """Decomposition, layout, modes, ranks and strategy, for ``print(model)``.
+
+        Returns:
+            E.g. ``TR chain (28, 28)x(8, 8), ranks=(8, 8, 8, 8), strategy=auto``.
+        """
         return (f"{self.decomposition.upper()} {self.layout} {self.in_modes}x{self.out_modes}, "
                 f"ranks={self.ranks}, strategy={self.strategy}")
 
@@ -602,6 +833,25 @@ class TensorizedEmbedding(TensorizedLayer):
     a shared index); ``weight`` reconstructs the table and indexes it; ``auto``
     takes the cheaper by opt_einsum's FLOP count. In eval mode the reconstructed
     table is cached like every tensorized layer's weight.
+
+    Args:
+        num_embeddings: Vocabulary size (rows of the table).
+        embedding_dim: Size of each embedding vector.
+        vocab_modes: Factors of ``num_embeddings`` (see ``padded_modes``).
+        dim_modes: Factors of ``embedding_dim`` (see ``balanced_modes``).
+        ranks: One rank for every bond, or one per bond.
+        decomposition: ``"tr"`` or ``"tt"``.
+        strategy: The training contraction: ``"auto"``, ``"weight"`` or ``"gather"``.
+        name: Label of the errors raised while the layer is built.
+        layout: ``"chain"`` or ``"matrix"`` (TT-matrix cores).
+        init: ``"variance"`` (the variance of ``nn.Embedding``'s N(0, 1)) or ``"glorot"``.
+
+    Raises:
+        RankbenchError: Modes that do not multiply out, or bad ranks.
+
+    Shape:
+        - Input: ``(*)``, int64 indices in ``0..num_embeddings-1``.
+        - Output: ``(*, embedding_dim)``.
     """
 
     strategies: ClassVar[tuple[str, ...]] = ("auto", "weight", "gather")
@@ -648,7 +898,11 @@ class TensorizedEmbedding(TensorizedLayer):
 
     @torch.no_grad()
     def to_dense(self) -> nn.Embedding:
-        """``nn.Embedding`` holding the reconstructed table."""
+        """``nn.Embedding`` holding the reconstructed table.
+
+        Returns:
+            The dense table, on this layer's device, in its train/eval mode.
+        """
         dense = nn.Embedding(self.num_embeddings, self.embedding_dim, _weight=self.dense_weight().clone())
         return dense.train(self.training)
 
@@ -682,9 +936,25 @@ class TensorizedEmbedding(TensorizedLayer):
                 "gather": gather.estimate(device)}
 
     def contraction_rows(self, x: Tensor) -> int:
+        """One row per index: ``x.numel()``.
+
+        Args:
+            x: The forward's indices.
+
+        Returns:
+            The number of rows.
+        """
         return x.numel()
 
     def forward(self, indices: Tensor) -> Tensor:
+        """The embedding vectors of ``indices``.
+
+        Args:
+            indices: Int64 indices of any shape ``(*)``.
+
+        Returns:
+            Vectors of shape ``(*, embedding_dim)``.
+        """
         flat = indices.reshape(-1)
         if (not self.training and not torch.is_grad_enabled()) or self.choose_strategy(flat.numel()) == "weight":
             out = F.embedding(flat, self.weight())
@@ -706,6 +976,11 @@ class TensorizedEmbedding(TensorizedLayer):
         return out.reshape(*indices.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
+        """Decomposition, layout, modes, ranks and strategy, for ``print(model)``.
+
+        Returns:
+            The one-line description.
+        """
         return (f"{self.decomposition.upper()} {self.layout} {self.vocab_modes}x{self.dim_modes}, "
                 f"ranks={self.ranks}, strategy={self.strategy}")
 
@@ -716,6 +991,28 @@ class TensorizedConv2d(TensorizedLayer):
     Cores are ordered: the kernel as one mode of size ``kh·kw`` (row-major),
     then the input-channel modes, then the output-channel modes. The weight is
     reconstructed by one planned contraction and passed to ``F.conv2d``.
+
+    Args:
+        in_channels: Channels of the input.
+        out_channels: Channels of the output.
+        kernel_size: Side ``k`` of the square ``k × k`` kernel (one mode of size ``k·k``).
+        in_modes: Factors of ``in_channels``.
+        out_modes: Factors of ``out_channels``.
+        ranks: One rank for every bond, or one per bond.
+        decomposition: ``"tr"`` or ``"tt"``.
+        stride: Stride of the convolution.
+        padding: Zero-padding added to both sides of the input.
+        bias: Whether the layer adds a learned bias.
+        name: Label of the errors raised while the layer is built.
+        init: ``"variance"`` or ``"glorot"``.
+
+    Raises:
+        RankbenchError: Modes that do not multiply out to the channels, or bad ranks.
+
+    Shape:
+        - Input: ``(N, in_channels, H, W)``.
+        - Output: ``(N, out_channels, H_out, W_out)``, as ``nn.Conv2d`` with the same
+          kernel, stride and padding.
     """
 
     def __init__(
@@ -771,7 +1068,11 @@ class TensorizedConv2d(TensorizedLayer):
 
     @torch.no_grad()
     def to_dense(self) -> nn.Conv2d:
-        """``nn.Conv2d`` with this layer's kernel, bias, stride and padding."""
+        """``nn.Conv2d`` with this layer's kernel, bias, stride and padding.
+
+        Returns:
+            The dense layer, on this layer's device, in its train/eval mode.
+        """
         weight = self.dense_weight()
         dense = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
                           padding=self.padding, bias=self.bias is not None, dtype=weight.dtype)
@@ -781,15 +1082,37 @@ class TensorizedConv2d(TensorizedLayer):
         return dense.to(weight.device).train(self.training)
 
     def forward(self, x: Tensor) -> Tensor:
+        """The convolution of ``x`` with the reconstructed kernel.
+
+        Args:
+            x: Input of shape ``(N, in_channels, H, W)``.
+
+        Returns:
+            Output of shape ``(N, out_channels, H_out, W_out)``.
+        """
         return F.conv2d(x, self.weight(), self.bias, stride=self.stride, padding=self.padding)
 
     def extra_repr(self) -> str:
+        """Decomposition, kernel, modes and ranks, for ``print(model)``.
+
+        Returns:
+            The one-line description.
+        """
         return (f"{self.decomposition.upper()} kernel {self.kernel_size}x{self.kernel_size}, "
                 f"{self.in_modes}x{self.out_modes}, ranks={self.ranks}")
 
 
 class TensorRingLinear(TensorizedLinear):
-    """Tensor-Ring linear layer (every bond gateable, the ring closed)."""
+    """Tensor-Ring linear layer (every bond gateable, the ring closed).
+
+    ``TensorizedLinear`` with ``decomposition="tr"`` by default.
+
+    Takes ``TensorizedLinear``'s arguments.
+
+    Shape:
+        - Input: ``(*, in_features)``.
+        - Output: ``(*, out_features)``.
+    """
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("decomposition", "tr")
@@ -797,7 +1120,17 @@ class TensorRingLinear(TensorizedLinear):
 
 
 class TensorTrainLinear(TensorizedLinear):
-    """Tensor-Train (TT-matrix) linear layer (boundary ranks 1)."""
+    """Tensor-Train (TT-matrix) linear layer (boundary ranks 1).
+
+    ``TensorizedLinear`` with ``decomposition="tt"`` by default; pass
+    ``layout="matrix"`` for TT-matrix cores.
+
+    Takes ``TensorizedLinear``'s arguments.
+
+    Shape:
+        - Input: ``(*, in_features)``.
+        - Output: ``(*, out_features)``.
+    """
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("decomposition", "tt")
@@ -805,7 +1138,16 @@ class TensorTrainLinear(TensorizedLinear):
 
 
 class TensorRingEmbedding(TensorizedEmbedding):
-    """Tensor-Ring embedding table."""
+    """Tensor-Ring embedding table.
+
+    ``TensorizedEmbedding`` with ``decomposition="tr"`` by default.
+
+    Takes ``TensorizedEmbedding``'s arguments.
+
+    Shape:
+        - Input: ``(*)``, int64 indices.
+        - Output: ``(*, embedding_dim)``.
+    """
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("decomposition", "tr")
@@ -813,7 +1155,16 @@ class TensorRingEmbedding(TensorizedEmbedding):
 
 
 class TensorTrainEmbedding(TensorizedEmbedding):
-    """Tensor-Train (TT-matrix with ``layout="matrix"``) embedding table."""
+    """Tensor-Train (TT-matrix with ``layout="matrix"``) embedding table.
+
+    ``TensorizedEmbedding`` with ``decomposition="tt"`` by default.
+
+    Takes ``TensorizedEmbedding``'s arguments.
+
+    Shape:
+        - Input: ``(*)``, int64 indices.
+        - Output: ``(*, embedding_dim)``.
+    """
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("decomposition", "tt")
@@ -821,7 +1172,16 @@ class TensorTrainEmbedding(TensorizedEmbedding):
 
 
 class TensorRingConv2d(TensorizedConv2d):
-    """Tensor-Ring conv2d layer."""
+    """Tensor-Ring conv2d layer.
+
+    ``TensorizedConv2d`` with ``decomposition="tr"`` by default.
+
+    Takes ``TensorizedConv2d``'s arguments.
+
+    Shape:
+        - Input: ``(N, in_channels, H, W)``.
+        - Output: ``(N, out_channels, H_out, W_out)``.
+    """
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("decomposition", "tr")
@@ -829,7 +1189,16 @@ class TensorRingConv2d(TensorizedConv2d):
 
 
 class TensorTrainConv2d(TensorizedConv2d):
-    """Tensor-Train conv2d layer."""
+    """Tensor-Train conv2d layer.
+
+    ``TensorizedConv2d`` with ``decomposition="tt"`` by default.
+
+    Takes ``TensorizedConv2d``'s arguments.
+
+    Shape:
+        - Input: ``(N, in_channels, H, W)``.
+        - Output: ``(N, out_channels, H_out, W_out)``.
+    """
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("decomposition", "tt")
@@ -839,14 +1208,28 @@ class TensorTrainConv2d(TensorizedConv2d):
 # ---- model-level helpers -------------------------------------------------------
 def tensorized_layers(model: nn.Module) -> Iterator[tuple[str, TensorizedLayer]]:
     """Every tensorized layer with its module path, the name every report uses
-    (``blocks.0.conv1``; ``""`` when ``model`` is itself the layer)."""
+    (``blocks.0.conv1``; ``""`` when ``model`` is itself the layer).
+
+    Args:
+        model: Any module.
+
+    Yields:
+        ``(path, layer)`` for every ``TensorizedLayer`` in module order.
+    """
     for name, module in model.named_modules():
         if isinstance(module, TensorizedLayer):
             yield name, module
 
 
 def bonds(model: nn.Module) -> list[Bond]:
-    """Every gateable bond of every tensorized layer, in module order."""
+    """Every gateable bond of every tensorized layer, in module order.
+
+    Args:
+        model: Any module.
+
+    Returns:
+        The bonds (a TT's boundary bond 0 excluded).
+    """
     return [
         Bond(name, layer, k, layer.ranks[k])
         for name, layer in tensorized_layers(model)
@@ -855,6 +1238,14 @@ def bonds(model: nn.Module) -> list[Bond]:
 
 
 def selectors(model: nn.Module) -> Iterator[RankSelector]:
+    """Every ``RankSelector`` in the model, in module order.
+
+    Args:
+        model: Any module.
+
+    Yields:
+        The selectors.
+    """
     for module in model.modules():
         if isinstance(module, RankSelector):
             yield module

@@ -34,7 +34,18 @@ EMBEDDED = "embedded"
 
 @dataclass(frozen=True)
 class Recipe:
-    """A named set of defaults for a task's hyperparameters, and why they were chosen."""
+    """A named set of defaults for a task's hyperparameters, and why they were chosen.
+
+    Declared in ``Task.recipes`` under its name, e.g. ``{"embedded": Recipe(task={"lr": 1e-3},
+    on_embedded_data=True, why="...")}``. Its values replace the hyperparameters'
+    defaults, except the keys the user sets; a method's values on the recipe live with
+    the method (``Method.task_defaults["TASK/NAME"]``).
+
+    Attributes:
+        task: Hyperparameter name → value, for the task's keys.
+        why: Why, printed with the recipe at the start of a run.
+        on_embedded_data: See below.
+    """
 
     task: Mapping[str, Any] = field(default_factory=dict)
     why: str = ""
@@ -44,7 +55,16 @@ class Recipe:
 
 @dataclass(frozen=True)
 class MethodDefaults:
-    """A method's defaults on one task (or one task's recipe), and why; a plain dict means no why."""
+    """A method's defaults on one task (or one task's recipe), and why; a plain dict means no why.
+
+    A value of ``Method.task_defaults``, e.g.
+    ``{"mlp2/embedded": MethodDefaults({"prior_n": 60000}, "why")}``.
+
+    Attributes:
+        values: Hyperparameter name → value, for the method's keys.
+        why: Why, printed with the method's line at the start of a run.
+        recipe: See below.
+    """
 
     values: Mapping[str, Any]
     why: str = ""

@@ -32,7 +32,21 @@ TASK_GROUP = "rankbench.tasks"
 
 @dataclass
 class Registry:
-    """Name → plugin class, for methods and tasks, with where each came from."""
+    """Name → plugin class, for methods and tasks, with where each came from.
+
+    Build one with ``Registry.discover()``, as every ``rankbench`` command does.
+
+    Example:
+        ``registry = Registry.discover(plugin_dirs=[Path("my_plugins")])``, then
+        ``registry.method("sigmoid_l1")``.
+
+    Attributes:
+        methods: Method name → class.
+        tasks: Task name → class.
+        origins: ``"method:NAME"`` / ``"task:NAME"`` → where it came from (``built-in ...``,
+            ``entry point ...``, ``plugin file ...``).
+        broken: See below.
+    """
 
     methods: dict[str, type[Method]] = field(default_factory=dict)
     tasks: dict[str, type[Task]] = field(default_factory=dict)
@@ -42,6 +56,25 @@ class Registry:
 
     @classmethod
     def discover(cls, plugin_dirs: Sequence[Path] = (), entry_point_groups: bool = True) -> "Registry":
+        """Every plugin: the built-ins, the entry points, then the ``--plugin-dir`` folders.
+
+        A plugin that fails to import, is not a plugin, takes a taken name or declares
+        something wrong (``task_defaults`` naming an unknown task, recipe or key) is
+        recorded in ``broken``; the others still work.
+
+        Args:
+            plugin_dirs: Folders whose ``*.py`` files (not starting with ``_``) are
+                imported; every ``Method`` or ``Task`` subclass with a ``name`` defined
+                in such a file is a plugin.
+            entry_point_groups: Also load the ``rankbench.methods`` and
+                ``rankbench.tasks`` entry points of installed packages.
+
+        Returns:
+            The registry.
+
+        Raises:
+            RankbenchError: A plugin folder that does not exist.
+        """
         registry = cls()
         for package in ("rankbench.methods", "rankbench.tasks"):
             for module in _package_modules(package):
@@ -76,6 +109,15 @@ class Registry:
             self.broken[name] = str(exc)
 
     def add_object(self, obj: object, origin: str) -> None:
+        """Add a plugin class, or every plugin class defined in a module (an entry point's target).
+
+        Args:
+            obj: A ``Method``/``Task`` subclass with a ``name``, or a module.
+            origin: Where it came from, for messages.
+
+        Raises:
+            RankbenchError: ``obj`` is neither, or a name is taken by another plugin.
+        """
         if isinstance(obj, ModuleType):
             self.add_module(obj, origin)
         elif inspect.isclass(obj) and issubclass(obj, (Method, Task)) and obj.name:
@@ -84,11 +126,32 @@ class Registry:
             raise RankbenchError(f"{origin} is neither a Method/Task subclass with a name nor a module")
 
     def add_module(self, module: ModuleType, origin: str) -> None:
+        """Add every ``Method``/``Task`` subclass with a ``name`` *defined in* ``module``.
+
+        Imported classes are not re-registered, so a file may subclass a built-in.
+
+        Args:
+            module: The module to scan.
+            origin: Where it came from, for messages.
+
+        Raises:
+            RankbenchError: A name is taken by another plugin of the same kind.
+        """
         for _, obj in inspect.getmembers(module, inspect.isclass):
             if obj.__module__ == module.__name__ and issubclass(obj, (Method, Task)) and obj.name:
                 self.add(obj, origin)
 
     def add(self, plugin: type[Method] | type[Task], origin: str) -> None:
+        """Add one plugin class under its ``name``.
+
+        Args:
+            plugin: A ``Method`` or ``Task`` subclass.
+            origin: Where it came from, for messages.
+
+        Raises:
+            RankbenchError: Another plugin of the same kind has that name (both origins
+                are named).
+        """
         table: dict = self.methods if issubclass(plugin, Method) else self.tasks
         kind = "method" if table is self.methods else "task"
         key = f"{kind}:{plugin.name}"
@@ -108,9 +171,32 @@ class Registry:
         raise RankbenchError(f"unknown {kind} {name!r}: choose one of {', '.join(sorted(table))}{also}")
 
     def method(self, name: str) -> type[Method]:
+        """The method class named ``name``.
+
+        Args:
+            name: What ``--method`` takes.
+
+        Returns:
+            The class.
+
+        Raises:
+            RankbenchError: The name is unknown (the message lists the known ones) or
+                the plugin is broken (the message says why).
+        """
         return self._lookup("method", self.methods, name)
 
     def task(self, name: str) -> type[Task]:
+        """The task class named ``name``.
+
+        Args:
+            name: What ``--task`` takes.
+
+        Returns:
+            The class.
+
+        Raises:
+            RankbenchError: The name is unknown or the plugin is broken.
+        """
         return self._lookup("task", self.tasks, name)
 
 

@@ -88,7 +88,18 @@ def recalibrate_batchnorm(model: nn.Module, split: Split, batch_size: int, devic
     through the layers. Re-estimating them with the eval-mode weights (a plain
     average over the batches, not a moving one) makes the evaluation measure
     the model that is evaluated. The training trajectory is unaffected: training
-    normalises with batch statistics."""
+    normalises with batch statistics.
+
+    Call it from ``Task.calibrate``. The model's train/eval mode is restored afterwards.
+
+    Args:
+        model: The model (nothing happens when it has no BatchNorm).
+        split: The training split, read in order, without augmentation.
+        batch_size: Examples per batch.
+        device: The device the model is on.
+        batches: How many batches to average over (``resnet32``: the
+            ``bn_calibration_batches`` hyperparameter, default 50; 0 does nothing).
+    """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms or batches < 1:
         return

@@ -1,9 +1,11 @@
 """Optuna studies: each trial is a rankbench run over the study's seeds.
 
 Storage is any Optuna RDB URL (SQLite by default, PostgreSQL for many
-machines). Workers are processes; a lock around "is the budget spent? then
+machines) or an Optuna journal file (``journal:///shared/path/study.log``, for
+machines that share a filesystem). Workers are processes (or Slurm jobs,
+``rankbench.study.launcher``); a lock around "is the budget spent? then
 ask" keeps the total at exactly the budget, stale trials of dead workers are
-failed by Optuna's heartbeat and retried, and trials interrupted by Ctrl-C or a
+failed by their heartbeat (Optuna's on an RDB, rankbench's own in a journal) and retried, and trials interrupted by Ctrl-C or a
 crash are retried when the same command runs again. A study remembers the digest of
 the study file it was created from (``StudySpec.digest``) and refuses another file
 under its name, and never trains one configuration twice (``same_settings``).
@@ -37,6 +39,15 @@ DIGEST_ATTR, SPEC_ATTR = "spec_digest", "spec"
 """Study user attributes: the digest and the canonical form of the study file it was created from."""
 PRUNED_TAG = "rankbench.pruned"
 """Tag of a run stopped by the study's pruner (``epoch N``); such a run ends KILLED, it did not fail."""
+JOURNAL_SCHEME = "journal://"
+"""``journal:///ABSOLUTE/PATH.log``: Optuna's ``JournalStorage`` on a ``JournalFileBackend`` (a file that every
+worker reaches, e.g. on a cluster's shared filesystem; its locks are symlinks, safe on NFS)."""
+JOURNAL_BEAT_ATTR = "rankbench_heartbeat"
+"""Trial system attribute: unix seconds of a running trial's last heartbeat in a journal storage (Optuna's
+heartbeats exist for RDB storages only)."""
+SLURM_JOB_ATTR, SLURM_JOBS_ATTR = "slurm_job", "slurm_jobs"
+"""Trial user attribute: the Slurm job that runs it; study user attribute: the worker jobs submitted for it
+(``rankbench.study.launcher``)."""
 
 
 def quiet_optuna() -> None:
@@ -68,9 +79,37 @@ def shown_url(url: str) -> str:
     return url
 
 
+def journal_path(url: str) -> Path | None:
+    """The file of a ``journal://`` storage URL (made absolute: workers may start elsewhere), else None."""
+    if not url.startswith(JOURNAL_SCHEME):
+        return None
+    return Path(url[len(JOURNAL_SCHEME):]).expanduser().absolute()
+
+
+def normalised_storage(url: str) -> str:
+    """``url`` with a journal file's path made absolute (``journal:///...``), so every worker opens one file."""
+    path = journal_path(url)
+    return url if path is None else f"{JOURNAL_SCHEME}{path}"
+
+
+def check_journal_storage(url: str) -> None:
+    """A journal storage must name a file in a folder that exists."""
+    path = journal_path(url)
+    if path is None:
+        return
+    if not url[len(JOURNAL_SCHEME):] or url.endswith(("/", "\\")) or path.is_dir():
+        raise RankbenchError(f"cannot open study storage {url}: give a journal file, e.g. "
+                             f"--storage journal://{(path if path.is_dir() else path.parent) / 'optuna.log'}")
+    if not path.parent.is_dir():
+        raise RankbenchError(f"cannot open study storage {url}: the folder {path.parent} does not exist: "
+                             "create it or fix --storage")
+
+
 def check_sqlite_storage(url: str) -> None:
     """A SQLite storage that cannot be a file (a folder, or in a folder that does not exist) is an
-    error at once, before any lock file is made or SQLite retries for its busy timeout."""
+    error at once, before any lock file is made or SQLite retries for its busy timeout. A journal
+    storage is checked likewise (``check_journal_storage``)."""
+    check_journal_storage(url)
     if not url.startswith("sqlite:"):
         return
     try:
@@ -91,13 +130,24 @@ def check_sqlite_storage(url: str) -> None:
 
 
 def open_storage(url: str, spec: StudySpec | None = None):
-    """An ``RDBStorage`` with heartbeats (so dead workers' trials are retried)."""
+    """An ``RDBStorage`` with heartbeats (so dead workers' trials are retried), or a ``JournalStorage`` for a
+    ``journal://`` URL (its heartbeats are rankbench's: ``_Heartbeat``, ``fail_stale_journal_trials``)."""
     check_sqlite_storage(url)
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     quiet_optuna()
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    path = journal_path(url)
+    if path is not None:
+        from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
+
+        try:
+            return optuna.storages.JournalStorage(JournalFileBackend(str(path), JournalFileSymlinkLock(str(path))))
+        except Exception as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise RankbenchError(f"cannot open study storage {url} ({type(exc).__name__}: {reason}): check "
+                                 "--storage") from None
     kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 120}}
@@ -115,8 +165,20 @@ def open_storage(url: str, spec: StudySpec | None = None):
 
 @contextlib.contextmanager
 def storage_lock(url: str, storage) -> Iterator[None]:
-    """Serialises 'check budget, then ask' across worker processes (and machines, on PostgreSQL)."""
-    if url.startswith("sqlite:///"):
+    """Serialises 'check budget, then ask' across worker processes (and machines, on PostgreSQL or a journal
+    file on a shared filesystem: a symlink lock beside it, as Optuna's own)."""
+    path = journal_path(url)
+    if path is not None:
+        from optuna.storages.journal import JournalFileSymlinkLock
+
+        lock = JournalFileSymlinkLock(str(path) + ".rankbench", grace_period=60)
+        lock.acquire()
+        try:
+            yield
+        finally:
+            with contextlib.suppress(RuntimeError):  # released by force after its grace period
+                lock.release()
+    elif url.startswith("sqlite:///"):
         from filelock import FileLock
 
         with FileLock(url[len("sqlite:///"):] + ".lock"):
@@ -229,6 +291,8 @@ class StudyRun:
     plugin_dirs: tuple[Path, ...]
     parent_run_id: str
     worker: int = 0
+    job: str | None = None
+    """The Slurm job running this worker (``rankbench.study.launcher``): recorded on each trial it runs."""
 
 
 # ---------------------------------------------------------------------------- one trial
@@ -400,26 +464,63 @@ def earlier_runs(tracker: Tracker, study: str, trials: Sequence[int]) -> dict[in
 
 # ---------------------------------------------------------------------------- workers
 class _Heartbeat:
-    """Records the trial's heartbeat while it runs, so Optuna can tell a dead worker."""
+    """Records the trial's heartbeat while it runs, so Optuna can tell a dead worker: Optuna's own on an
+    RDB storage, a trial system attribute (``JOURNAL_BEAT_ATTR``) in a journal."""
 
     def __init__(self, storage, trial_id: int, interval: float) -> None:
         self._storage, self._id = storage, trial_id
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, args=(storage, trial_id, interval), daemon=True)
 
+    @staticmethod
+    def _record(storage, trial_id: int) -> None:
+        if hasattr(storage, "record_heartbeat"):
+            storage.record_heartbeat(trial_id)
+        else:
+            storage.set_trial_system_attr(trial_id, JOURNAL_BEAT_ATTR, time.time())
+
     def _beat(self, storage, trial_id: int, interval: float) -> None:
         while not self._stop.wait(interval):
             with contextlib.suppress(Exception):
-                storage.record_heartbeat(trial_id)
+                self._record(storage, trial_id)
 
     def __enter__(self) -> "_Heartbeat":
-        self._storage.record_heartbeat(self._id)  # a worker killed at once still goes stale
+        self._record(self._storage, self._id)  # a worker killed at once still goes stale
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def fail_stale_journal_trials(study, grace_period: float) -> int:
+    """In a journal storage (no Optuna heartbeats): fail every running trial whose last heartbeat
+    (``JOURNAL_BEAT_ATTR``, else its start) is older than ``grace_period`` seconds, and queue its retry, as
+    Optuna's ``fail_stale_trials`` does on an RDB storage. Clocks of the workers' machines are compared: they
+    must agree to well within the grace period (NTP)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    storage = study._storage
+    if hasattr(storage, "record_heartbeat"):
+        return 0
+    now, count = time.time(), 0
+    callback = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        beat = t.system_attrs.get(JOURNAL_BEAT_ATTR)
+        if beat is None and t.datetime_start is not None:
+            beat = t.datetime_start.timestamp()
+        if beat is None or now - float(beat) <= grace_period:
+            continue
+        try:
+            if not storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker failed it first, or it just finished
+        callback(study, storage.get_trial(t._trial_id))
+        count += 1
+    return count
 
 
 def retry_interrupted(study) -> int:
@@ -457,6 +558,7 @@ def worker_loop(run: StudyRun, deadline: float | None = None) -> int:
     while True:
         with storage_lock(run.storage_url, storage):
             optuna.storages.fail_stale_trials(study)
+            fail_stale_journal_trials(study, run.spec.grace_period)
             retry_interrupted(study)
             states = [t.state for t in study.get_trials(deepcopy=False)]
             done = sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states)
@@ -471,6 +573,8 @@ def worker_loop(run: StudyRun, deadline: float | None = None) -> int:
         try:
             trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
             retried = storage.get_trial(trial_id).system_attrs.get("retry_history", [])
+            if run.job is not None:
+                trial.set_user_attr(SLURM_JOB_ATTR, run.job)
             with _Heartbeat(storage, trial_id, run.spec.heartbeat_interval):
                 values = run_trial(trial, run, registry, tracker, retried=retried)
         except optuna.TrialPruned as exc:
@@ -583,40 +687,78 @@ def run_study(
     a step budget among them is the study's (``spec.budget_steps``) and so part of its digest."""
     if workers < 1:
         raise RankbenchError("--workers must be >= 1")
-    options = replace(options or RunOptions(), **option_values).checked()
-    if options.budget_steps is not None:
-        spec, options = replace(spec, budget_steps=options.budget_steps), replace(options, budget_steps=None)
-    tracking_uri = options.tracking_uri
-    url = storage_url or default_storage()
+    spec, options = study_options(spec, options, **option_values)
+    url = normalised_storage(storage_url or default_storage())
     check_sqlite_storage(url)
     with _stoppable():
-        with _startup_lock(url):  # two commands starting on fresh stores must not both create tables
-            storage = open_storage(url, spec)
-            study = load_or_create(spec, storage)
-            tracker = Tracker(tracking_uri)
-            tracker.experiment_id(spec.task)
-            with (contextlib.nullcontext() if url.startswith("sqlite:///") else storage_lock(url, storage)):
-                parent = ensure_parent_run(study, spec, tracker, url)
-        run = StudyRun(spec, url, replace(options, tracking_uri=tracker.uri), tuple(plugin_dirs), parent)
-        deadline = time.time() + spec.timeout_s if spec.timeout_s else None
+        opened = open_study(spec, url, options, plugin_dirs)
+        run, deadline = opened.run, opened.deadline
         try:
             if workers == 1:
                 worker_loop(run, deadline)
             else:
                 _run_workers(run, workers, deadline)
-            outcome = summarise(study, spec)
-            from rankbench.study.plots import write_plots
-
-            folder = out_dir or DEFAULT_DIR / "studies" / spec.name
-            outcome.plots = write_plots(study, spec, folder)
-            _log_outcome(tracker, parent, outcome, folder)
         except KeyboardInterrupt:
-            tracker.terminate(parent, "KILLED")
+            opened.tracker.terminate(run.parent_run_id, "KILLED")
             raise
         except Exception:
-            tracker.terminate(parent, "FAILED")
+            opened.tracker.terminate(run.parent_run_id, "FAILED")
             raise
-        tracker.finish(parent)
+        return finish_study(opened, out_dir)
+
+
+def study_options(spec: StudySpec, options: RunOptions | None = None,
+                  **option_values: Any) -> tuple[StudySpec, RunOptions]:
+    """The trials' run options, checked; a step budget among them moves into the spec (it is part of its digest)."""
+    options = replace(options or RunOptions(), **option_values).checked()
+    if options.budget_steps is not None:
+        spec, options = replace(spec, budget_steps=options.budget_steps), replace(options, budget_steps=None)
+    return spec, options
+
+
+@dataclass
+class OpenedStudy:
+    """A study created or loaded for a command, with its MLflow parent run: what its workers run (``run``)."""
+
+    study: Any
+    storage: Any
+    tracker: Tracker
+    run: StudyRun
+    deadline: float | None
+
+
+def open_study(spec: StudySpec, url: str, options: RunOptions, plugin_dirs: Sequence[Path] = ()) -> OpenedStudy:
+    """Create or load the study in the storage at ``url`` and its MLflow parent run (found again on resume)."""
+    with _startup_lock(url):  # two commands starting on fresh stores must not both create tables
+        storage = open_storage(url, spec)
+        study = load_or_create(spec, storage)
+        tracker = Tracker(options.tracking_uri)
+        tracker.experiment_id(spec.task)
+        with (contextlib.nullcontext() if url.startswith("sqlite:///") else storage_lock(url, storage)):
+            parent = ensure_parent_run(study, spec, tracker, url)
+    run = StudyRun(spec, url, replace(options, tracking_uri=tracker.uri), tuple(plugin_dirs), parent)
+    deadline = time.time() + spec.timeout_s if spec.timeout_s else None
+    return OpenedStudy(study, storage, tracker, run, deadline)
+
+
+def finish_study(opened: OpenedStudy, out_dir: Path | None = None) -> "StudyOutcome":
+    """Summarise the study, write its plots and log both on its parent run, which then ends FINISHED
+    (FAILED, and the error raised, when that fails)."""
+    tracker, parent, spec = opened.tracker, opened.run.parent_run_id, opened.run.spec
+    try:
+        outcome = summarise(opened.study, spec)
+        from rankbench.study.plots import write_plots
+
+        folder = out_dir or DEFAULT_DIR / "studies" / spec.name
+        outcome.plots = write_plots(opened.study, spec, folder)
+        _log_outcome(tracker, parent, outcome, folder)
+    except KeyboardInterrupt:
+        tracker.terminate(parent, "KILLED")
+        raise
+    except Exception:
+        tracker.terminate(parent, "FAILED")
+        raise
+    tracker.finish(parent)
     return outcome
 
 
@@ -686,7 +828,8 @@ def _log_outcome(tracker: Tracker, parent: str, outcome: StudyOutcome, folder: P
 def list_studies(storage_url: str | None, tracking_uri: str | None = None) -> list[dict[str, Any]]:
     """Each study in the storage: trials, directions, best trials, and its runs in the tracking
     store by state (``running``, ``died``: failed or killed, resumable by running the study again; a run
-    stopped by the pruner did not die).
+    stopped by the pruner did not die), and the Slurm worker jobs submitted for it (``slurm_jobs``: dicts
+    with ``job`` and ``folder``; ``rankbench.study.launcher.job_states`` tells their states).
     Runs whose process has died are marked FAILED here (as ``report`` does) and returned in
     ``newly_dead``. Without a tracking store the run counts are None; none is created."""
     import optuna
@@ -706,6 +849,7 @@ def list_studies(storage_url: str | None, tracking_uri: str | None = None) -> li
             "best": ([(t.number, t.values) for t in originals(study, study.best_trials)]
                      if _has_complete(study) else []),
             "running": None, "died": None, "newly_dead": [],
+            "slurm_jobs": [j for j in study.user_attrs.get(SLURM_JOBS_ATTR, []) if isinstance(j, dict)],
         }
         if tracker is not None:
             name = summary.study_name

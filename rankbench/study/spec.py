@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -32,11 +33,15 @@ SAMPLERS = ("grid", "tpe", "random", "nsga2")
 PRUNERS = ("none", "median")
 TOP_LEVEL_KEYS = ("name", "description", "task", "tasks", "methods", "method", "seeds", "budget_steps", "fixed",
                   "method_fixed", "search", "method_search", "objectives", "sampler", "pruner", "budget", "workers",
-                  "matched")
+                  "matched", "slurm")
 TABLE_KEYS = {"sampler": ("name", "seed"), "pruner": ("name",), "budget": ("n_trials", "timeout_s"),
               "workers": ("heartbeat_interval", "grace_period"),
               "matched": ("targets", "tolerance", "max_runs", "baseline", "reference", "notes", "start")}
 """The keys each settings table takes: any other is a typo, refused (it would be ignored)."""
+SLURM_KEYS = ("partition", "time", "cpus_per_task", "mem", "gres", "account", "signal_delay_s", "max_requeues",
+              "setup", "args")
+"""The keys of a study file's ``[slurm]`` table (``rankbench study FILE --launcher slurm``): where and how its
+worker jobs run. Not part of the study's digest: they may change when a study is resumed."""
 SEED_LIMIT = 2**32
 """Seeds (of the runs, and of the sampler) lie in [0, 2³²): numpy and torch take them."""
 
@@ -106,6 +111,8 @@ class StudySpec:
     """Every task of the study (``task`` is the first); several make ``task`` a grid parameter."""
     matched: MatchedSpec | None = None
     """Set for a matched-compression study (``[matched]``): run by ``rankbench.study.matched_runner``."""
+    slurm: dict[str, Any] = field(default_factory=dict)
+    """The file's ``[slurm]`` table, checked (``check_slurm``): options of ``--launcher slurm``'s worker jobs."""
 
     @property
     def directions(self) -> list[str]:
@@ -410,11 +417,16 @@ def parse_study(raw: dict, registry: Registry, where: str = "study", source: str
     """Validate a parsed study file: every key, type, range and hyperparameter value, so that nothing
     wrong is found after the storage or a run exists."""
     _refuse_unknown(raw, TOP_LEVEL_KEYS, where)
-    for table in ("fixed", "method_fixed", "search", "method_search", "objectives", "sampler", "pruner", "budget", "workers"):
+    for table in ("fixed", "method_fixed", "search", "method_search", "objectives", "sampler", "pruner", "budget", "workers",
+                  "slurm"):
         if table in raw and not isinstance(raw[table], dict):
             raise RankbenchError(f"{where}: {table} must be a table: write [{table}] and then key = value lines")
     for table, keys in TABLE_KEYS.items():
         _refuse_unknown(raw.get(table, {}), keys, f"{where} [{table}]")
+    if "matched" in raw and "slurm" in raw:
+        raise RankbenchError(f"{where}: [slurm] has no place in a matched study (the Slurm launcher runs Optuna "
+                             "studies only): drop [slurm], or run the matched study with --launcher local")
+    slurm = check_slurm(raw.get("slurm", {}), f"{where} [slurm]")
     refused = [k for k in MATCHED_REFUSED if k in raw] if "matched" in raw else []
     if refused:
         raise RankbenchError(f"{where}: [{refused[0]}] has no place in a matched study (it searches each method's "
@@ -542,7 +554,7 @@ def parse_study(raw: dict, registry: Registry, where: str = "study", source: str
         name=name, task=task, methods=methods, objectives=dict(objectives), search=search, fixed=fixed,
         method_fixed=method_fixed, method_search=method_search, budget_steps=budget_steps, seeds=seeds, sampler=sampler,
         sampler_seed=sampler_seed, pruner=pruner, n_trials=n_trials, timeout_s=timeout, heartbeat_interval=heartbeat,
-        grace_period=grace, description=description, source=source, tasks=tasks,
+        grace_period=grace, description=description, source=source, tasks=tasks, slurm=slurm,
     )
     if sampler == "grid" and n_trials is not None and n_trials > spec.grid_size():
         raise RankbenchError(f"{where}: n_trials {n_trials} exceeds the grid's {spec.grid_size()} points")
@@ -614,3 +626,78 @@ def _matched(raw: dict, registry: Registry, tasks: tuple[str, ...], methods: tup
             raise RankbenchError(f"{at} start.{method}: {exc}") from None
     return MatchedSpec(tuple(float(t) for t in sorted(targets)), float(tolerance), max_runs, baseline, reference,
                        notes, start)
+
+
+# ---------------------------------------------------------------------------- [slurm]
+_SLURM_TIME = re.compile(r"^(?:(?P<days>\d+)-(?P<dh>\d+)(?::(?P<dm>\d+)(?::(?P<ds>\d+))?)?"
+                         r"|(?P<a>\d+)(?::(?P<b>\d+)(?::(?P<c>\d+))?)?)$")
+_SLURM_MEM = re.compile(r"^\d+[KMGT]?B?$", re.IGNORECASE)
+
+
+def slurm_minutes(value: Any, where: str) -> int | None:
+    """A Slurm time limit as whole minutes (rounded up), None for ``INFINITE``/``UNLIMITED``. Takes Slurm's
+    forms: ``MINUTES``, ``MINUTES:SECONDS``, ``HOURS:MINUTES:SECONDS``, ``DAYS-HOURS``, ``DAYS-HOURS:MINUTES``,
+    ``DAYS-HOURS:MINUTES:SECONDS`` (a TOML integer is minutes)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    text = value.strip() if isinstance(value, str) else ""
+    if text.upper() in ("INFINITE", "UNLIMITED"):
+        return None
+    match = _SLURM_TIME.match(text)
+    if not match or not text:
+        raise RankbenchError(f"{where} time = {_toml(value)}: give a Slurm time limit: MINUTES, HH:MM:SS or "
+                             "DAYS-HH:MM:SS, e.g. time = \"04:00:00\"")
+    g = {k: int(v) for k, v in match.groupdict().items() if v is not None}
+    if "days" in g:
+        seconds = g["days"] * 86400 + g["dh"] * 3600 + g.get("dm", 0) * 60 + g.get("ds", 0)
+    elif "c" in g:
+        seconds = g["a"] * 3600 + g["b"] * 60 + g["c"]
+    else:
+        seconds = g["a"] * 60 + g.get("b", 0)
+    if seconds <= 0:
+        raise RankbenchError(f"{where} time = {_toml(value)}: a time limit must be longer than 0 s")
+    return -(-seconds // 60)
+
+
+def check_slurm(table: Mapping[str, Any], where: str, parse: bool = False) -> dict[str, Any]:
+    """A ``[slurm]`` table (or the command line's Slurm options, strings when ``parse``), checked: partition,
+    account, gres and mem are strings (mem as Slurm writes it: 4G, 16000M), time a Slurm time limit,
+    cpus_per_task, signal_delay_s (seconds before the time limit at which a worker checkpoints and requeues
+    itself) and max_requeues whole numbers, setup a list of shell lines run before each worker (``module load
+    ...``), args a table of further sbatch options (``qos = "long"`` becomes ``--qos=long``)."""
+    if not isinstance(table, Mapping):
+        raise RankbenchError(f"{where}: write [slurm] and then key = value lines")
+    _refuse_unknown(table, SLURM_KEYS, where)
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if key in ("partition", "account", "gres", "mem"):
+            if not isinstance(value, str) or not value.strip() or any(c.isspace() for c in value.strip()):
+                raise RankbenchError(f"{where} {key} = {_toml(value)}: give a name without spaces, e.g. "
+                                     + {"partition": 'partition = "gpu"', "account": 'account = "my_lab"',
+                                        "gres": 'gres = "gpu:1"', "mem": 'mem = "8G"'}[key])
+            if key == "mem" and not _SLURM_MEM.match(value.strip()):
+                raise RankbenchError(f"{where} mem = {_toml(value)}: give memory as Slurm does, a whole number with "
+                                     "K, M, G or T, e.g. mem = \"8G\"")
+            out[key] = value.strip()
+        elif key == "time":
+            slurm_minutes(value, where)
+            out[key] = value.strip() if isinstance(value, str) else value
+        elif key in ("cpus_per_task", "signal_delay_s", "max_requeues"):
+            if parse and isinstance(value, str) and value.strip().isdigit():
+                value = int(value.strip())
+            minimum = 0 if key == "max_requeues" else 1
+            _integer(value, f"{where} {key}", minimum, f"{key} must be a whole number >= {minimum}")
+            out[key] = value
+        elif key == "setup":
+            if not isinstance(value, list) or not all(isinstance(line, str) for line in value):
+                raise RankbenchError(f"{where} setup = {_toml(value)}: give a list of shell lines, e.g. "
+                                     "setup = [\"module load python\"]")
+            out[key] = list(value)
+        else:  # args
+            if not isinstance(value, Mapping) or not all(
+                    isinstance(v, (str, int, bool)) and not (isinstance(v, str) and not v.strip())
+                    for v in value.values()):
+                raise RankbenchError(f"{where} args: give sbatch options as a table of values, e.g. "
+                                     "args = { qos = \"long\", constraint = \"avx2\" }")
+            out[key] = {str(k).replace("_", "-"): v for k, v in value.items()}
+    return out
