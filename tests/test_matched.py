@@ -114,3 +114,12 @@ def test_every_built_in_method_but_the_reference_declares_a_knob_with_a_search_i
         assert interval.low < interval.high
     with pytest.raises(ValueError, match="no compression knob"):
         KnobInterval.of(REGISTRY.method("dense"))
+
+
+def test_a_knob_whose_compression_moved_the_wrong_way_is_tried_at_the_intervals_end_before_giving_up():
+    compressions = {0.1: 232.0, 0.4: 344.0, 0.5: 300.0}  # MARS on mlp2: a higher prior, yet more compression
+    knob = Knob("prior", increases_compression=False)
+    searches = search_targets(lambda p: compressions[p], knob, KnobInterval(1e-3, 0.5, log=True, integer=False),
+                              [10.0], 0.1, max_runs=4)
+    assert [v for v, _ in searches[10.0].steps] == [0.1, 0.4, 0.5]
+    assert not searches[10.0].hit and searches[10.0].best == (0.1, 232.0)

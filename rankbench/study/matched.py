@@ -177,6 +177,9 @@ def next_value(measured: dict[float, float], knob: Knob, interval: KnobInterval,
         ends = sorted(math.exp(e) if interval.log else e for e in (x1, x2))
         inside = [float(r) for r in range(round(ends[0]) + 1, round(ends[1])) if float(r) not in measured]
         return min(inside, key=lambda r: abs(_coordinate(r, interval) - x)) if inside else None
+    if value in measured and not (below and above):  # noise pointed back: try the interval's end that way
+        end = _value(_coordinate(interval.high if direction > 0 else interval.low, interval), interval)
+        return None if end in measured else end
     return None if value in measured else value
 
 
