@@ -161,9 +161,19 @@ class BayesARD(Method):
     **Compression knob: kl_mult.** It is the authors' own trade-off knob (every script sweeps it and
     nothing else), and it moves compression monotonically: the prior's pull on a slice is
     kl_mult·G/λ², a weight decay whose rate grows as the slice shrinks, so a larger kl_mult collapses
-    more slices below the fixed threshold (measured on the embedded mlp2, see ``task_defaults``). The
-    threshold would be exactly monotone (it does not change training), but raising it truncates
-    slices ARD has not switched off, a post-hoc magnitude cut rather than the method.
+    more slices below the fixed threshold (embedded mlp2, 300 epochs, seed 0: kl_mult 1e-5, 2e-5, 5e-5
+    give 104x, 162x, 235x). The threshold would be exactly monotone (it does not change training),
+    but raising it truncates slices ARD has not switched off, a post-hoc magnitude cut rather than
+    the method.
+
+    **Measured on the embedded data** (rankbench's recipes, test accuracy unless said). mlp2, 300
+    epochs, at the reference's kl_mult 5e-5: seeds 1/2 218x/228x at 95.8/93.6 %; seed 0 reached 205x
+    at 92.4 % (val) by epoch 200, then two fc1 bonds fell to rank 1 near epoch 240 (235x, 75 % val):
+    ARD's log-uniform objective keeps pulling on slices as long as training runs. kl_mult 2e-5 gave
+    162x/169x/157x at 94.0 (val)/94.2/94.0 % (seeds 0/1/2). No embedded override: 5e-5 is kept, as
+    the paper's; ``--set kl_mult=2e-5`` is the safer point there. iwslt14 (10 epochs): no
+    kl_mult selects ranks (5e-5: every bond stays at 16, 98.6 % tokens; 1e-3 and 1e-2 shrink every
+    slice alike, 15 % and 2 % tokens, 1.9x). lenet5 (150 epochs) was not measured on this CPU.
     """
 
     name: ClassVar[str] = "bayes_ard"
@@ -191,8 +201,10 @@ class BayesARD(Method):
                               TEXT_WHY.format(epochs=30, no_kl=6, ramp=15, left="0.18")),
         "iwslt14": MethodDefaults({"em_stepsize": 0.1, "no_kl_epochs": 6, "warmup_epochs": 15},
                                   TEXT_WHY.format(epochs=30, no_kl=6, ramp=15, left="0.18")),
-        "iwslt14/embedded": MethodDefaults({"no_kl_epochs": 2, "warmup_epochs": 5},
-                                           TEXT_WHY.format(epochs=10, no_kl=2, ramp=5, left="0")),
+        "iwslt14/embedded": MethodDefaults(
+            {"no_kl_epochs": 2, "warmup_epochs": 5},
+            TEXT_WHY.format(epochs=10, no_kl=2, ramp=5, left="0") + "; measured, seed 0: 98.6 % test tokens (6 + 15: "
+            "98.5 %), every bond still at rank 16 either way (10 epochs are too few for ARD at kl_mult 5e-5)"),
     }
 
     def __init__(self, params: Mapping) -> None:
