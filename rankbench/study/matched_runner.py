@@ -23,9 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import multiprocessing
 import sys
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -330,23 +328,12 @@ def execute(run: MatchedRun, trainer: Trainer, jobs: list[Job], workers: int) ->
         for job in jobs:
             do_job(trainer, job)
         return
-    from rankbench.study.runner import _stop_workers
+    from rankbench.study.runner import run_processes
 
-    ctx = multiprocessing.get_context("spawn")
-    procs = []
-    try:
-        for i in range(min(workers, len(jobs))):
-            proc = ctx.Process(target=_worker_main, args=(run, jobs[i::workers]))
-            proc.start()
-            procs.append(proc)
-        for proc in procs:
-            proc.join()
-    except KeyboardInterrupt:
-        _stop_workers(procs)
-        raise
-    bad = [p.exitcode for p in procs if p.exitcode != 0]
+    count = min(workers, len(jobs))
+    bad = run_processes(_worker_main, [(run, jobs[i::workers]) for i in range(count)])
     if bad:
-        raise RankbenchError(f"{len(bad)} of {len(procs)} workers failed (exit codes {bad}): run the same command "
+        raise RankbenchError(f"{len(bad)} of {count} workers failed (exit codes {bad}): run the same command "
                              "again to resume (finished runs are kept)")
 
 

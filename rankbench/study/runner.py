@@ -762,13 +762,14 @@ def finish_study(opened: OpenedStudy, out_dir: Path | None = None) -> "StudyOutc
     return outcome
 
 
-def _run_workers(run: StudyRun, workers: int, deadline: float | None) -> None:
-    """``workers`` processes to the budget; stopped (Ctrl-C, SIGTERM), each is stopped before this returns."""
+def run_processes(target: Any, arguments: Sequence[tuple]) -> list[int]:
+    """One spawned process per argument tuple, all joined; stopped (Ctrl-C, SIGTERM), each is stopped
+    before this returns. Returns the non-zero exit codes."""
     ctx = multiprocessing.get_context("spawn")
     procs = []
     try:
-        for i in range(workers):
-            proc = ctx.Process(target=_worker_main, args=(StudyRun(**{**run.__dict__, "worker": i}), deadline))
+        for args in arguments:
+            proc = ctx.Process(target=target, args=args)
             proc.start()
             procs.append(proc)
         for proc in procs:
@@ -776,7 +777,12 @@ def _run_workers(run: StudyRun, workers: int, deadline: float | None) -> None:
     except KeyboardInterrupt:
         _stop_workers(procs)
         raise
-    bad = [p.exitcode for p in procs if p.exitcode != 0]
+    return [p.exitcode for p in procs if p.exitcode != 0]
+
+
+def _run_workers(run: StudyRun, workers: int, deadline: float | None) -> None:
+    """``workers`` processes to the budget; stopped (Ctrl-C, SIGTERM), each is stopped before this returns."""
+    bad = run_processes(_worker_main, [(StudyRun(**{**run.__dict__, "worker": i}), deadline) for i in range(workers)])
     if bad:
         raise RankbenchError(
             f"{len(bad)} of {workers} workers failed (exit codes {bad}): run the same command again to resume"
