@@ -402,3 +402,36 @@ def test_only_the_tracker_talks_to_mlflow():
                  for path in sorted(package.rglob("*.py")) if path != package / "run" / "tracking.py"
                  for number, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
     assert offenders == []
+
+
+def test_logging_models_from_several_threads_leaves_mlflows_process_state_as_it_found_it(tmp_path, monkeypatch):
+    import threading
+
+    from mlflow.tracking._tracking_service import utils
+
+    from rankbench.run.tracking import Tracker
+
+    user_store = f"sqlite:///{tmp_path / 'user.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", user_store)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    tracker = Tracker(f"sqlite:///{tmp_path / 'runs.db'}")
+    experiment = tracker.experiment_id("threads")
+    run_ids = [tracker.start("threads", f"r{i}", {}, {}) for i in range(4)]
+    errors = []
+
+    def log(run_id):
+        try:
+            tracker.log_pytorch_model(run_id, torch.nn.Linear(3, 2), input_example=torch.zeros(2, 3))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=log, args=(run_id,)) for run_id in run_ids]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert errors == []
+    assert utils._tracking_uri is None
+    assert os.environ["MLFLOW_TRACKING_URI"] == user_store and "MLFLOW_EXPERIMENT_ID" not in os.environ
+    models = tracker._client.search_logged_models(experiment_ids=[experiment])
+    assert sorted(m.source_run_id for m in models) == sorted(run_ids)

@@ -97,21 +97,33 @@ def _writes(what: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
     return decorate
 
 
+_FLUENT = threading.Lock()
+
+
 @contextlib.contextmanager
 def _fluent(uri: str, experiment_id: str) -> Iterator[None]:
-    """MLflow's fluent tracking URI and experiment, for one call that reads them (``log_model``)."""
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+    """MLflow's fluent tracking URI and experiment, for one call that reads them (``log_model``).
 
-    before = os.environ.get("MLFLOW_EXPERIMENT_ID")
-    os.environ["MLFLOW_EXPERIMENT_ID"] = experiment_id
-    try:
-        with _use_tracking_uri(uri):
+    Both are process-wide, so two runs of one process (a study's threads) take turns, and
+    everything is restored afterwards: MLflow's own restore unsets ``MLFLOW_TRACKING_URI``,
+    which would send this process's next run to the default store."""
+    from mlflow.tracking._tracking_service import utils
+
+    names = ("MLFLOW_EXPERIMENT_ID", "MLFLOW_TRACKING_URI")
+    with _FLUENT:
+        saved_uri = utils._tracking_uri
+        saved_env = {name: os.environ.get(name) for name in names}
+        os.environ["MLFLOW_EXPERIMENT_ID"] = experiment_id
+        try:
+            utils.set_tracking_uri(uri)
             yield
-    finally:
-        if before is None:
-            os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
-        else:
-            os.environ["MLFLOW_EXPERIMENT_ID"] = before
+        finally:
+            utils.set_tracking_uri(saved_uri)
+            for name, value in saved_env.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
 
 class Tracker:
