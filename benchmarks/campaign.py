@@ -38,8 +38,9 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "studies" / "fmnist_campaign.toml"

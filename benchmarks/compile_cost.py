@@ -16,8 +16,8 @@ import argparse
 import time
 
 import torch
-from tabulate import tabulate
 from functorch.compile import make_boxed_func
+from tabulate import tabulate
 from torch._dynamo.backends.common import aot_autograd
 
 from rankbench.plugins.method import MethodContext

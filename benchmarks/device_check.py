@@ -26,9 +26,9 @@ from tabulate import tabulate
 from rankbench.layers.tensorized import TensorRingConv2d, TensorRingLinear
 from rankbench.plugins.method import MethodContext
 from rankbench.plugins.registry import Registry
+from rankbench.run import trainer
 from rankbench.run.config import make_config, resolve_device
 from rankbench.run.prepare import build_model
-from rankbench.run import trainer
 from rankbench.run.trainer import fit
 
 

@@ -17,9 +17,8 @@ import dataclasses
 
 import torch
 from tabulate import tabulate
-from torch.utils._python_dispatch import TorchDispatchMode
-
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from rankbench.plugins.method import Method, MethodContext
 from rankbench.plugins.registry import Registry

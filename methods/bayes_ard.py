@@ -11,14 +11,26 @@ calls it the "MAP implementation (no sampling for variational inference)" of the
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar, Mapping
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from rankbench.plugin import (Bond, Hyper, Knob, Method, MethodDefaults, RankSelector, Search, StepLoss, TaskLoss,
-                              TensorizedLayer, tensorized_layers)
+from rankbench.plugin import (
+    Bond,
+    Hyper,
+    Knob,
+    Method,
+    MethodDefaults,
+    RankSelector,
+    Search,
+    StepLoss,
+    TaskLoss,
+    TensorizedLayer,
+    tensorized_layers,
+)
 
 PRIORS = ("log_uniform", "half_cauchy")
 PRIOR_CORES = ("reference", "both")

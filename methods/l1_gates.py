@@ -60,13 +60,27 @@ What rankbench does differently, on purpose:
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Mapping
+from collections.abc import Mapping
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from rankbench.plugin import (SELECTOR_HYPERPARAMETERS, Bond, Hyper, Knob, Method, MethodDefaults, RankbenchError,
-                              RankSelector, Search, StaticInput, StepLoss, TaskLoss, tensorized_layers)
+from rankbench.plugin import (
+    SELECTOR_HYPERPARAMETERS,
+    Bond,
+    Hyper,
+    Knob,
+    Method,
+    MethodDefaults,
+    RankbenchError,
+    RankSelector,
+    Search,
+    StaticInput,
+    StepLoss,
+    TaskLoss,
+    tensorized_layers,
+)
 
 PRESETS: dict[str, dict[str, object]] = {
     "tensorlasso": {"threshold": 1e-6, "clamp": True, "normalise": "all", "stages": False},

@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Mapping
+from collections.abc import Mapping
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from rankbench.plugin import (SELECTOR_HYPERPARAMETERS, Bond, Hyper, Knob, Method, MethodDefaults, RankSelector, Search,
-                              CoreBank, StaticInput, StepLoss, TaskLoss, tensorized_layers)
+from rankbench.plugin import (
+    SELECTOR_HYPERPARAMETERS,
+    Bond,
+    CoreBank,
+    Hyper,
+    Knob,
+    Method,
+    MethodDefaults,
+    RankSelector,
+    Search,
+    StaticInput,
+    StepLoss,
+    TaskLoss,
+    tensorized_layers,
+)
 
 MODES = {"soft": {"prior": 0.1, "alpha": -1.5}, "hard": {"prior": 0.01, "alpha": -1.75}}
 

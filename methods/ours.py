@@ -6,13 +6,25 @@ Probabilistic ℓ0-Regularized Rank Selection for Model Compression", IJCAI 2024
 
 from __future__ import annotations
 
-from typing import ClassVar, Mapping
+from collections.abc import Mapping
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from rankbench.plugin import (SELECTOR_HYPERPARAMETERS, Bond, Hyper, Knob, Method, MethodDefaults, RankSelector, Search, StaticInput, StepLoss,
-                              TaskLoss)
+from rankbench.plugin import (
+    SELECTOR_HYPERPARAMETERS,
+    Bond,
+    Hyper,
+    Knob,
+    Method,
+    MethodDefaults,
+    RankSelector,
+    Search,
+    StaticInput,
+    StepLoss,
+    TaskLoss,
+)
 
 
 class GaussianGate(RankSelector):

@@ -8,13 +8,24 @@ score-function (REINFORCE) estimator can give.
 from __future__ import annotations
 
 import itertools
-from typing import ClassVar, Mapping
+from collections.abc import Mapping
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from rankbench.plugin import (SELECTOR_HYPERPARAMETERS, Bond, Hyper, Knob, Method, RankSelector, Search, StaticInput, StepLoss,
-                              TaskLoss)
+from rankbench.plugin import (
+    SELECTOR_HYPERPARAMETERS,
+    Bond,
+    Hyper,
+    Knob,
+    Method,
+    RankSelector,
+    Search,
+    StaticInput,
+    StepLoss,
+    TaskLoss,
+)
 
 
 class BernoulliGate(RankSelector):

@@ -110,13 +110,24 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable, ClassVar, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from rankbench.plugin import (Bond, Hyper, Knob, Method, RankbenchError, RankSelector, Search, TensorizedLayer,
-                              bonds, tensorized_layers)
+from rankbench.plugin import (
+    Bond,
+    Hyper,
+    Knob,
+    Method,
+    RankbenchError,
+    RankSelector,
+    Search,
+    TensorizedLayer,
+    bonds,
+    tensorized_layers,
+)
 
 GRAM_RTOL = 1e-12
 """Eigenvalues of an environment's Gram below this fraction of the largest count as zero: directions

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import replace
 import sys
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
 
 from rankbench.errors import RankbenchError
 
@@ -149,10 +149,8 @@ def cmd_export(args, registry) -> None:
 
 
 def cmd_report(args, registry) -> None:
-    from rankbench.report.build import build_report, render
+    from rankbench.report.build import build_report, died_runs, render
     from rankbench.report.figures import write_report
-
-    from rankbench.report.build import died_runs
 
     if args.out is not None:
         from rankbench.report.figures import check_out
@@ -270,8 +268,8 @@ def cmd_list_recipes(registry) -> None:
 def cmd_run(args, registry) -> None:
     from tqdm import tqdm
 
-    from rankbench.report.tables import results_table
     from rankbench import records
+    from rankbench.report.tables import results_table
     from rankbench.run.config import make_config
     from rankbench.run.experiment import run
     from rankbench.run.prepare import prepare

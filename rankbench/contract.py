@@ -17,14 +17,16 @@ Every check returns a :class:`Check`; an exception inside a check fails it with
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from rankbench.data import DataSplits, Split, default_data_dir
 from rankbench.errors import RankbenchError
+from rankbench.hyper import Hyper, resolve
 from rankbench.layers.tensorized import (
     RankSelector,
     TensorizedLayer,
@@ -35,7 +37,6 @@ from rankbench.layers.tensorized import (
     selector_parameters,
     tensorized_layers,
 )
-from rankbench.hyper import Hyper, resolve
 from rankbench.plugins.defaults import Recipe, check_declarations, recipes_of, resolve_defaults
 from rankbench.plugins.method import ROLES, Method
 from rankbench.plugins.registry import Registry

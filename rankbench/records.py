@@ -38,7 +38,7 @@ class Record(str):
     unit: str
     help: str
 
-    def __new__(cls, name: str, kind: Kind, help: str, *, direction: Direction = "", unit: str = "") -> "Record":
+    def __new__(cls, name: str, kind: Kind, help: str, *, direction: Direction = "", unit: str = "") -> Record:
         record = super().__new__(cls, name)
         record.kind, record.direction, record.unit, record.help = kind, direction, unit, help
         return record

@@ -7,8 +7,6 @@ rankbench.layers.tensorized, with a ``DeprecationWarning``; it goes in a later m
 import warnings
 
 from rankbench.layers.tensorized import *  # noqa: F403
-from rankbench.layers.tensorized import (count_parameters, learned_ranks, prune_model, selector_parameters,
-                                         weight_parameters)
 
 warnings.warn("rankbench.tensorized is deprecated since rankbench 0.2.0 and will be removed: import from rankbench.plugin",
               DeprecationWarning, stacklevel=2)

@@ -16,8 +16,9 @@ same model as fairseq's N(0, 1/d_model) table scaled up by sqrt(d_model).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F

@@ -11,8 +11,9 @@ paper's compression is the embedding's: runs record it as
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn

@@ -13,10 +13,9 @@ import pytest
 import rankbench.plugins.task
 import rankbench.run.config
 import rankbench.run.prepare
+from helpers import make_tiny_mnist
 from rankbench.cli import main
 from rankbench.plugins.registry import Registry
-
-from helpers import make_tiny_mnist
 
 ROOT = Path(__file__).resolve().parent.parent
 CORE = sorted((ROOT / "rankbench").rglob("*.py"))

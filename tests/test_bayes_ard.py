@@ -11,11 +11,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from helpers import make_tiny_mnist
-from rankbench.methods.bayes_ard import BayesARD, warmup
 from rankbench.cli import main
 from rankbench.contract import check_method
-from rankbench.layers.tensorized import (TensorRingLinear, TensorTrainLinear, count_parameters, learned_ranks,
-                                         prune_model)
+from rankbench.layers.tensorized import (
+    TensorRingLinear,
+    TensorTrainLinear,
+    count_parameters,
+    learned_ranks,
+    prune_model,
+)
+from rankbench.methods.bayes_ard import BayesARD, warmup
 from rankbench.plugins.method import MethodContext
 from rankbench.plugins.registry import Registry
 from rankbench.run.config import make_config

@@ -18,12 +18,11 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import assert_one_line_error, make_tiny_cifar10
 from rankbench.cli import main
 from rankbench.data import cifar
 from rankbench.data.cifar import load_cifar10, random_crop_flip
 from rankbench.errors import RankbenchError
-
-from helpers import assert_one_line_error, make_tiny_cifar10
 
 PER_BATCH, N_TEST = 24, 24
 TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]

@@ -19,12 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import assert_one_line_error, make_tiny_mnist
 from rankbench.cli import main
 from rankbench.errors import RankbenchError
 from rankbench.layers.tensorized import TensorizedLinear
 from rankbench.plugins.registry import Registry
-
-from helpers import assert_one_line_error, make_tiny_mnist
 
 PLUGINS = Path(__file__).parent / "plugins_example"
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -13,10 +13,9 @@ import pytest
 import torch
 
 import rankbench.run.trainer
+from helpers import assert_one_line_error, make_tiny_mnist
 from rankbench.cli import main
 from rankbench.run.tracking import Tracker
-
-from helpers import assert_one_line_error, make_tiny_mnist
 
 RUN = ["run", "--task", "mlp2", "--set", "val_size=40", "--set", "initial_rank=3", "--set", "batch_size=48",
        "--epochs", "2", "--no-progress", "--device", "cpu", "--threads", "1"]

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rankbench.cli import main
 from rankbench import contract
+from rankbench.cli import main
 from rankbench.contract import Check, check_method, check_task
 from rankbench.plugins.registry import Registry
 

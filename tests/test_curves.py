@@ -7,8 +7,15 @@ import math
 
 import pytest
 
-from rankbench.report.curves import (CurvePoint, area_under_curve, bootstrap_area, common_range, compare_at_targets,
-                                     holm, hypervolume)
+from rankbench.report.curves import (
+    CurvePoint,
+    area_under_curve,
+    bootstrap_area,
+    common_range,
+    compare_at_targets,
+    holm,
+    hypervolume,
+)
 
 
 def point(target: float, accuracies: list[float], compression: float | None = None) -> CurvePoint:

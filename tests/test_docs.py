@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import os
 import re
 import shlex

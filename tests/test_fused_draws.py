@@ -4,7 +4,7 @@ equal the gate-by-gate formulas, in float64, given the random numbers the fused 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch

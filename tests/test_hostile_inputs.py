@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from rankbench.cli import main
-
 from helpers import assert_one_line_error, make_tiny_mnist
+from rankbench.cli import main
 
 RUN = ["run", "--method", "trn", "--task", "mlp2", "--no-progress", "--set", "val_size=40", "--set", "rank=2",
        "--data-dir", "{data}", "--tracking-uri", "{store}"]

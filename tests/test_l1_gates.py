@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import make_tiny_mnist
 from rankbench.cli import main
 from rankbench.contract import check_method
 from rankbench.errors import RankbenchError
@@ -25,8 +26,6 @@ from rankbench.plugins.registry import Registry
 from rankbench.run.config import make_config
 from rankbench.run.prepare import prepare
 from rankbench.run.trainer import Trainer
-
-from helpers import make_tiny_mnist
 
 CPU = torch.device("cpu")
 REGISTRY = Registry.discover(entry_point_groups=False)

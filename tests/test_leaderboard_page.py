@@ -13,13 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from helpers import assert_one_line_error
 from rankbench.cli import main
 from rankbench.report.board import Leaderboard, MatchedPoint, MethodCurve, SeedRun, TaskBoard
 from rankbench.report.curves import CurvePoint
 from rankbench.report.leaderboard import markdown
 from rankbench.report.page import FIGURE_CLASS, html_page, split_at, write_page
-
-from helpers import assert_one_line_error
 
 METHODS = ("ours", "trn", "mars")
 SEEDS = (0, 1, 2)

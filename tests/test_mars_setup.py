@@ -11,9 +11,14 @@ import pytest
 import torch
 
 from rankbench.export import export
-from rankbench.layers.tensorized import (TensorizedConv2d, TensorizedEmbedding, TensorizedLinear, count_parameters,
-                                         learned_ranks, prune_model, tensorized_layers)
-from rankbench.plugins.method import MethodContext
+from rankbench.layers.tensorized import (
+    TensorizedConv2d,
+    TensorizedEmbedding,
+    TensorizedLinear,
+    count_parameters,
+    learned_ranks,
+    prune_model,
+)
 from rankbench.plugins.registry import Registry
 from rankbench.run.config import make_config
 from rankbench.run.prepare import prepare

@@ -81,11 +81,10 @@ def test_cli_budget_conflicts_with_epochs(tmp_path, capsys):
 def test_mars_uses_full_mnist_prior_weight_on_the_embedded_digits_only(tmp_path):
     """MARS's priors are weighted 1/N; its defaults on the embedded recipes set N to full MNIST's 60,000.
     On mlp2 (MARS's own 2FC-Net) MARS runs its notebook's recipe on any data, N = 60,000 there too."""
+    from helpers import make_tiny_mnist
     from rankbench.data.mnist import load_mnist_family
     from rankbench.methods.mars import FULL_MNIST_N
     from rankbench.run.prepare import prepare
-
-    from helpers import make_tiny_mnist
 
     config = make_config(REGISTRY, "lenet5", "mars")
     assert config.method_params["prior_n"] is None and config.method_params["selector_lr"] is None  # paper

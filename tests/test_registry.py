@@ -188,9 +188,8 @@ def test_a_plugin_written_against_the_0_1_0_module_paths_loads_and_runs_with_a_d
         monkeypatch, tmp_path, capsys):
     import sys
 
-    from rankbench.cli import main
-
     from helpers import make_tiny_mnist
+    from rankbench.cli import main
 
     for name in SHIMS:
         monkeypatch.delitem(sys.modules, name, raising=False)

@@ -15,9 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rankbench.cli import main
-
 from helpers import assert_one_line_error, make_tiny_mnist
+from rankbench.cli import main
 
 TINY_RUN = ["--method", "ours", "--task", "mlp2", "--set", "val_size=40", "--set", "initial_rank=3",
             "--epochs", "1", "--no-progress", "--device", "cpu", "--threads", "1"]

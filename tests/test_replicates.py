@@ -9,10 +9,9 @@ import io
 
 import pytest
 
+from helpers import make_tiny_mnist
 from rankbench.cli import main
 from rankbench.report.build import RunRecord, build_report, compare, group_rows, render
-
-from helpers import make_tiny_mnist
 
 NOTE = "2 duplicate runs (same settings and seed) ignored: the newest run of each seed is used"
 

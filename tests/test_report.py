@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -39,14 +40,13 @@ from scipy import stats
 from tabulate import tabulate_formats
 
 import rankbench
+from helpers import write_idx
 from rankbench.cli import main
 from rankbench.plugins.registry import Registry
 from rankbench.report.build import HEADERS, RunRecord, build_report, compare, group_rows, load_runs, render
 from rankbench.run.config import make_config
 from rankbench.run.experiment import run, run_name
 from rankbench.run.prepare import prepare
-
-from helpers import write_idx
 
 EMBEDDED = "mnist-embedded-5k"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import make_tiny_cifar10
 from rankbench.cli import main
 from rankbench.data import Split
 from rankbench.data.cifar import load_cifar10
@@ -34,8 +35,6 @@ from rankbench.run.metrics import recalibrate_batchnorm
 from rankbench.run.prepare import build_model
 from rankbench.run.trainer import fit
 from rankbench.tasks.resnet import CHANNEL_MODES, BasicBlock
-
-from helpers import make_tiny_cifar10
 
 tl.set_backend("pytorch")
 

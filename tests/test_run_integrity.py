@@ -13,12 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
-
-from rankbench.cli import main
-from rankbench.errors import RankbenchError
+from test_reliability import TINY_RUN, resume_argv, run_outcome, statuses
 
 from helpers import assert_one_line_error, interrupting_log_metrics, make_tiny_mnist
-from test_reliability import TINY_RUN, resume_argv, run_outcome, statuses
+from rankbench.cli import main
+from rankbench.errors import RankbenchError
 
 EXE = shutil.which("rankbench") or str(Path(sys.executable).parent / "rankbench")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -338,9 +337,9 @@ def test_resume_of_a_study_parent_run_names_the_study_command(tmp_path, uri, cap
 
 def test_a_resumed_run_logs_the_time_of_every_attempt(tmp_path, uri, monkeypatch, capsys):
     import torch
+    from mlflow.tracking import MlflowClient
 
     import rankbench.run.tracking
-    from mlflow.tracking import MlflowClient
 
     data = make_tiny_mnist(tmp_path / "data")
     argv = resume_argv(data, uri)
@@ -380,7 +379,6 @@ def test_a_model_too_large_for_memory_is_refused_before_it_is_allocated(tmp_path
 def test_the_memory_check_lets_a_model_that_fits_through(monkeypatch):
     from rankbench.plugins.registry import Registry
     from rankbench.run import prepare as module
-
     from rankbench.run.config import make_config
 
     registry = Registry.discover()

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 
+from helpers import assert_one_line_error, make_tiny_mnist
 from rankbench.cli import build_parser, main, run_options
 from rankbench.plugins.registry import Registry
 from rankbench.run.config import RunOptions, make_config
-
-from helpers import assert_one_line_error, make_tiny_mnist
 
 OPTIONS = ("--device", "--threads", "--compile", "--contraction", "--budget", "--data-dir", "--download",
            "--tracking-uri")

@@ -32,10 +32,9 @@ from pathlib import Path
 
 import pytest
 
+from helpers import assert_one_line_error, make_tiny_mnist
 from rankbench.cli import main
 from rankbench.errors import RankbenchError
-
-from helpers import assert_one_line_error, make_tiny_mnist
 
 PLUGINS = Path(__file__).resolve().parent / "plugins_slurm"
 SLURM_BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "squeue", "scontrol", "scancel", "sinfo")

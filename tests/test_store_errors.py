@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from helpers import assert_one_line_error, interrupting_log_metrics, make_tiny_mnist
 from rankbench.cli import main
 from rankbench.errors import RankbenchError
 from rankbench.run.tracking import HEARTBEAT_TAG, HOST_TAG, PID_TAG, Tracker
-
-from helpers import assert_one_line_error, interrupting_log_metrics, make_tiny_mnist
 
 QUICK_S = 10.0
 """Store errors come at once: a bound on correctness (MLflow's own retries took minutes), not a benchmark."""

@@ -31,12 +31,11 @@ import pytest
 
 import rankbench.run.tracking
 import rankbench.study.runner
+from helpers import assert_one_line_error, make_tiny_cifar10, make_tiny_mnist, toml_module
 from rankbench.cli import main
 from rankbench.errors import RankbenchError
 from rankbench.plugins.registry import Registry
 from rankbench.study.spec import load_study_file, parse_study
-
-from helpers import assert_one_line_error, make_tiny_cifar10, make_tiny_mnist, toml_module
 
 REPO = Path(__file__).resolve().parent.parent
 STUDIES = sorted(p for p in (REPO / "studies").glob("*.toml") if "\n[matched]" not in p.read_text())

@@ -20,17 +20,15 @@ import time
 from pathlib import Path
 
 import pytest
+from test_study import trials_of
 
 import rankbench.study.runner
+from helpers import assert_one_line_error, make_tiny_mnist
 from rankbench.cli import main
 from rankbench.errors import RankbenchError
 from rankbench.plugins.registry import Registry
 from rankbench.run.tracking import Tracker
 from rankbench.study.spec import load_study_file
-
-from test_study import trials_of
-
-from helpers import assert_one_line_error, make_tiny_mnist
 
 TINY = ["--set", "epochs=1", "--seeds", "0"]
 SLOW_PLUGINS = Path(__file__).resolve().parent / "plugins_slow"

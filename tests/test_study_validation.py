@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from helpers import assert_one_line_error, make_tiny_mnist
 from rankbench.cli import main
 from rankbench.errors import RankbenchError
 from rankbench.plugins.registry import Registry
 from rankbench.study.spec import load_study_file
-
-from helpers import assert_one_line_error, make_tiny_mnist
 
 GOOD = """name = "checked"
 task = "mlp2"

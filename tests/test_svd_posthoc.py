@@ -15,20 +15,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import make_tiny_mnist
 from rankbench.cli import main
 from rankbench.errors import RankbenchError
-from rankbench.layers.tensorized import (TensorizedConv2d, TensorizedLinear, count_parameters, learned_ranks,
-                                         prune_model)
+from rankbench.layers.tensorized import TensorizedConv2d, TensorizedLinear, count_parameters, learned_ranks, prune_model
+from rankbench.methods.svd_posthoc import (
+    SvdPosthoc,
+    TruncationMask,
+    _current_cores,
+    bond_spectrum,
+    energy_ranks,
+    target_order,
+    target_ranks,
+)
 from rankbench.plugin import DataSplits, Method, MethodContext, Split
 from rankbench.plugins.registry import Registry
 from rankbench.run.config import make_config
 from rankbench.run.prepare import build_model
 from rankbench.run.trainer import fit
-
-from helpers import make_tiny_mnist
-
-from rankbench.methods.svd_posthoc import (SvdPosthoc, TruncationMask, _current_cores, bond_spectrum, energy_ranks,
-                                           target_order, target_ranks)
 
 tl.set_backend("pytorch")
 CPU = MethodContext(num_train=100, device=torch.device("cpu"))

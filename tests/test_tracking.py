@@ -17,13 +17,12 @@ import pytest
 import torch
 
 import rankbench
+from helpers import make_tiny_mnist
 from rankbench.cli import main
 from rankbench.plugins.registry import Registry
 from rankbench.run.config import make_config, resolve_device
 from rankbench.run.experiment import run
 from rankbench.run.prepare import prepare
-
-from helpers import make_tiny_mnist
 
 TIMING_KEYS = {"train_seconds_per_batch"}
 PER_EPOCH = ("val_accuracy", "compression", "train_loss", "penalty")

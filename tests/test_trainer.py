@@ -8,12 +8,11 @@ from pathlib import Path
 
 import torch
 
+from helpers import make_tiny_mnist
 from rankbench.plugins.registry import Registry
 from rankbench.run.config import make_config
 from rankbench.run.prepare import prepare
 from rankbench.run.trainer import Trainer, TrainerCallback
-
-from helpers import make_tiny_mnist
 
 ROOT = Path(__file__).resolve().parent.parent
 REGISTRY = Registry.discover(entry_point_groups=False)

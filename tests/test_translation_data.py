@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from rankbench.data.translation import (
+    _VERBS,
     BOS,
     EOS,
     PAD,
     TRANSLATION_DATASETS,
     UNK,
-    _VERBS,
     _lexicon,
     corpus_bleu,
     decode,

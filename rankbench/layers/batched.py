@@ -21,8 +21,9 @@ does nothing.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -228,7 +229,7 @@ class CoreBank:
         self._flat: Tensor | None = None
 
     @classmethod
-    def attach(cls, model: nn.Module) -> "CoreBank | None":
+    def attach(cls, model: nn.Module) -> CoreBank | None:
         """Hook a bank on ``model`` (none when it has no tensorized layer); ``CoreBank.of(model)`` finds it.
 
         Args:
@@ -246,7 +247,7 @@ class CoreBank:
         return bank
 
     @staticmethod
-    def of(model: nn.Module) -> "CoreBank | None":
+    def of(model: nn.Module) -> CoreBank | None:
         """The bank ``attach`` hooked on ``model`` (or on the model a compiled module wraps), if any.
 
         Args:

@@ -42,7 +42,7 @@ class ContractionCost:
     cores (1.0e11 FLOP/s in a 256³ matmul, 1.0e9 elements/s copied, 3.6 µs per tiny op); CUDA: an H100's
     fp32 rate (5e13 FLOP/s) against its memory (8e11 elements/s) and the 10 µs an eager op took there."""
 
-    def __add__(self, other: "ContractionCost") -> "ContractionCost":
+    def __add__(self, other: ContractionCost) -> ContractionCost:
         return ContractionCost(self.flops + other.flops, self.traffic + other.traffic, self.kernels + other.kernels)
 
     def estimate(self, device_type: str) -> float:

@@ -15,9 +15,10 @@ cores by the planned FLOP count.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import ClassVar, Iterator, Literal, Mapping, Sequence
+from typing import ClassVar, Literal
 
 import opt_einsum as oe
 import torch
@@ -78,7 +79,7 @@ class RankSelector(nn.Module):
 
     @staticmethod
     @contextmanager
-    def supplied(values: Mapping["RankSelector", Tensor]) -> Iterator[None]:
+    def supplied(values: Mapping[RankSelector, Tensor]) -> Iterator[None]:
         """Within the block each selector's training ``forward`` returns its tensor
         in ``values`` (shape ``(size,)``, used as given, autograd graph included).
         One block for many selectors keeps the per-step cost to one attribute write
@@ -204,7 +205,7 @@ class Bond:
     """
 
     layer_name: str
-    layer: "TensorizedLayer"
+    layer: TensorizedLayer
     index: int
     size: int
 
@@ -606,10 +607,10 @@ class TensorizedLayer(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} has no dense counterpart")
 
     # ---- pruning -------------------------------------------------------------
-    def _clone_with(self, ranks: tuple[int, ...]) -> "TensorizedLayer":
+    def _clone_with(self, ranks: tuple[int, ...]) -> TensorizedLayer:
         raise NotImplementedError
 
-    def _clone_at(self, ranks: tuple[int, ...]) -> "TensorizedLayer":
+    def _clone_at(self, ranks: tuple[int, ...]) -> TensorizedLayer:
         """``_clone_with``, where a bond may have size 0 (a constructor takes ranks >= 1): the
         clone is built at rank 1 there, then its cores are replaced by zero-filled ones of the
         real sizes (the two beside a zero bond hold no entries)."""
@@ -626,7 +627,7 @@ class TensorizedLayer(nn.Module):
         return new
 
     @torch.no_grad()
-    def pruned(self) -> "TensorizedLayer":
+    def pruned(self) -> TensorizedLayer:
         """A selector-free copy whose bonds keep only slices with non-zero eval
         multipliers, the multipliers folded into the gated core. Its outputs equal
         this layer's eval-mode outputs.
@@ -745,7 +746,7 @@ class TensorizedLinear(TensorizedLayer):
             bound = 1.0 / math.sqrt(in_features)
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def _clone_with(self, ranks: tuple[int, ...]) -> "TensorizedLinear":
+    def _clone_with(self, ranks: tuple[int, ...]) -> TensorizedLinear:
         return type(self)(
             self.in_features, self.out_features, self.in_modes, self.out_modes, ranks,
             decomposition=self.decomposition, bias=self.bias is not None,
@@ -881,7 +882,7 @@ class TensorizedEmbedding(TensorizedLayer):
         super().__init__(core_modes, order, ranks, decomposition, fan_in=1.0 / 3.0, init=init,
                          glorot_fans=(num_embeddings, embedding_dim))
 
-    def _clone_with(self, ranks: tuple[int, ...]) -> "TensorizedEmbedding":
+    def _clone_with(self, ranks: tuple[int, ...]) -> TensorizedEmbedding:
         return type(self)(
             self.num_embeddings, self.embedding_dim, self.vocab_modes, self.dim_modes, ranks,
             decomposition=self.decomposition, strategy=self.strategy, name=self.label, layout=self.layout,
@@ -1047,7 +1048,7 @@ class TensorizedConv2d(TensorizedLayer):
             bound = 1.0 / math.sqrt(self.fan_in)
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def _clone_with(self, ranks: tuple[int, ...]) -> "TensorizedConv2d":
+    def _clone_with(self, ranks: tuple[int, ...]) -> TensorizedConv2d:
         return type(self)(
             self.in_channels, self.out_channels, self.kernel_size, self.in_modes, self.out_modes, ranks,
             decomposition=self.decomposition, stride=self.stride, padding=self.padding,

@@ -18,8 +18,9 @@ refuses a table that names an unknown task, recipe or key when the plugins are d
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from rankbench.errors import RankbenchError
 from rankbench.hyper import Hyper
@@ -86,17 +87,17 @@ class Resolved:
     """Why the recipe and the method's defaults are what they are (printed with the run)."""
 
 
-def recipes_of(task_cls: type["Task"]) -> dict[str, Recipe]:
+def recipes_of(task_cls: type[Task]) -> dict[str, Recipe]:
     """The task's recipes; ``paper`` (the hyperparameters' defaults) is always one of them."""
     return {PAPER: Recipe(why="the hyperparameters' defaults"), **task_cls.recipes}
 
 
-def method_defaults(method_cls: type["Method"], key: str) -> MethodDefaults:
+def method_defaults(method_cls: type[Method], key: str) -> MethodDefaults:
     entry = method_cls.task_defaults.get(key, {})
     return entry if isinstance(entry, MethodDefaults) else MethodDefaults(dict(entry))
 
 
-def automatic_recipe(task_cls: type["Task"], embedded: bool, method_cls: type["Method"] | None = None) -> str:
+def automatic_recipe(task_cls: type[Task], embedded: bool, method_cls: type[Method] | None = None) -> str:
     """The recipe a run gets without ``--recipe``: the method's own on this task if it names one
     (``MethodDefaults.recipe``), else the task's embedded-data one on the embedded data."""
     if method_cls is not None:
@@ -110,7 +111,7 @@ def automatic_recipe(task_cls: type["Task"], embedded: bool, method_cls: type["M
     return PAPER
 
 
-def resolve_defaults(task_cls: type["Task"], method_cls: type["Method"], recipe: str,
+def resolve_defaults(task_cls: type[Task], method_cls: type[Method], recipe: str,
                      task_set: Mapping[str, Any], method_set: Mapping[str, Any]) -> Resolved:
     """Every value of one run, in the module's order; ``*_set`` are the user's validated values.
 
@@ -147,7 +148,7 @@ def resolve_defaults(task_cls: type["Task"], method_cls: type["Method"], recipe:
                     tuple(w for w in why if w))
 
 
-def check_declarations(tasks: Mapping[str, type["Task"]], methods: Mapping[str, type["Method"]]) -> dict[str, str]:
+def check_declarations(tasks: Mapping[str, type[Task]], methods: Mapping[str, type[Method]]) -> dict[str, str]:
     """Plugins whose defaults tables cannot be right: name → why (the registry lists them as broken).
 
     A method's ``task_defaults`` may name only installed tasks and their recipes, and only the

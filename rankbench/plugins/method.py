@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Literal, Mapping
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
-from rankbench.layers.tensorized import Bond, RankSelector, bonds
 from rankbench.hyper import Hyper, Search
+from rankbench.layers.tensorized import Bond, RankSelector, bonds
 from rankbench.plugins.defaults import MethodDefaults
 
 

@@ -15,11 +15,11 @@ import importlib.util
 import inspect
 import pkgutil
 import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
 from types import ModuleType
-from typing import Iterable, Sequence
 
 from rankbench.errors import RankbenchError
 from rankbench.plugins.defaults import check_declarations
@@ -55,7 +55,7 @@ class Registry:
     """Name (an entry point's, a plugin file's stem, or the clashing plugin's) → why it cannot be used."""
 
     @classmethod
-    def discover(cls, plugin_dirs: Sequence[Path] = (), entry_point_groups: bool = True) -> "Registry":
+    def discover(cls, plugin_dirs: Sequence[Path] = (), entry_point_groups: bool = True) -> Registry:
         """Every plugin: the built-ins, the entry points, then the ``--plugin-dir`` folders.
 
         A plugin that fails to import, is not a plugin, takes a taken name or declares

@@ -89,7 +89,7 @@ class Leaderboard:
         return path
 
     @classmethod
-    def from_json(cls, text: str, where: str = "leaderboard") -> "Leaderboard":
+    def from_json(cls, text: str, where: str = "leaderboard") -> Leaderboard:
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -105,7 +105,7 @@ class Leaderboard:
                                  "rewrite it") from None
 
     @classmethod
-    def read(cls, path: Path) -> "Leaderboard":
+    def read(cls, path: Path) -> Leaderboard:
         path = Path(path)
         try:
             text = path.read_text()

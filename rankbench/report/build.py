@@ -19,9 +19,10 @@ import socket
 import statistics
 import sys
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from rankbench.errors import RankbenchError
 from rankbench.plugins.registry import Registry
@@ -75,7 +76,7 @@ class Row:
     role: str = "selector"
     published: dict[str, Any] = field(default_factory=dict)
     full_settings: dict[str, str] = field(default_factory=dict)
-    baseline: "Row | None" = None
+    baseline: Row | None = None
     delta: float | None = None
     p_welch: float | None = None
     p_mwu: float | None = None
@@ -135,7 +136,7 @@ class MethodDeclarations:
     """Each task's own final metrics (``Task.metrics``), which its tables show as columns."""
 
     @classmethod
-    def of(cls, registry: Registry | None = None) -> "MethodDeclarations":
+    def of(cls, registry: Registry | None = None) -> MethodDeclarations:
         registry = registry or Registry.discover()
         return cls({name: m.role for name, m in registry.methods.items()},
                    {name: tuple(k for k, h in m.hyperparameters.items() if h.label)

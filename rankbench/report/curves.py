@@ -15,8 +15,8 @@ different compressions cannot be ranked; these summaries can:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import numpy as np
 from scipy import stats

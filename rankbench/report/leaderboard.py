@@ -9,8 +9,9 @@ task in any tabulate format, so the HTML page (rankbench/report/page.py) shows t
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from tabulate import tabulate
 

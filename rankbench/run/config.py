@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -48,7 +49,7 @@ class RunOptions:
     download: bool = False
     tracking_uri: str | None = None
 
-    def checked(self) -> "RunOptions":
+    def checked(self) -> RunOptions:
         """This object, after every check that needs no data: a one-line error for the first that fails."""
         resolve_device(self.device)
         if self.compile not in COMPILE_CHOICES:

@@ -11,18 +11,19 @@ import json
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
 import rankbench
-from rankbench.errors import RankbenchError
-from rankbench.layers.tensorized import count_parameters, learned_ranks, prune_model, tensorized_layers
-from rankbench.hyper import Hyper
-from rankbench.plugins.method import Method
 from rankbench import records
+from rankbench.errors import RankbenchError
+from rankbench.hyper import Hyper
+from rankbench.layers.tensorized import count_parameters, learned_ranks, prune_model, tensorized_layers
+from rankbench.plugins.method import Method
 from rankbench.run.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from rankbench.run.metrics import evaluate, inference_seconds, total_rank
 from rankbench.run.prepare import PreparedRun

@@ -10,8 +10,9 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, TypeVar
+from typing import Any, TypeVar
 
 from rankbench.errors import MissingRecord, RankbenchError
 
@@ -81,7 +82,7 @@ def _writes(what: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
 
     def decorate(method: Callable[..., T]) -> Callable[..., T]:
         @functools.wraps(method)
-        def wrapper(self: "Tracker", *args: Any, **kwargs: Any) -> T:
+        def wrapper(self: Tracker, *args: Any, **kwargs: Any) -> T:
             try:
                 with self._write_lock:  # the heartbeat thread and the run never write to the store at once
                     return method(self, *args, **kwargs)
@@ -294,7 +295,7 @@ class Tracker:
         grace = _seconds_from_env(HEARTBEAT_GRACE_ENV, HEARTBEAT_GRACE_S)
         return f"no heartbeat from {host} for {silent:.0f} s" if silent > grace else None
 
-    def heartbeat(self, run_id: str, interval_s: float | None = None) -> "Heartbeat":
+    def heartbeat(self, run_id: str, interval_s: float | None = None) -> Heartbeat:
         """A context manager that keeps run ``run_id`` visibly alive: the tag ``rankbench.heartbeat``
         (unix seconds) is set on entry, then every ``interval_s`` (default ``RANKBENCH_HEARTBEAT_INTERVAL``,
         else 30 s) by a daemon thread until exit; ``death_reason`` reads it from any machine."""
@@ -472,7 +473,7 @@ class Heartbeat:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> "Heartbeat":
+    def __enter__(self) -> Heartbeat:
         self.tracker._beat(self.run_id)
         self.beats += 1
         self._stop.clear()

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
+from rankbench import records
 from rankbench.data import DataSplits, Split, iterate_batches
 from rankbench.errors import RankbenchError
 from rankbench.layers.tensorized import selector_parameters, weight_parameters
 from rankbench.plugins.method import Method, StepLoss
 from rankbench.plugins.task import Task
-from rankbench import records
 from rankbench.run.checkpoint import Checkpoint
 from rankbench.run.metrics import Evaluation, compression_ratio, evaluate, synchronize, total_rank
 
@@ -49,25 +49,25 @@ class TrainerCallback:
     check); raising stops the training. ``losses`` are the step's (total, task, penalty) where the
     device is read every step (a CPU), else None (a GPU reads them once per epoch)."""
 
-    def on_loss(self, trainer: "Trainer", epoch: int, batch: int, losses: tuple[float, float, float] | None) -> None:
+    def on_loss(self, trainer: Trainer, epoch: int, batch: int, losses: tuple[float, float, float] | None) -> None:
         """Once batch ``batch`` of ``epoch`` has its loss, before the backward pass."""
 
-    def on_step_end(self, trainer: "Trainer", epoch: int, batch: int,
+    def on_step_end(self, trainer: Trainer, epoch: int, batch: int,
                     losses: tuple[float, float, float] | None) -> None:
         """After the optimizer step (and a per-step scheduler's) of batch ``batch`` of ``epoch``."""
 
-    def on_epoch_end(self, trainer: "Trainer", epoch: int, metrics: dict[str, float]) -> None:
+    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float]) -> None:
         """After the epoch's validation and ``Method.on_epoch_end``."""
 
 
 class DivergenceCheck(TrainerCallback):
     """A NaN or infinite loss stops the run with a one-line error naming the fix."""
 
-    def on_loss(self, trainer: "Trainer", epoch: int, batch: int, losses: tuple[float, float, float] | None) -> None:
+    def on_loss(self, trainer: Trainer, epoch: int, batch: int, losses: tuple[float, float, float] | None) -> None:
         if losses is not None and not math.isfinite(losses[0]):
             raise _diverged(losses[0], epoch, f", batch {batch}")
 
-    def on_epoch_end(self, trainer: "Trainer", epoch: int, metrics: dict[str, float]) -> None:
+    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float]) -> None:
         if not math.isfinite(trainer.epoch_total):
             raise _diverged(trainer.epoch_total, epoch, "")
 
@@ -78,7 +78,7 @@ class Checkpointing(TrainerCallback):
     def __init__(self, save: Callable[[Checkpoint], None]) -> None:
         self.save = save
 
-    def on_epoch_end(self, trainer: "Trainer", epoch: int, metrics: dict[str, float]) -> None:
+    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float]) -> None:
         self.save(trainer.state_dict())
 
 
@@ -88,7 +88,7 @@ class EpochLog(TrainerCallback):
     def __init__(self, log: EpochCallback) -> None:
         self.log = log
 
-    def on_epoch_end(self, trainer: "Trainer", epoch: int, metrics: dict[str, float]) -> None:
+    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float]) -> None:
         self.log(epoch, metrics)
 
 

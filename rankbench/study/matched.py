@@ -16,8 +16,8 @@ raises the compression). Two searches:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -83,7 +83,7 @@ class KnobInterval:
     integer: bool
 
     @classmethod
-    def of(cls, method: type[Method]) -> "KnobInterval":
+    def of(cls, method: type[Method]) -> KnobInterval:
         knob = method.compression_knob
         if knob is None:
             raise ValueError(f"method {method.name} declares no compression knob: its compression cannot be matched")

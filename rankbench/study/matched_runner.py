@@ -24,9 +24,10 @@ import contextlib
 import json
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from rankbench import records
 from rankbench.errors import RankbenchError

@@ -23,13 +23,14 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
+from rankbench import records
 from rankbench.errors import MissingRecord, RankbenchError
 from rankbench.plugins.registry import Registry
-from rankbench import records
 from rankbench.run.config import RunOptions
 from rankbench.run.tracking import DEFAULT_DIR, Tracker, run_identity
 from rankbench.study.spec import OBJECTIVE_METRICS, RECORDED_ONLY, StudySpec, first_difference
@@ -484,7 +485,7 @@ class _Heartbeat:
             with contextlib.suppress(Exception):
                 self._record(storage, trial_id)
 
-    def __enter__(self) -> "_Heartbeat":
+    def __enter__(self) -> _Heartbeat:
         self._record(self._storage, self._id)  # a worker killed at once still goes stale
         self._thread.start()
         return self
@@ -680,7 +681,7 @@ def run_study(
     plugin_dirs: Sequence[Path] = (),
     out_dir: Path | None = None,
     **option_values: Any,
-) -> "StudyOutcome":
+) -> StudyOutcome:
     """Create or resume the study, run its workers to the budget, then summarise and plot.
 
     ``options`` are the trials' run options (``option_values``, e.g. ``tracking_uri=...``, over them);
@@ -741,7 +742,7 @@ def open_study(spec: StudySpec, url: str, options: RunOptions, plugin_dirs: Sequ
     return OpenedStudy(study, storage, tracker, run, deadline)
 
 
-def finish_study(opened: OpenedStudy, out_dir: Path | None = None) -> "StudyOutcome":
+def finish_study(opened: OpenedStudy, out_dir: Path | None = None) -> StudyOutcome:
     """Summarise the study, write its plots and log both on its parent run, which then ends FINISHED
     (FAILED, and the error raised, when that fails)."""
     tracker, parent, spec = opened.tracker, opened.run.parent_run_id, opened.run.spec

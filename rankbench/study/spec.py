@@ -6,9 +6,10 @@ import difflib
 import hashlib
 import json
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 try:
     import tomllib
@@ -163,7 +164,7 @@ class StudySpec:
         raise RankbenchError(f"study {self.name}: set [budget] n_trials (only a grid study has a natural size)")
 
     def with_overrides(self, *, n_trials: int | None = None, seeds: tuple[int, ...] | None = None,
-                       fixed: Mapping[str, Any] | None = None, registry: Registry | None = None) -> "StudySpec":
+                       fixed: Mapping[str, Any] | None = None, registry: Registry | None = None) -> StudySpec:
         """The spec with the command line's ``--n-trials``, ``--seeds`` and ``--set`` (strings, parsed and
         checked against the declared hyperparameters when ``registry`` is given)."""
         spec = self

@@ -9,7 +9,8 @@ run's metrics are those of ``ours`` with the same settings, bit for bit.
 
 import os
 import time
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 from rankbench.methods.ours import ProbabilisticL0
 
