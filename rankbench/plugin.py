@@ -9,11 +9,11 @@ from rankbench.contract import Check, check_method, check_task
 from rankbench.data import DataSplits, Split, default_data_dir, download_file, holdout_split, iterate_batches
 from rankbench.data.cifar import load_cifar10, random_crop_flip
 from rankbench.data.mnist import (
-                                  DATASETS,
-                                  load_mnist_family,
-                                  load_mnist_family_from,
-                                  mnist_family_hyperparameters,
-                                  pixel_normalisation,
+    DATASETS,
+    load_mnist_family,
+    load_mnist_family_from,
+    mnist_family_hyperparameters,
+    pixel_normalisation,
 )
 from rankbench.data.text import load_text_classification
 from rankbench.data.translation import corpus_bleu, decode, load_translation
@@ -22,22 +22,22 @@ from rankbench.hyper import Hyper, Search
 from rankbench.layers.batched import CoreBank
 from rankbench.layers.modes import balanced_modes, padded_modes
 from rankbench.layers.tensorized import (
-                                  Bond,
-                                  RankSelector,
-                                  StaticInput,
-                                  TensorizedConv2d,
-                                  TensorizedEmbedding,
-                                  TensorizedLayer,
-                                  TensorizedLinear,
-                                  TensorRingConv2d,
-                                  TensorRingEmbedding,
-                                  TensorRingLinear,
-                                  TensorTrainConv2d,
-                                  TensorTrainEmbedding,
-                                  TensorTrainLinear,
-                                  bonds,
-                                  selectors,
-                                  tensorized_layers,
+    Bond,
+    RankSelector,
+    StaticInput,
+    TensorizedConv2d,
+    TensorizedEmbedding,
+    TensorizedLayer,
+    TensorizedLinear,
+    TensorRingConv2d,
+    TensorRingEmbedding,
+    TensorRingLinear,
+    TensorTrainConv2d,
+    TensorTrainEmbedding,
+    TensorTrainLinear,
+    bonds,
+    selectors,
+    tensorized_layers,
 )
 from rankbench.plugins.defaults import MethodDefaults, Recipe
 from rankbench.plugins.method import SELECTOR_HYPERPARAMETERS, Knob, Method, MethodContext, StepLoss, TaskLoss
