@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     options.add_argument("--threads", type=int, default=None, help="torch CPU threads (a study's workers: 1 each)")
     options.add_argument("--compile", default="off", metavar="auto|off|on",
-                         help="torch.compile the training model (CUDA graphs on a GPU); auto: on for CUDA, off on a CPU")
+                         help="torch.compile the training model (CUDA graphs on a GPU); "
+                              "auto: on for CUDA, off on a CPU")
     options.add_argument("--contraction", default="auto", choices=("auto", "weight", "input"),
                          help="training contraction of tensorized linear layers (auto: cheaper by FLOP count)")
     options.add_argument("--budget", default=None, metavar="steps=N",
@@ -88,17 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--seeds", type=_seeds, default=None, help="override the seeds run per trial")
     study.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
                        help="override a fixed setting for every trial (repeatable)")
-    study.add_argument("--out", type=Path, default=None, help="folder for the plots (default rankbench-runs/studies/NAME)")
+    study.add_argument("--out", type=Path, default=None,
+                       help="folder for the plots (default rankbench-runs/studies/NAME)")
     study.add_argument("--launcher", default="local", choices=("local", "slurm"),
                        help="local: worker processes here (default); slurm: --workers N worker jobs as one Slurm job "
                             "array (submitit), on a PostgreSQL or journal:// storage (docs/cluster.md)")
     study.add_argument("--detach", action="store_true",
-                       help="with --launcher slurm: submit, print the job ids and return (rerun the command to summarise)")
+                       help="with --launcher slurm: submit, print the job ids and return "
+                            "(rerun the command to summarise)")
     study.add_argument("--slurm-partition", default=None, metavar="NAME", help="partition of the worker jobs")
     study.add_argument("--slurm-time", default=None, metavar="LIMIT",
                        help="time limit of each worker job (MINUTES, HH:MM:SS, D-HH:MM:SS); a job reaching it "
                             "checkpoints and requeues itself")
-    study.add_argument("--slurm-cpus-per-task", default=None, metavar="N", help="CPUs of each worker job (its torch threads)")
+    study.add_argument("--slurm-cpus-per-task", default=None, metavar="N",
+                       help="CPUs of each worker job (its torch threads)")
     study.add_argument("--slurm-mem", default=None, metavar="MEM", help="memory of each worker job, e.g. 8G")
     study.add_argument("--slurm-gres", default=None, metavar="GRES", help="generic resources of each job, e.g. gpu:1")
     study.add_argument("--slurm-account", default=None, metavar="NAME", help="account charged for the jobs")
@@ -373,8 +377,9 @@ def cmd_study(args, registry) -> None:
     from rankbench.hyper import parse_assignments
     from rankbench.study import runner as studies
 
-    slurm_flags = {"partition": args.slurm_partition, "time": args.slurm_time, "cpus_per_task": args.slurm_cpus_per_task,
-                   "mem": args.slurm_mem, "gres": args.slurm_gres, "account": args.slurm_account}
+    slurm_flags = {"partition": args.slurm_partition, "time": args.slurm_time,
+                   "cpus_per_task": args.slurm_cpus_per_task, "mem": args.slurm_mem,
+                   "gres": args.slurm_gres, "account": args.slurm_account}
     if args.launcher != "slurm":
         given = [f"--slurm-{k.replace('_', '-')}" for k, v in slurm_flags.items() if v is not None]
         given += ["--slurm-arg"] * bool(args.slurm_arg) + ["--detach"] * args.detach
@@ -384,7 +389,8 @@ def cmd_study(args, registry) -> None:
         listed = studies.list_studies(args.storage, args.tracking_uri)
         for s in listed:
             for run in s["newly_dead"]:
-                print(f"rankbench: run {run.info.run_id} of study {s['name']} (trial {run.data.tags.get('trial', '?')}, "
+                trial = run.data.tags.get("trial", "?")
+                print(f"rankbench: run {run.info.run_id} of study {s['name']} (trial {trial}, "
                       f"seed {run.data.params.get('seed', '?')}) had died: marked FAILED; run the study again to "
                       "continue it from its last checkpoint", file=sys.stderr)
         rows = [[s["name"], s["trials"], ", ".join(s["directions"]),
@@ -440,7 +446,8 @@ def cmd_study(args, registry) -> None:
         for path in paths:
             print(f"wrote: {path}")
         return
-    print(f"study {spec.name}: task {', '.join(spec.tasks)}, methods {', '.join(spec.methods)}, {spec.budget()} trials x "
+    print(f"study {spec.name}: task {', '.join(spec.tasks)}, methods {', '.join(spec.methods)}, "
+          f"{spec.budget()} trials x "
           f"{len(spec.seeds)} seed(s), sampler {spec.sampler}, objectives "
           + ", ".join(f"{k} ({v})" for k, v in spec.objectives.items()), flush=True)
     if slurm is not None:

@@ -69,7 +69,7 @@ def settings_key(task: str, method: str, values: dict[str, Any]) -> str:
     return json.dumps([task, method, values], sort_keys=True, default=str)
 
 
-class Trainer:
+class MatchedRuns:
     """Trains (or reads back) one run of a matched study; loads each task's data once."""
 
     def __init__(self, run: MatchedRun, registry: Registry) -> None:
@@ -133,36 +133,37 @@ def knob_of(registry: Registry, method: str) -> Knob | None:
     return registry.method(method).compression_knob
 
 
-def start_value(trainer: Trainer, task: str, method: str, knob: Knob, interval: KnobInterval) -> float:
+def start_value(matched: MatchedRuns, task: str, method: str, knob: Knob, interval: KnobInterval) -> float:
     """The method's resolved default for its knob (or the study's ``start``); the interval's middle when
     the default is none (decided by another option, as MARS's prior by its mode)."""
-    spec = trainer.run.spec
+    spec = matched.run.spec
     if method in spec.matched.start:
         return float(spec.matched.start[method])
     from rankbench.run.config import make_config
 
-    config = make_config(trainer.registry, task, method, trainer.values(task, method, {}))
+    config = make_config(matched.registry, task, method, matched.values(task, method, {}))
     value = config.method_params.get(knob.name)
     if value is None:
         return math.sqrt(interval.low * interval.high) if interval.log else (interval.low + interval.high) / 2
     return float(value)
 
 
-def initial_compression(trainer: Trainer, task: str, method: str) -> float:
+def initial_compression(matched: MatchedRuns, task: str, method: str) -> float:
     """The compression of the model ``method`` starts from on ``task`` (its ``initial_rank`` of the task's),
     counted on the ``meta`` device: a method that learns ranks by removing slices never compresses less."""
-    prepared = trainer.prepared(task, method, trainer.values(task, method, {}), trainer.run.spec.seeds[0])
+    prepared = matched.prepared(task, method, matched.values(task, method, {}), matched.run.spec.seeds[0])
     rank = prepared.method_cls(prepared.method_params).initial_rank(prepared.task.params["initial_rank"])
     return uniform_compressions(prepared.task, range(rank, rank + 1))[rank]
 
 
-def measured_runs(trainer: Trainer, task: str, method: str, knob: Knob, interval: KnobInterval) -> dict[float, float]:
+def measured_runs(matched: MatchedRuns, task: str, method: str, knob: Knob,
+                  interval: KnobInterval) -> dict[float, float]:
     """Knob value -> compression of every finished run of the first seed of this (task, method) whose other
     settings are the study's: what a search knows before it trains anything (so a resumed search never
     retrains a value, whatever order it measured them in)."""
-    seed = str(trainer.run.spec.seeds[0])
+    seed = str(matched.run.spec.seeds[0])
     measured = {}
-    for run in trainer._runs("FINISHED"):
+    for run in matched._runs("FINISHED"):
         key = run.data.tags.get(KEY_TAG)
         if key is None or run.data.params.get(records.SEED) != seed:
             continue
@@ -170,20 +171,21 @@ def measured_runs(trainer: Trainer, task: str, method: str, knob: Knob, interval
         if (run_task, run_method) != (task, method) or knob.name not in values:
             continue
         value = float(values[knob.name])
-        if values == trainer.values(task, method, {knob.name: _typed(value, interval)}):
+        if values == matched.values(task, method, {knob.name: _typed(value, interval)}):
             measured[value] = float(run.data.metrics[records.COMPRESSION])
     return measured
 
 
-def search(trainer: Trainer, task: str, method: str, train: bool = True) -> tuple[dict[float, Any], dict[float, float]] | None:
+def search(matched: MatchedRuns, task: str, method: str,
+           train: bool = True) -> tuple[dict[float, Any], dict[float, float]] | None:
     """The knob search of one (task, method) on the first seed: (target -> ``KnobSearch``, target -> the
     initial model's compression for every target below it, which pruning cannot reach); with ``train``
     False a replay that trains nothing and returns None if a run it needs has not finished."""
-    spec = trainer.run.spec
-    knob = knob_of(trainer.registry, method)
-    interval = KnobInterval.of(trainer.registry.method(method))
+    spec = matched.run.spec
+    knob = knob_of(matched.registry, method)
+    interval = KnobInterval.of(matched.registry.method(method))
     seed = spec.seeds[0]
-    floor = initial_compression(trainer, task, method)
+    floor = initial_compression(matched, task, method)
     unreachable = {t: floor for t in spec.matched.targets if t * (1 + spec.matched.tolerance) < floor}
     targets = [t for t in spec.matched.targets if t not in unreachable]
 
@@ -191,16 +193,16 @@ def search(trainer: Trainer, task: str, method: str, train: bool = True) -> tupl
         pass
 
     def measure(value: float) -> float:
-        result = trainer.result(task, method, trainer.values(task, method, {knob.name: _typed(value, interval)}),
+        result = matched.result(task, method, matched.values(task, method, {knob.name: _typed(value, interval)}),
                                 seed, train=train)
         if result is None:
             raise Unfinished
         return result.compression
 
     try:
-        searches = search_targets(measure, knob, interval, targets, start_value(trainer, task, method, knob, interval),
+        searches = search_targets(measure, knob, interval, targets, start_value(matched, task, method, knob, interval),
                                   tolerance=spec.matched.tolerance, max_runs=spec.matched.max_runs,
-                                  measured=measured_runs(trainer, task, method, knob, interval)) if targets else {}
+                                  measured=measured_runs(matched, task, method, knob, interval)) if targets else {}
     except Unfinished:
         return None
     return searches, unreachable
@@ -224,17 +226,17 @@ class Planned:
     """For an interpolated point: the runs are (above, below) per seed, and the weight of ``below``."""
 
 
-def plan_points(trainer: Trainer, task: str, method: str,
+def plan_points(matched: MatchedRuns, task: str, method: str,
                 searches: tuple[dict[float, Any], dict[float, float]] | None) -> tuple[list[Planned], list[str]]:
     """Every target's planned runs for one (task, method), and notes on targets it cannot reach."""
-    spec = trainer.run.spec
-    registry = trainer.registry
+    spec = matched.run.spec
+    registry = matched.registry
     knob = knob_of(registry, method)
     seeds = spec.seeds
     planned: list[Planned] = []
     notes: list[str] = []
     if knob is None:
-        values = trainer.values(task, method, {})
+        values = matched.values(task, method, {})
         return [Planned(task, method, 1.0, "defaults", True, tuple((values, s) for s in seeds))], notes
     if knob.found_by == "training":
         interval = KnobInterval.of(registry.method(method))
@@ -243,16 +245,18 @@ def plan_points(trainer: Trainer, task: str, method: str,
                   for t, c in unreachable.items()]
         for target, found in found_at.items():
             value = _typed(found.best[0], interval)
-            values = trainer.values(task, method, {knob.name: value})
-            planned.append(Planned(task, method, target, f"{knob.name}={value:g}", found.hit, tuple((values, s) for s in seeds)))
+            values = matched.values(task, method, {knob.name: value})
+            planned.append(Planned(task, method, target, f"{knob.name}={value:g}", found.hit,
+                                   tuple((values, s) for s in seeds)))
     elif knob.found_by == "target":
         for target in spec.matched.targets:
-            values = trainer.values(task, method, {knob.name: target})
-            planned.append(Planned(task, method, target, f"{knob.name}={target:g}", True, tuple((values, s) for s in seeds)))
+            values = matched.values(task, method, {knob.name: target})
+            planned.append(Planned(task, method, target, f"{knob.name}={target:g}", True,
+                                   tuple((values, s) for s in seeds)))
     else:
         interval = KnobInterval.of(registry.method(method))
-        values = trainer.values(task, method, {knob.name: int(interval.low)})
-        prepared_task = trainer.prepared(task, method, values, seeds[0]).task
+        values = matched.values(task, method, {knob.name: int(interval.low)})
+        prepared_task = matched.prepared(task, method, values, seeds[0]).task
         compressions = uniform_compressions(prepared_task, range(int(interval.low), int(interval.high) + 1))
         for target in spec.matched.targets:
             try:
@@ -260,23 +264,24 @@ def plan_points(trainer: Trainer, task: str, method: str,
             except ValueError as exc:
                 notes.append(f"no point at {target:g}x: {exc}")
                 continue
-            above = trainer.values(task, method, {knob.name: bracket.above})
+            above = matched.values(task, method, {knob.name: bracket.above})
             if bracket.exact:
-                planned.append(Planned(task, method, target, f"{knob.name}={bracket.above}", True, tuple((above, s) for s in seeds)))
+                planned.append(Planned(task, method, target, f"{knob.name}={bracket.above}", True,
+                                       tuple((above, s) for s in seeds)))
                 continue
-            below = trainer.values(task, method, {knob.name: bracket.below})
+            below = matched.values(task, method, {knob.name: bracket.below})
             runs = tuple(pair for s in seeds for pair in ((above, s), (below, s)))
             planned.append(Planned(task, method, target, f"{knob.name} {bracket.above}-{bracket.below} interpolated "
                                            f"(w={bracket.weight:.2f})", True, runs, bracket.weight))
     return planned, notes
 
 
-def assemble(trainer: Trainer, plan: Planned, results: Sequence[Any]) -> MatchedPoint:
+def assemble(matched: MatchedRuns, plan: Planned, results: Sequence[Any]) -> MatchedPoint:
     """A planned point from its finished runs' ``RunResult``s (in ``plan.runs`` order)."""
     runs = tuple(SeedRun(r.seed, r.run_id, r.compression, r.test_accuracy) for r in results)
     if plan.weight is None:
         point = CurvePoint(plan.target, tuple(r.compression for r in results), tuple(r.test_accuracy for r in results))
-        within = abs(point.compression / plan.target - 1) <= trainer.run.spec.matched.tolerance
+        within = abs(point.compression / plan.target - 1) <= matched.run.spec.matched.tolerance
         return MatchedPoint(plan.target, plan.setting, plan.hit and (plan.target == 1.0 or within), point, runs)
     w = plan.weight
     pairs = list(zip(results[0::2], results[1::2]))
@@ -296,11 +301,11 @@ def _jobs_of(plans: dict[tuple[str, str], list[Planned]]) -> list[Job]:
     return list(seen)
 
 
-def do_job(trainer: Trainer, job: Job) -> None:
+def do_job(matched: MatchedRuns, job: Job) -> None:
     if job.values is None:
-        search(trainer, job.task, job.method)
+        search(matched, job.task, job.method)
     else:
-        trainer.result(job.task, job.method, dict(job.values), job.seed)
+        matched.result(job.task, job.method, dict(job.values), job.seed)
 
 
 def _worker_main(run: MatchedRun, jobs: list[Job]) -> None:
@@ -313,9 +318,9 @@ def _worker_main(run: MatchedRun, jobs: list[Job]) -> None:
             import torch
 
             torch.set_num_threads(run.options.threads or 1)
-            trainer = Trainer(run, Registry.discover(plugin_dirs=run.plugin_dirs))
+            matched = MatchedRuns(run, Registry.discover(plugin_dirs=run.plugin_dirs))
             for job in jobs:
-                do_job(trainer, job)
+                do_job(matched, job)
         except KeyboardInterrupt as exc:
             raise SystemExit(exit_code(exc)) from None
         except RankbenchError as exc:
@@ -323,11 +328,11 @@ def _worker_main(run: MatchedRun, jobs: list[Job]) -> None:
             raise SystemExit(2) from None
 
 
-def execute(run: MatchedRun, trainer: Trainer, jobs: list[Job], workers: int) -> None:
+def execute(run: MatchedRun, matched: MatchedRuns, jobs: list[Job], workers: int) -> None:
     """Do ``jobs``: in this process with one worker, else round-robin over ``workers`` processes."""
     if workers == 1 or len(jobs) <= 1:
         for job in jobs:
-            do_job(trainer, job)
+            do_job(matched, job)
         return
     from rankbench.study.runner import run_processes
 
@@ -343,7 +348,8 @@ def ensure_parent(tracker: Tracker, spec: StudySpec) -> str:
     changed since), else created."""
     from rankbench.study.spec import first_difference
 
-    found = [r for status in ("FINISHED", "RUNNING", "FAILED", "KILLED") for r in tracker.runs(study=spec.name, status=status)
+    found = [r for status in ("FINISHED", "RUNNING", "FAILED", "KILLED")
+             for r in tracker.runs(study=spec.name, status=status)
              if r.data.tags.get("rankbench.role") == ROLE]
     if found:
         parent = max(found, key=lambda r: r.info.start_time)
@@ -380,10 +386,10 @@ def protocol_text(spec: StudySpec) -> str:
             f"{steps}; test accuracy of the final model.")
 
 
-def build_board(trainer: Trainer, plans: dict[tuple[str, str], list[Planned]],
+def build_board(matched: MatchedRuns, plans: dict[tuple[str, str], list[Planned]],
                 notes: dict[tuple[str, str], list[str]]) -> Leaderboard:
-    spec = trainer.run.spec
-    registry = trainer.registry
+    spec = matched.run.spec
+    registry = matched.registry
     boards = []
     used: dict[str, float] = {}
     for task in spec.tasks:
@@ -393,13 +399,13 @@ def build_board(trainer: Trainer, plans: dict[tuple[str, str], list[Planned]],
                 continue
             points = []
             for plan in plans[(task, method)]:
-                results = [trainer.result(task, method, values, seed, train=False) for values, seed in plan.runs]
+                results = [matched.result(task, method, values, seed, train=False) for values, seed in plan.runs]
                 if any(r is None for r in results):
                     raise RankbenchError(f"a run of {method} on {task} at {plan.target:g}x has not finished: run the "
                                          "study again to train it")
                 used.update({r.run_id: r.wall_seconds for r in results})
                 dataset = dataset or results[0].dataset
-                points.append(assemble(trainer, plan, results))
+                points.append(assemble(matched, plan, results))
             knob = knob_of(registry, method)
             if knob is None:
                 reference = points[0]
@@ -408,7 +414,7 @@ def build_board(trainer: Trainer, plans: dict[tuple[str, str], list[Planned]],
             curves.append(MethodCurve(method, knob.name, tuple(points), text.strip("; ")))
         boards.append(TaskBoard(task, dataset, spec.matched.targets, spec.matched.tolerance, tuple(curves),
                                 spec.matched.baseline, reference))
-    every = [r for r in trainer.tracker.runs(study=spec.name) if KEY_TAG in r.data.tags]
+    every = [r for r in matched.tracker.runs(study=spec.name) if KEY_TAG in r.data.tags]
     cost = {"runs": len(every), "runs_in_board": len(used), "search_runs_not_in_board": len(every) - len(used),
             "run_hours": round(sum(r.data.metrics.get(records.WALL_SECONDS, 0.0) for r in every) / 3600, 2)}
     return Leaderboard(spec.name, spec.description, tuple(boards), protocol_text(spec), cost)
@@ -435,11 +441,11 @@ def run_matched(spec: StudySpec, *, options: RunOptions | None = None, workers: 
     with _stoppable():
         parent = ensure_parent(tracker, spec)
         run = MatchedRun(spec, replace(options, tracking_uri=tracker.uri), tuple(plugin_dirs), parent)
-        trainer = Trainer(run, registry)
+        matched = MatchedRuns(run, registry)
         try:
             searched = [Job(t, m) for t in spec.tasks for m in spec.methods
                         if (k := knob_of(registry, m)) is not None and k.found_by == "training"]
-            execute(run, trainer, searched, workers)
+            execute(run, matched, searched, workers)
             plans: dict[tuple[str, str], list[Planned]] = {}
             notes: dict[tuple[str, str], list[str]] = {}
             for task in spec.tasks:
@@ -447,13 +453,14 @@ def run_matched(spec: StudySpec, *, options: RunOptions | None = None, workers: 
                     knob = knob_of(registry, method)
                     if knob is None and not spec.matched.reference:
                         continue
-                    searches = search(trainer, task, method, train=False) if knob and knob.found_by == "training" else None
+                    by_training = knob is not None and knob.found_by == "training"
+                    searches = search(matched, task, method, train=False) if by_training else None
                     if knob is not None and knob.found_by == "training" and searches is None:
                         raise RankbenchError(f"the knob search of {method} on {task} did not finish: run the study "
                                              "again to continue it")
-                    plans[(task, method)], notes[(task, method)] = plan_points(trainer, task, method, searches)
-            execute(run, trainer, _jobs_of(plans), workers)
-            board = build_board(trainer, plans, notes)
+                    plans[(task, method)], notes[(task, method)] = plan_points(matched, task, method, searches)
+            execute(run, matched, _jobs_of(plans), workers)
+            board = build_board(matched, plans, notes)
             folder = Path(out_dir or DEFAULT_DIR / "studies" / spec.name)
             paths = [board.write(folder / "leaderboard.json")]
             with contextlib.suppress(ImportError):
