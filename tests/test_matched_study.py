@@ -134,16 +134,29 @@ def test_a_lost_run_is_trained_again_and_nothing_else(env, capsys):
     assert sorted(finished_pairs(env)) == sorted(set(finished_pairs(env)))
 
 
-def test_other_settings_under_the_same_name_are_refused(env, capsys):
+def test_a_leaderboard_grows_by_methods_and_targets_but_other_settings_are_refused(env, capsys):
     path = env.root / "matched_tiny.toml"
     path.write_text(STUDY.replace('methods = ["dense", "trn", "keep_fraction"]', 'methods = ["trn"]')
+                    .replace("targets = [10, 25, 60]", "targets = [25]")
                     .replace("[matched.notes.mlp2]\nkeep_fraction = \"a test plugin\"", ""))
     assert main(env.argv(path)) == 0, capsys.readouterr().err
+    first = {r.info.run_id: r.data.tags["matched.key"] for r in env.runs()}
     capsys.readouterr()
-    path.write_text(path.read_text().replace("targets = [10, 25, 60]", "targets = [25, 40]"))
+    path.write_text(path.read_text().replace("targets = [25]", "targets = [25, 40]")
+                    .replace('methods = ["trn"]', 'methods = ["dense", "trn"]'))
+    assert main(env.argv(path)) == 0, capsys.readouterr().err
+    grown = Leaderboard.read(env.out / "leaderboard.json").boards[0]
+    assert grown.targets == (25.0, 40.0) and grown.reference is not None
+    assert [p.target for p in grown.curves[0].points] == [25.0, 40.0]
+    again = {r.info.run_id: r.data.tags["matched.key"] for r in env.runs()}
+    assert set(first) < set(again)  # what it held is kept, only the new points trained
+    assert len(set(again.values())) > len(set(first.values()))
+    assert len(finished_pairs(env)) == len(set(finished_pairs(env)))
+    capsys.readouterr()
+    path.write_text(path.read_text().replace("tolerance = 0.1", "tolerance = 0.2"))
     assert main(env.argv(path)) == 2
     line = assert_one_line_error(capsys.readouterr().err)
-    assert "matched_tiny" in line and "another name" in line
+    assert "matched_tiny" in line and "another name" in line and "tolerance" in line
 
 
 BAD = {

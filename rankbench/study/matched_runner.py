@@ -343,9 +343,26 @@ def execute(run: MatchedRun, matched: MatchedRuns, jobs: list[Job], workers: int
                              "again to resume (finished runs are kept)")
 
 
+def run_settings(canonical: dict[str, Any], methods: Sequence[str]) -> dict[str, Any]:
+    """What decides the runs of a matched study, from its ``canonical`` form, with the per-method
+    settings of ``methods`` only: a leaderboard grows (a new method, another target, another
+    baseline) without retraining what it holds, since every run is looked up by its own settings;
+    the seeds, the budget, the fixed values and the search protocol must stay."""
+    data = json.loads(json.dumps(canonical))
+    data.pop("methods", None)
+    for key in ("method_fixed", "method_search"):
+        data[key] = {m: v for m, v in data.get(key, {}).items() if m in methods}
+    matched = data.get("matched", {})
+    for key in ("targets", "baseline", "notes"):
+        matched.pop(key, None)
+    matched["start"] = {m: v for m, v in (matched.get("start") or {}).items() if m in methods}
+    return data
+
+
 def ensure_parent(tracker: Tracker, spec: StudySpec) -> str:
-    """The study's parent run: found again by its name on resume (and refused when the file's settings
-    changed since), else created."""
+    """The study's parent run: found again by its name on resume, else created. A resume may add
+    methods or targets (``run_settings``); any other change of the file's settings is refused. The
+    parent's ``spec.json`` and ``study.toml`` are the file's latest."""
     from rankbench.study.spec import first_difference
 
     found = [r for status in ("FINISHED", "RUNNING", "FAILED", "KILLED")
@@ -356,22 +373,30 @@ def ensure_parent(tracker: Tracker, spec: StudySpec) -> str:
         if parent.data.params.get("spec_digest") != spec.digest():
             try:
                 stored = json.loads(tracker.download_artifact(parent.info.run_id, "spec.json").read_text())
-                _, how = first_difference(spec.canonical(), stored)
             except (RankbenchError, OSError, ValueError):
-                how = "its settings differ"
-            raise RankbenchError(f"matched study {spec.name} in {tracker.uri} was run from other settings ({how}): "
-                                 "give the study another name, or use another --tracking-uri")
+                stored = {}
+            common = [m for m in spec.methods if m in stored.get("methods", ())]
+            new, old = run_settings(spec.canonical(), common), run_settings(stored, common) if stored else {}
+            if new != old:
+                _, how = first_difference(new, old)
+                raise RankbenchError(f"matched study {spec.name} in {tracker.uri} was run from other settings "
+                                     f"({how}): give the study another name, or use another --tracking-uri")
         tracker.reopen(parent.info.run_id, run_identity())
+        _log_spec(tracker, parent.info.run_id, spec)
         return parent.info.run_id
     params = {"study": spec.name, "task": ",".join(spec.tasks), "methods": ",".join(spec.methods),
               "seeds": ",".join(map(str, spec.seeds)), "targets": ",".join(f"{t:g}" for t in spec.matched.targets),
               "tolerance": spec.matched.tolerance, "budget_steps": spec.budget_steps, "spec_digest": spec.digest()}
     run_id = tracker.start(spec.task, f"matched {spec.name}", params,
                            {"rankbench.role": ROLE, "study": spec.name, "task": spec.task, **run_identity()})
+    _log_spec(tracker, run_id, spec)
+    return run_id
+
+
+def _log_spec(tracker: Tracker, run_id: str, spec: StudySpec) -> None:
     tracker.log_text(run_id, json.dumps(spec.canonical(), indent=1), "spec.json")
     if spec.source:
         tracker.log_text(run_id, spec.source, "study.toml")
-    return run_id
 
 
 def protocol_text(spec: StudySpec) -> str:
