@@ -220,7 +220,8 @@ def train_labels(dataset: str, data_dir: Path | None) -> Path | None:
 def epochs_of(job: Job, reg=None) -> int:
     from rankbench.run.config import make_config
 
-    return make_config(reg or registry(), job.task, job.method, dict(job.settings), epochs=job.epochs).task_params["epochs"]
+    config = make_config(reg or registry(), job.task, job.method, dict(job.settings), epochs=job.epochs)
+    return config.task_params["epochs"]
 
 
 def shape_of(job: Job, data_dir: Path | None, reg=None) -> Shape:
@@ -344,11 +345,13 @@ def plan(args) -> dict:
     say(f"  training images: {first.train_images:,} ({first.images_source}) - {first.val_size:,} held out for "
         f"validation = {first.train_images - first.val_size:,}")
     if len({(s.steps_per_epoch, s.epochs) for s in shapes.values()}) == 1:
-        say(f"  steps: ceil({first.train_images - first.val_size:,} / {first.batch_size}) = {first.steps_per_epoch} per "
-            f"epoch x {first.epochs} epochs = {first.steps:,} per run; x {n_jobs} runs = {total:,} optimisation steps")
+        say(f"  steps: ceil({first.train_images - first.val_size:,} / {first.batch_size}) = "
+            f"{first.steps_per_epoch} per epoch x {first.epochs} epochs = {first.steps:,} per run; "
+            f"x {n_jobs} runs = {total:,} optimisation steps")
     else:
         say(f"  steps: {total:,} in all (" + ", ".join(f"{j.key} {shapes[j].steps:,}" for j in camp.jobs) + ")")
-    say(f"one go: deadline {args.deadline_s:.0f} s from the script's start; SIGTERM at {args.deadline_s - args.reserve_s:.0f} s "
+    say(f"one go: deadline {args.deadline_s:.0f} s from the script's start; "
+        f"SIGTERM at {args.deadline_s - args.reserve_s:.0f} s "
         f"(reserve {args.reserve_s:.0f} s: stop, report, packing); about {args.setup_s:.0f} s before training starts "
         f"(wheels, imports, data, CUDA): a training window of {window:.0f} s")
     longest = max(s.steps for s in shapes.values())
@@ -389,7 +392,8 @@ def plan(args) -> dict:
             continue
         models = [("each process at its single-process speed", 1.0, False)]
         if gpu:
-            models.append((f"GPU time shared ({min(args.parallel, n_jobs)} x {gpu[0] * 1000:.2f} ms per step)", 1.0, True))
+            shared = f"GPU time shared ({min(args.parallel, n_jobs)} x {gpu[0] * 1000:.2f} ms per step)"
+            models.append((shared, 1.0, True))
         for what, _, gpu_bound in models:
             def step_s(job: Job) -> float:
                 alone = m["s"].get(job.method, m["s"]["trn"])
@@ -398,15 +402,17 @@ def plan(args) -> dict:
             n = simulate_goes(left, args.parallel, window, args.startup_s, args.finish_s)
             one_run = max(shapes[j].steps * step_s(j) for j in camp.jobs)
             goes[f"{m['source']}: {what}"] = n
+            ours_s = [step_s(j) for j in camp.jobs if j.method == "ours"]
             rows.append([m["source"], what, f"{1000 * step_s(camp.jobs[0]):.2f} / "
-                         f"{1000 * max(step_s(j) for j in camp.jobs if j.method == 'ours') if any(j.method == 'ours' for j in camp.jobs) else 0:.2f}",
+                         f"{1000 * max(ours_s) if ours_s else 0:.2f}",
                          f"{one_run:,.0f} s", n if n is not None else "> 99"])
     table(["numbers", "model", "ms/step per process (trn / ours)", "longest run", "goes"], rows)
     out["goes"] = goes
     fits = sorted({k.split(":")[0] for k, v in goes.items() if v == 1})
     if args.parallel in need:
         say(f"fits in one go: {'yes, by the numbers of ' + ', '.join(fits) if fits else 'no'}: every process must run "
-            f"{need[args.parallel]:.0f} steps/s ({1000 / need[args.parallel]:.2f} ms per step) at {args.parallel} processes")
+            f"{need[args.parallel]:.0f} steps/s ({1000 / need[args.parallel]:.2f} ms per step) "
+            f"at {args.parallel} processes")
     known = [v for v in goes.values() if v]
     if known:
         say(f"plan: {min(known)} to {max(known)} goes, one device call each (a go and the machine's start take about "
@@ -593,9 +599,10 @@ def go(args) -> int:
     decisions = decide(tracker, camp.jobs, epochs_of)
     before = {d.job: d for d in decisions}
     say(f"campaign {camp.name}, go {go_no} on {socket.gethostname()} ({device_name(args.device)}): "
-        f"{sum(d.action == 'done' for d in decisions)} runs finished, {sum(d.action == 'resume' for d in decisions)} to "
-        f"resume, {sum(d.action == 'start' for d in decisions)} to start; up to {args.parallel} at once; SIGTERM in "
-        f"{stop_at - time.time():.0f} s")
+        f"{sum(d.action == 'done' for d in decisions)} runs finished, "
+        f"{sum(d.action == 'resume' for d in decisions)} to resume, "
+        f"{sum(d.action == 'start' for d in decisions)} to start; up to {args.parallel} at once; "
+        f"SIGTERM in {stop_at - time.time():.0f} s")
     queue = sorted([d for d in decisions if d.action in ("resume", "start")],
                    key=lambda d: -(d.epochs_total - d.epochs_done) * shapes[d.job].steps_per_epoch
                    * (2.0 if d.job.method == "ours" else 1.0))
@@ -646,14 +653,15 @@ def go(args) -> int:
             if rc != 0 and rc not in (130, 143) and retries.get(p.job, 0) < args.retries and flag.signum is None:
                 retries[p.job] = retries.get(p.job, 0) + 1
                 again = decide(tracker, [p.job], epochs_of)[0]
-                say(f"campaign: {p.job.key} ended with exit {rc} (log: {log_tail(camp.store / 'logs' / f'{p.job.key}.log')}); "
-                    f"{again.action} it again")
+                tail = log_tail(camp.store / "logs" / f"{p.job.key}.log")
+                say(f"campaign: {p.job.key} ended with exit {rc} (log: {tail}); {again.action} it again")
                 if again.action in ("resume", "start"):
                     queue.insert(0, again)
             elif rc != 0:
                 say(f"campaign: {p.job.key} ended with exit {rc}: {log_tail(camp.store / 'logs' / f'{p.job.key}.log')}")
     if running:
-        say(f"campaign: {stop_reason}: SIGTERM to {len(running)} run(s); they checkpoint their last epoch and end KILLED")
+        say(f"campaign: {stop_reason}: SIGTERM to {len(running)} run(s); "
+            "they checkpoint their last epoch and end KILLED")
         for p in running:
             with contextlib.suppress(ProcessLookupError):
                 p.popen.send_signal(signal.SIGTERM)
@@ -706,7 +714,8 @@ def go(args) -> int:
         say(text[len("\n".join(summary["lines"])):].lstrip("\n"))
         (out / "summary.txt").write_text(text + "\n")
     else:
-        say(f"campaign: {left:.0f} s left: no report this go (`bash benchmarks/gpu_campaign.sh --report` here prints it)")
+        say(f"campaign: {left:.0f} s left: no report this go "
+            "(`bash benchmarks/gpu_campaign.sh --report` here prints it)")
     say(f"campaign: go {go_no} took {time.time() - t0:.0f} s of its {args.deadline_s:.0f} s")
     return 0
 
@@ -739,7 +748,7 @@ def machine_line(samples: Sequence[dict]) -> str:
 
 def log_tail(path: Path, lines: int = 2) -> str:
     try:
-        text = [l for l in path.read_text(errors="replace").splitlines() if l.strip()]
+        text = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
     except OSError:
         return "(no log)"
     return " | ".join(text[-lines:])[-400:]
@@ -879,10 +888,12 @@ def answer_text(uri: str, quick: bool = False) -> str:
         bacc = base.values("test_accuracy") if base is not None else []
         bsd = f"±{statistics.stdev(bacc):.2f}" if len(bacc) > 1 else ""
         lines.append(
-            f"  ours {r.label.split('(', 1)[-1].rstrip(')')}: {statistics.mean(acc):.2f}{sd} % at {c:.2f}x (n={len(acc)}); "
+            f"  ours {r.label.split('(', 1)[-1].rstrip(')')}: {statistics.mean(acc):.2f}{sd} % at {c:.2f}x "
+            f"(n={len(acc)}); "
             f"TRN at the nearest compression ({base.label if base else '-'}, "
             f"{statistics.mean(base.values('compression')):.2f}x): {statistics.mean(bacc):.2f}{bsd} %, "
-            f"Δ {r.delta:+.2f} points, {p}; TRN curve at {c:.2f}x ({how}): {y:.2f} %, ours {statistics.mean(acc) - y:+.2f}")
+            f"Δ {r.delta:+.2f} points, {p}; TRN curve at {c:.2f}x ({how}): {y:.2f} %, "
+            f"ours {statistics.mean(acc) - y:+.2f}")
         verdicts.append(statistics.mean(acc) - y)
     above = sum(v > 0 for v in verdicts)
     lines.append(f"  ours lies above the TRN curve at {above} of {len(verdicts)} compressions"
@@ -915,7 +926,8 @@ def quick_data(folder: Path, data_dir: Path | None) -> Path:
         ndim = 3 if "images" in name else 1
         header = bytearray(data[:4 + 4 * ndim])
         header[4:8] = count.to_bytes(4, "big")
-        item = int(np.prod([int.from_bytes(data[4 + 4 * k:8 + 4 * k], "big") for k in range(1, ndim)])) if ndim > 1 else 1
+        dims = [int.from_bytes(data[4 + 4 * k:8 + 4 * k], "big") for k in range(1, ndim)]
+        item = int(np.prod(dims)) if ndim > 1 else 1
         body = data[4 + 4 * ndim:4 + 4 * ndim + count * item]
         with gzip.open(target / f"{name}.gz", "wb") as fh:
             fh.write(bytes(header) + body)
@@ -957,8 +969,8 @@ def carry_line(camp: Campaign) -> str:
     tree = sum((ROOT / f.decode()).stat().st_size for f in listed if f and (ROOT / f.decode()).is_file())
     carried = {}
     for path in (ROOT / ".gpu-wheels" / "campaign", ROOT / ".gpu-data" / "fashion-mnist", camp.state):
-        carried[str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)] = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) \
-            if path.is_dir() else 0
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+        carried[str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)] = size
     total = tree + sum(carried.values())
     return (f"the next device call carries {total / 2**20:.1f} MiB of 64: working tree {tree / 2**20:.1f}, "
             + ", ".join(f"{k} {v / 2**20:.1f}" for k, v in carried.items())
@@ -998,7 +1010,7 @@ def check(args) -> int:
         unpack(camp.state, camp.work)
     tracker = Tracker(camp.uri, create=False)
     found = runs_by_status(tracker, camp.jobs[0].task)
-    goes = [json.loads(l) for l in (camp.store / "goes.jsonl").read_text().splitlines()] \
+    goes = [json.loads(line) for line in (camp.store / "goes.jsonl").read_text().splitlines()] \
         if (camp.store / "goes.jsonl").exists() else []
     rows, bad = [], []
     for job in camp.jobs:
@@ -1155,7 +1167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     g.add_argument("--parts", default=os.environ.get("PARTS"), help="folder of the last go's store.tgz.NN "
                    "(default .gpu-campaign/NAME)")
     g.add_argument("--fresh", action="store_true", help="without parts: a new store, not the one in the work folder")
-    g.add_argument("--t0", type=float, default=float(os.environ["CAMPAIGN_T0"]) if os.environ.get("CAMPAIGN_T0") else None)
+    g.add_argument("--t0", type=float,
+                   default=float(os.environ["CAMPAIGN_T0"]) if os.environ.get("CAMPAIGN_T0") else None)
     g.add_argument("--stop-grace-s", type=float, default=env_float("STOP_GRACE_S", 25))
     g.add_argument("--min-start-s", type=float, default=env_float("MIN_START_S", 30),
                    help="no process starts later than this before the SIGTERM")

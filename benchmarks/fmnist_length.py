@@ -64,7 +64,8 @@ def answer(name: str, rows: dict[str, list[tuple[str, Summary]]]) -> list[str]:
     curve = [s for _, s in rows.get("trn", [])]
     lines = []
     for settings, point in sorted(rows.get("ours", []), key=lambda r: r[1].compression):
-        head = f"{name:>13} | ours {settings:<24} | {point.mean:6.2f}±{point.std:.2f} % at {point.compression:6.2f}x (n={point.n})"
+        head = (f"{name:>13} | ours {settings:<24} | {point.mean:6.2f}±{point.std:.2f} % "
+                f"at {point.compression:6.2f}x (n={point.n})")
         try:
             gap = gap_to_curve(point, curve)
         except ValueError as exc:

@@ -87,7 +87,8 @@ def main() -> None:
     recipe_epochs = task_cls.hyperparameters["epochs"].default
     fixed = max(0.0, (tracked[e1] - bare[e1]) - per_epoch * e1)
     bare_epoch = bare[e1] / e1
-    share_recipe = (fixed + per_epoch * recipe_epochs) / (bare_epoch * recipe_epochs + fixed + per_epoch * recipe_epochs)
+    recipe_overhead = fixed + per_epoch * recipe_epochs
+    share_recipe = recipe_overhead / (bare_epoch * recipe_epochs + recipe_overhead)
     share_short = (tracked[e1] - bare[e1]) / tracked[e1]
     print(f"overhead: {fixed:.2f} s per run (measured difference) + {per_epoch * 1e3:.1f} ms per epoch "
           f"(metrics logging, timed directly)")

@@ -21,12 +21,17 @@ from rankbench.run.config import resolve_device
 
 # name, tensorized factory, dense factory, input shape without the batch dimension
 LAYERS = [
-    ("LeNet-5 FC1 TR r10", lambda: TensorizedLinear(1250, 320, (5, 5, 5, 10), (5, 8, 8), 10), lambda: nn.Linear(1250, 320), (1250,)),
-    ("LeNet-5 FC1 TR r25", lambda: TensorizedLinear(1250, 320, (5, 5, 5, 10), (5, 8, 8), 25), lambda: nn.Linear(1250, 320), (1250,)),
-    ("2FC-Net FC1 TT-matrix r20", lambda: TensorizedLinear(784, 625, (7, 4, 7, 4), (5, 5, 5, 5), [1, 20, 20, 20, 1], "tt", layout="matrix"),
+    ("LeNet-5 FC1 TR r10", lambda: TensorizedLinear(1250, 320, (5, 5, 5, 10), (5, 8, 8), 10),
+     lambda: nn.Linear(1250, 320), (1250,)),
+    ("LeNet-5 FC1 TR r25", lambda: TensorizedLinear(1250, 320, (5, 5, 5, 10), (5, 8, 8), 25),
+     lambda: nn.Linear(1250, 320), (1250,)),
+    ("2FC-Net FC1 TT-matrix r20",
+     lambda: TensorizedLinear(784, 625, (7, 4, 7, 4), (5, 5, 5, 5), [1, 20, 20, 20, 1], "tt", layout="matrix"),
      lambda: nn.Linear(784, 625), (784,)),
-    ("LeNet-5 CONV2 TR r10", lambda: TensorizedConv2d(20, 50, 5, (4, 5), (5, 10), 10), lambda: nn.Conv2d(20, 50, 5), (20, 14, 14)),
-    ("LeNet-5 CONV2 TR r25", lambda: TensorizedConv2d(20, 50, 5, (4, 5), (5, 10), 25), lambda: nn.Conv2d(20, 50, 5), (20, 14, 14)),
+    ("LeNet-5 CONV2 TR r10", lambda: TensorizedConv2d(20, 50, 5, (4, 5), (5, 10), 10),
+     lambda: nn.Conv2d(20, 50, 5), (20, 14, 14)),
+    ("LeNet-5 CONV2 TR r25", lambda: TensorizedConv2d(20, 50, 5, (4, 5), (5, 10), 25),
+     lambda: nn.Conv2d(20, 50, 5), (20, 14, 14)),
     ("ResNet-32 stage-3 conv TR r10", lambda: TensorizedConv2d(64, 64, 3, (4, 4, 4), (4, 4, 4), 10, padding=1),
      lambda: nn.Conv2d(64, 64, 3, padding=1), (64, 8, 8)),
     ("ResNet-32 stage-3 conv TR r15", lambda: TensorizedConv2d(64, 64, 3, (4, 4, 4), (4, 4, 4), 15, padding=1),

@@ -194,7 +194,8 @@ def instrumented(registry, root: Path, data: Path, storage: str, trials: int, ep
     sqlalchemy.event.listen(sqlalchemy.engine.Engine, "before_cursor_execute", on_statement)
     # requests: MLflow client calls (the outermost of nested ones), by the tracker method that made them
     depth = threading.local()
-    original = {name: fn for name, fn in vars(MlflowClient).items() if inspect.isfunction(fn) and not name.startswith("_")}
+    original = {name: fn for name, fn in vars(MlflowClient).items()
+                if inspect.isfunction(fn) and not name.startswith("_")}
     for name, fn in original.items():
         def counted(*args, __fn=fn, __name=name, **kwargs):
             outer = getattr(depth, "n", 0)
@@ -275,6 +276,8 @@ def report(args, results: list[dict], m: dict, pg: bool, startup: float) -> str:
     measured_share = overhead / m["trial_s"]
     jobs_trials = 10
     launcher = startup / jobs_trials
+    optuna_beats = calls[("optuna (thread)", "record_heartbeat")] + calls[("optuna (thread)", "set_trial_system_attr")]
+    mlflow_beats = sum(n for (g, _), n in calls.items() if g == "mlflow (thread)")
     lines = [
         "rankbench study scale, measured on this machine",
         f"machine: {args.machine}; torch threads 1 per worker; task lenet5, method ours, random 200-image MNIST "
@@ -298,9 +301,8 @@ def report(args, results: list[dict], m: dict, pg: bool, startup: float) -> str:
         f"{measured_share:.1%} of these short trials; training and evaluation {compute:.2f} s",
         f"per epoch: checkpoint {per_epoch_ckpt * 1000:.1f} ms, metrics batch {per_epoch_log * 1000:.1f} ms; "
         f"fixed per trial {fixed:.3f} s",
-        f"heartbeat threads (beside training): Optuna {calls[('optuna (thread)', 'record_heartbeat')] + calls[('optuna (thread)', 'set_trial_system_attr')]} "
-        f"calls, {seconds['optuna (thread)']:.3f} s; MLflow {sum(n for (g, _), n in calls.items() if g == 'mlflow (thread)')} "
-        f"calls, {seconds['mlflow (thread)']:.3f} s",
+        f"heartbeat threads (beside training): Optuna {optuna_beats} calls, {seconds['optuna (thread)']:.3f} s; "
+        f"MLflow {mlflow_beats} calls, {seconds['mlflow (thread)']:.3f} s",
         f"training: {m['per_batch'] * 1000:.1f} ms per step of 128 (train_seconds_per_batch)",
         "",
         f"3. extrapolated to the paper's trial: LeNet-5, {PAPER_EPOCHS} epochs x {PAPER_STEPS} steps (full MNIST, "
@@ -311,7 +313,8 @@ def report(args, results: list[dict], m: dict, pg: bool, startup: float) -> str:
         f"the same overhead against a quiet machine's step ({QUIET_STEP_S * 1000:.0f} ms, the docs' main-job "
         f"measurement): {paper_overhead / (paper_overhead + PAPER_EPOCHS * PAPER_STEPS * QUIET_STEP_S):.2%}",
         f"launcher (Slurm): a worker job's start {startup:.1f} s (imports + pickle), once per job: "
-        f"{launcher:.1f} s per trial at {jobs_trials} trials per job ({launcher / (paper_compute + paper_overhead):.3%}); "
+        f"{launcher:.1f} s per trial at {jobs_trials} trials per job "
+        f"({launcher / (paper_compute + paper_overhead):.3%}); "
         "the waiting command's polls are off the trials' path",
         "",
         "4. on paper: requests per trial",
@@ -329,28 +332,31 @@ def report(args, results: list[dict], m: dict, pg: bool, startup: float) -> str:
         lines.append("  by storage call, per trial: " + ", ".join(f"{k} {n / trials:.1f}" for k, n in top)
                      + " ((none): the advisory lock, Optuna's private queries)")
         paper_trial_s = paper_compute + paper_overhead
+        paper_beats = paper_trial_s / m["heartbeat_interval"] * beat / max(1, beats)
         lines.append(f"  a {PAPER_EPOCHS}-epoch trial ({paper_trial_s / 60:.0f} min) adds "
-                     f"{paper_trial_s / m['heartbeat_interval'] * beat / max(1, beats):.0f} heartbeat statements "
+                     f"{paper_beats:.0f} heartbeat statements "
                      f"({m['heartbeat_interval']} s interval): a worker sends about "
-                     f"{(sum(worker.values()) / trials + paper_trial_s / m['heartbeat_interval'] * beat / max(1, beats)) / paper_trial_s:.2f} "
+                     f"{(sum(worker.values()) / trials + paper_beats) / paper_trial_s:.2f} "
                      "statements per second; 100 workers about 100 times that")
     else:
         lines.append("PostgreSQL statements: not measured (no PostgreSQL server here)")
     requests = m["requests"]
     worker_requests = {k: n for k, n in requests.items() if k[0] == "worker"}
-    per_epoch = sum(n for (s, method, c), n in worker_requests.items() if method == "log_metrics") / max(1, log_metric_calls)
-    total = sum(worker_requests.values())
     epoch_part = sum(n for (s, method, c), n in worker_requests.items() if method == "log_metrics")
+    per_epoch = epoch_part / max(1, log_metric_calls)
+    total = sum(worker_requests.values())
     beat_requests = sum(n for k, n in requests.items() if k[0] != "worker")
     lines.append(f"MLflow requests (client calls; one REST request each against a tracking server): "
-                 f"{per_epoch:.1f} per epoch (one metrics batch), {(total - epoch_part) / trials:.0f} per trial besides "
+                 f"{per_epoch:.1f} per epoch (one metrics batch), "
+                 f"{(total - epoch_part) / trials:.0f} per trial besides "
                  f"(run creation, params, tags, dataset input, artifacts, the logged model, status), "
                  f"heartbeat {beat_requests} tag update(s) in these trials (one per 30 s of a run: "
                  f"{(paper_compute + paper_overhead) / 30:.0f} in a {PAPER_EPOCHS}-epoch trial)")
     by_call = Counter()
     for (s, method, c), n in worker_requests.items():
         by_call[c] += n
-    lines.append("  by client call, per trial: " + ", ".join(f"{c} {n / trials:.1f}" for c, n in by_call.most_common(8)))
+    lines.append("  by client call, per trial: "
+                 + ", ".join(f"{c} {n / trials:.1f}" for c, n in by_call.most_common(8)))
     lines += ["", LIMITS, ""]
     return "\n".join(lines)
 

@@ -1,7 +1,8 @@
 """Deprecated since 0.2.0: rankbench 0.1.0's ``rankbench.config``, now split.
 
 Plugins import from ``rankbench.plugin``, the stable surface. This module only forwards to
-rankbench.hyper (Hyper, Search, parse_assignments, resolve) and rankbench.run.config (RunConfig, parse_budget), with a ``DeprecationWarning``; it goes in a later minor version (see CHANGELOG.md).
+rankbench.hyper (Hyper, Search, parse_assignments, resolve) and rankbench.run.config (RunConfig,
+parse_budget), with a ``DeprecationWarning``; it goes in a later minor version (see CHANGELOG.md).
 """
 
 import warnings

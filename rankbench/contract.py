@@ -43,7 +43,8 @@ from rankbench.plugins.registry import Registry
 from rankbench.plugins.task import Task
 from rankbench.records import Record
 
-__all__ = ["Check", "check_method", "check_plugin", "check_task", "task_methods", "SMALL_RANK", "BATCH", "REQUIRED_TASK_KEYS"]
+__all__ = ["Check", "check_method", "check_plugin", "check_task", "task_methods", "SMALL_RANK", "BATCH",
+           "REQUIRED_TASK_KEYS"]
 
 SMALL_RANK = 4
 """Initial rank of every bond in the checks (``initial_rank=4``; ``rank=4`` for a method that sets its own)."""
@@ -400,7 +401,8 @@ def check_method(registry: Registry, name: str, task: str, *, prefix: str = "") 
         dense_model = state["task"].dense_model()
         dense = sum(p.numel() for p in dense_model.parameters())
         _require(dense == count_parameters(dense_model),
-                 f"the dense model has {dense:,} parameters but count_parameters gives {count_parameters(dense_model):,}")
+                 f"the dense model has {dense:,} parameters but count_parameters gives "
+                 f"{count_parameters(dense_model):,}")
         _require(counted > 0, "the model has no parameters")
         ratio = dense / counted
         _require(math.isfinite(ratio) and ratio > 0, f"compression ratio {ratio} is not a positive number")

@@ -8,7 +8,7 @@ import warnings
 
 from rankbench.plugins.registry import METHOD_GROUP, TASK_GROUP, Registry
 
-warnings.warn("rankbench.registry is deprecated since rankbench 0.2.0 and will be removed: import from rankbench.plugin",
-              DeprecationWarning, stacklevel=2)
+warnings.warn("rankbench.registry is deprecated since rankbench 0.2.0 and will be removed: "
+              "import from rankbench.plugin", DeprecationWarning, stacklevel=2)
 
 __all__ = ['METHOD_GROUP', 'TASK_GROUP', 'Registry']

@@ -8,5 +8,5 @@ import warnings
 
 from rankbench.layers.tensorized import *  # noqa: F403
 
-warnings.warn("rankbench.tensorized is deprecated since rankbench 0.2.0 and will be removed: import from rankbench.plugin",
-              DeprecationWarning, stacklevel=2)
+warnings.warn("rankbench.tensorized is deprecated since rankbench 0.2.0 and will be removed: "
+              "import from rankbench.plugin", DeprecationWarning, stacklevel=2)

@@ -122,7 +122,8 @@ class Iwslt14Task(Task):
 
     Default data: a generated word-order translation corpus (``synthetic``), on
     which the embedded recipe scales the model down for a CPU (2/2 layers,
-    d_model 64, FFN 256, 10 epochs of batch 32 at lr 1e-3); real BLEU needs the IWSLT'14 files (``dataset=iwslt14-de-en``).
+    d_model 64, FFN 256, 10 epochs of batch 32 at lr 1e-3); real BLEU needs the
+    IWSLT'14 files (``dataset=iwslt14-de-en``).
     """
 
     name: ClassVar[str] = "iwslt14"
@@ -132,7 +133,8 @@ class Iwslt14Task(Task):
     scheduler_interval: ClassVar[str] = "step"
     hyperparameters: ClassVar[dict[str, Hyper]] = {
         "dataset": Hyper("synthetic", "parallel corpus: synthetic (generated, offline) or iwslt14 (fairseq's "
-                         "prepare-iwslt14.sh files in DATA_DIR/iwslt14-de-en/)", choices=("synthetic", "iwslt14-de-en")),
+                         "prepare-iwslt14.sh files in DATA_DIR/iwslt14-de-en/)",
+                         choices=("synthetic", "iwslt14-de-en")),
         "corpus_seed": Hyper(0, "seed of the synthetic corpus", minimum=0),
         "vocab_size": Hyper(32768, "shared subword vocabulary (a cap: the run records the trained size)",
                             minimum=8),

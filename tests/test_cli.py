@@ -135,7 +135,8 @@ def test_console_script_list_subprocess(tmp_path):
         (["--method", "ours", "--task", "lenet5", "--data-dir", "/nonexistent/rankbench"],
          ["--data-dir /nonexistent/rankbench", "no such folder"]),
         (["--method", "ours", "--task", "lenet5", "--threads", "0"], ["--threads"]),
-        (["--method", "ours", "--task", "lenet5", "--epochs", "2", "--budget", "steps=10"], ["--budget sets the epochs"]),
+        (["--method", "ours", "--task", "lenet5", "--epochs", "2", "--budget", "steps=10"],
+         ["--budget sets the epochs"]),
     ],
     ids=["unknown-method", "unknown-task", "unknown-key", "ill-typed", "negative-lambda", "negative-sigma",
          "no-equals", "zero-rank", "zero-epochs", "negative-seed", "missing-data-dir", "zero-threads",
@@ -320,7 +321,7 @@ def test_a_second_plugin_with_a_taken_name_is_listed_broken_naming_both_files(tm
     (tmp_path / "first.py").write_text(PLUGIN_TEMPLATE.format(cls="A", name="twin"))
     (tmp_path / "second.py").write_text(PLUGIN_TEMPLATE.format(cls="B", name="twin"))
     assert main(["list", "--plugin-dir", str(tmp_path)]) == 0
-    (line,) = [l for l in capsys.readouterr().out.splitlines() if l.startswith("  second ")]
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  second ")]
     assert "'twin'" in line and "first.py" in line and "second.py" in line and "rename one" in line
 
 

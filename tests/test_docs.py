@@ -198,7 +198,8 @@ def test_every_public_name_has_a_google_style_docstring():
     module = griffe.load("rankbench.plugin", search_paths=[str(ROOT)], resolve_aliases=True,
                          resolve_external=False, docstring_parser="google")
     problems: list[str] = []
-    VARIADIC = (griffe.ParameterKind.var_positional, griffe.ParameterKind.var_keyword)  # forwarded: "Takes X's arguments"
+    # variadic parameters are forwarded: "Takes X's arguments"
+    VARIADIC = (griffe.ParameterKind.var_positional, griffe.ParameterKind.var_keyword)
 
     def check_function(path: str, func) -> None:
         doc = func.docstring.value if func.docstring else ""

@@ -98,7 +98,8 @@ def test_contraction_option_sets_the_layer_strategy():
     task = REGISTRY.task("mlp2")(config.task_params)
     method = REGISTRY.method("trn")(config.method_params)
     model = build_model(task, method, 0, MethodContext(10, torch.device("cpu")), contraction="weight")
-    assert {layer.strategy for _, layer in tensorized_layers(model) if isinstance(layer, TensorizedLinear)} == {"weight"}
+    linears = [layer for _, layer in tensorized_layers(model) if isinstance(layer, TensorizedLinear)]
+    assert {layer.strategy for layer in linears} == {"weight"}
 
 
 def test_materialise_turns_a_tensorized_embedding_into_nn_embedding():

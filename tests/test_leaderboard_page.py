@@ -114,7 +114,8 @@ def test_curves_without_a_common_range_or_a_baseline_curve_are_said_not_raised()
     assert "No comparison: the baseline c has no curve on this task." in text
     assert "No whole-curve summary: no method has a point on this task." in text
     disjoint = TaskBoard("t", "d", (2, 3, 30, 60), 0.1, (low, high), baseline="a")
-    assert "No comparison: no other method has a point at a target a has." in markdown(Leaderboard("s", "", (disjoint,)))
+    text = markdown(Leaderboard("s", "", (disjoint,)))
+    assert "No comparison: no other method has a point at a target a has." in text
 
 
 # ---------------------------------------------------------------------------- the HTML page

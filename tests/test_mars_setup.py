@@ -36,14 +36,16 @@ def mean_variance(make, draws: int) -> float:
 @pytest.mark.parametrize("init", ["variance", "glorot"])
 def test_init_rules_give_the_stated_weight_variance(init, decomposition):
     torch.manual_seed(0)
-    variance = {"variance": lambda fan_in, fan_out: 1 / (3 * fan_in), "glorot": lambda fan_in, fan_out: 2 / (fan_in + fan_out)}[init]
+    variance = {"variance": lambda fan_in, fan_out: 1 / (3 * fan_in),
+                "glorot": lambda fan_in, fan_out: 2 / (fan_in + fan_out)}[init]
     linear = mean_variance(lambda: TensorizedLinear(784, 625, (7, 4, 7, 4), (5, 5, 5, 5), 20, decomposition,
                                                     layout="matrix", init=init), 6)
     assert linear / variance(784, 625) == pytest.approx(1, abs=0.1)
     conv = mean_variance(lambda: TensorizedConv2d(20, 50, 5, (4, 5), (5, 10), 10, decomposition, init=init), 8)
     assert conv / variance(500, 50) == pytest.approx(1, abs=0.2)  # tt-pytorch's TTConv2d: rows in*k*k, columns out
     if init == "glorot":
-        table = mean_variance(lambda: TensorizedEmbedding(60, 12, (3, 4, 5), (2, 2, 3), 4, decomposition, init=init), 40)
+        table = mean_variance(lambda: TensorizedEmbedding(60, 12, (3, 4, 5), (2, 2, 3), 4, decomposition,
+                                                          init=init), 40)
         assert table / (2 / 72) == pytest.approx(1, abs=0.2)
 
 

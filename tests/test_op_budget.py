@@ -15,7 +15,8 @@ import torch
 
 from rankbench.plugins.registry import Registry
 
-SPEC = importlib.util.spec_from_file_location("benchmark_ops", Path(__file__).resolve().parents[1] / "benchmarks" / "ops.py")
+SPEC = importlib.util.spec_from_file_location("benchmark_ops",
+                                              Path(__file__).resolve().parents[1] / "benchmarks" / "ops.py")
 ops = importlib.util.module_from_spec(SPEC)
 sys.modules[SPEC.name] = ops  # dataclasses look their module up there
 SPEC.loader.exec_module(ops)

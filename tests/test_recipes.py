@@ -250,8 +250,9 @@ def test_a_run_recorded_before_0_2_reads_its_data_name_from_the_old_param(uri):
     from rankbench.run.tracking import Tracker
 
     tracker = Tracker(uri)
-    run_id = tracker.start("lenet5", "old", {"task": "lenet5", "method": "trn", "seed": 0, "dataset": "mnist-embedded-5k",
-                                             "rank": 10}, {"method": "trn", "task": "lenet5"})
+    run_id = tracker.start("lenet5", "old", {"task": "lenet5", "method": "trn", "seed": 0,
+                                             "dataset": "mnist-embedded-5k", "rank": 10},
+                           {"method": "trn", "task": "lenet5"})
     tracker.log_metrics(run_id, {"test_accuracy": 90.0, "compression": 26.0}, step=1)
     tracker.finish(run_id)
     (old,) = load_runs(uri)

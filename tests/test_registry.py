@@ -76,7 +76,8 @@ def test_discover_finds_the_built_in_methods_and_tasks():
 
 def test_lookup_of_an_unknown_name_lists_the_valid_ones():
     registry = Registry.discover(entry_point_groups=False)
-    with pytest.raises(RankbenchError, match=rf"unknown method 'nope': choose one of {', '.join(sorted(registry.methods))}$"):
+    valid = ", ".join(sorted(registry.methods))
+    with pytest.raises(RankbenchError, match=rf"unknown method 'nope': choose one of {valid}$"):
         registry.method("nope")
     with pytest.raises(RankbenchError, match=r"unknown task 'nope': choose one of .*lenet5"):
         registry.task("nope")
@@ -133,7 +134,8 @@ def test_an_entry_point_that_fails_to_load_is_listed_broken_and_every_other_plug
                                          "uninstall that package")
     with pytest.raises(RankbenchError, match=r"method 'broken' is broken: entry point 'broken'.*fix or uninstall"):
         registry.method("broken")
-    with pytest.raises(RankbenchError, match=r"unknown method 'nope'.*\(1 plugin\(s\) are broken: see `rankbench list`\)"):
+    with pytest.raises(RankbenchError,
+                       match=r"unknown method 'nope'.*\(1 plugin\(s\) are broken: see `rankbench list`\)"):
         registry.method("nope")
 
 

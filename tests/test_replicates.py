@@ -42,10 +42,10 @@ def test_a_command_run_three_times_is_one_seed_in_the_report(tmp_path, uri, caps
 
     assert main(["report", "--tracking-uri", uri, "--baseline", "dense"]) == 0
     out, err = capsys.readouterr()
-    (line,) = [l for l in out.splitlines() if l.startswith("trn ")]
+    (line,) = [line for line in out.splitlines() if line.startswith("trn ")]
     cells = line.split()
     assert "1*" in cells and "3" not in cells and "±" not in line, line
-    header = next(l for l in out.splitlines() if l.startswith("method "))
+    header = next(row for row in out.splitlines() if row.startswith("method "))
     assert line[header.index("p (Welch)"):].split() == ["measured"], (header, line)  # no p-values
     assert NOTE in out.splitlines()
 

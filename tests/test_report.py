@@ -259,7 +259,8 @@ class Store:
         return run_id
 
     def add_seeds(self, method: str, accuracies: list[float], **kw) -> list[str]:
-        per_seed = {k: kw.pop(k) for k in ("compression", "seconds_per_batch", "inference") if isinstance(kw.get(k), list)}
+        per_seed = {k: kw.pop(k) for k in ("compression", "seconds_per_batch", "inference")
+                    if isinstance(kw.get(k), list)}
         return [self.add(method, seed, acc, **kw, **{k: v[seed] for k, v in per_seed.items()})
                 for seed, acc in enumerate(accuracies)]
 
@@ -298,7 +299,7 @@ def mean_std(values: list[float], digits: int = 2) -> str:
 def table_line(text: str, title: str, startswith: str) -> str:
     """The line of the table titled ``title`` that starts with ``startswith``."""
     block = text.split(title + "\n", 1)[1].split("\n\n", 1)[0]
-    (line,) = [l for l in block.splitlines() if l.startswith(startswith)]
+    (line,) = [line for line in block.splitlines() if line.startswith(startswith)]
     return line
 
 
@@ -365,7 +366,7 @@ def test_printed_table_has_the_numbers_and_the_footnotes(main_store, capsys):
     assert f" {mean_std(DENSE_ACC)} " in table_line(out, title, "dense")
     lines = out.splitlines()
     assert "p (MWU): Mann-Whitney U, two-sided, shown when a row has fewer than 5 seeds" in lines
-    assert any(l.startswith("p (Welch): Welch's t-test on test accuracy against the baseline row") for l in lines)
+    assert any(line.startswith("p (Welch): Welch's t-test on test accuracy against the baseline row") for line in lines)
     assert "sample standard deviation" in out
 
 
@@ -425,7 +426,7 @@ def test_compare_uses_mann_whitney_only_below_five_seeds(n_ours, mwu_expected):
         assert ours.p_mwu == pytest.approx(stats.mannwhitneyu(ours_acc, DENSE_ACC, alternative="two-sided").pvalue)
     else:
         assert ours.p_mwu is None
-        assert not any(l.startswith("p (MWU):") for l in render(rows, "simple").splitlines())
+        assert not any(line.startswith("p (MWU):") for line in render(rows, "simple").splitlines())
 
 
 def test_a_row_of_identical_accuracies_is_compared_without_scipy_warnings():
@@ -433,7 +434,8 @@ def test_a_row_of_identical_accuracies_is_compared_without_scipy_warnings():
     Welch test still has the baseline's variance, and its precision warning would reach the user."""
     import warnings
 
-    rows = group_rows([record("mars", s, 10.0) for s in range(3)] + [record("dense", s, a) for s, a in enumerate(DENSE_ACC)])
+    rows = group_rows([record("mars", s, 10.0) for s in range(3)]
+                      + [record("dense", s, a) for s, a in enumerate(DENSE_ACC)])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         compare(rows, "dense")
@@ -496,7 +498,7 @@ def test_rows_never_mix_datasets_or_splits(data_store, group_by):
 def test_each_dataset_gets_its_own_table(data_store, capsys):
     rc, out, err = report(capsys, "--tracking-uri", data_store)
     assert rc == 0, err
-    titles = [l for l in out.splitlines() if l.startswith("lenet5 on ")]
+    titles = [line for line in out.splitlines() if line.startswith("lenet5 on ")]
     assert titles == ["lenet5 on fashion-mnist", "lenet5 on mnist", f"lenet5 on {EMBEDDED}"]
     mnist_block = out.split("lenet5 on mnist\n", 1)[1].split("\n\n", 1)[0]
     assert mean_std([99.1, 99.2, 99.0]) in mnist_block and "95.47" not in mnist_block
@@ -724,7 +726,8 @@ def test_filters_task_method_study(filter_store, capsys):
     def ours_label(lam):
         return label(shown({"lambda": lam}, {"sigma": 0.5}))
 
-    assert got == sorted([(ours_label(1.0), "2", mean_std([96.0, 96.4])), (ours_label(0.2), "2", mean_std([91.0, 91.6])),
+    assert got == sorted([(ours_label(1.0), "2", mean_std([96.0, 96.4])),
+                          (ours_label(0.2), "2", mean_std([91.0, 91.6])),
                           (ours_label(0.5), "1*", "92.00")])
 
 
@@ -784,7 +787,7 @@ def test_published_rows_only_for_the_tasks_present(main_store, capsys):
     assert "MARS official notebook" not in out and "resnet32" not in out and "cifar10" not in out
     rc, out, err = report(capsys, "--tracking-uri", main_store, "--with-published")
     assert rc == 0, err
-    assert any(l.startswith("published rows come from the papers") for l in out.splitlines())
+    assert any(line.startswith("published rows come from the papers") for line in out.splitlines())
     assert "published (mnist): Cao et al. 2024, poster" in out
     rc, out, _ = report(capsys, "--tracking-uri", main_store)
     assert "published" not in out
@@ -836,7 +839,7 @@ def test_out_skips_the_sensitivity_figure_without_a_grid(main_store, tmp_path, c
     for name in ("ranks", "curves", "tradeoff"):
         assert_png(out_dir / f"{name}_lenet5.png")
     assert not (out_dir / "sensitivity_lenet5.png").exists()
-    skipped = [l for l in out.splitlines() if l.startswith("skipped ")]
+    skipped = [line for line in out.splitlines() if line.startswith("skipped ")]
     assert skipped == ["skipped sensitivity_lenet5.png: no runs of lenet5 carry what it needs "
                        "(a grid over two label hyperparameters of one method, e.g. λ×σ)"]
 
@@ -846,7 +849,8 @@ def test_out_skips_the_sensitivity_figure_without_a_grid(main_store, tmp_path, c
 
 @pytest.fixture(scope="module")
 def real_store(tmp_path_factory, store_template, registry, records):
-    """Fake lenet5 runs and one real tiny mlp2 run (rankbench.run.experiment.run) in one store: (uri, folder, RunResult)."""
+    """Fake lenet5 runs and one real tiny mlp2 run (rankbench.run.experiment.run) in one store:
+    (uri, folder, RunResult)."""
     folder = tmp_path_factory.mktemp("real")
     uri = fresh_uri(folder, store_template)
     store = Store(uri, records)
@@ -1013,8 +1017,9 @@ def test_mlflow_ui_shows_consistent_runs_and_the_reported_means(mlflow_server, r
     printed = csv_rows(out)
     assert len(printed) == 4
     for row in printed:
+        key = (row["task"], row["dataset"], row["method"])
         values = [p.metrics["test_accuracy"] for p in parsed
-                  if (p.tags["task"], p.tags["dataset"], p.tags["method"]) == (row["task"], row["dataset"], row["method"])]
+                  if (p.tags["task"], p.tags["dataset"], p.tags["method"]) == key]
         assert row["n"].rstrip("*") == str(len(values))
         assert row["test acc %"].split("±")[0] == f"{statistics.mean(values):.2f}", row
     # and the report reads the same numbers through the server itself

@@ -226,8 +226,8 @@ def sqlite_trial_states(db: Path) -> list[tuple[int, str, bool, bool]]:
 def test_every_shipped_study_file_loads_and_validates():
     registry = Registry.discover()
     names = {p.stem for p in STUDIES}
-    assert names == {"fmnist_campaign", "fmnist_length_cpu", "fmnist_tradeoff", "fmnist_tradeoff_cpu", "headline", "lenet5_methods",
-                     "lenet5_pareto", "lenet5_sensitivity", "mlp2_ranks", "resnet32_methods"}
+    assert names == {"fmnist_campaign", "fmnist_length_cpu", "fmnist_tradeoff", "fmnist_tradeoff_cpu", "headline",
+                     "lenet5_methods", "lenet5_pareto", "lenet5_sensitivity", "mlp2_ranks", "resnet32_methods"}
     for path in STUDIES:
         spec = load_study_file(path, registry)
         assert spec.name == path.stem
@@ -399,7 +399,8 @@ def test_a_study_over_several_tasks_runs_every_task_and_method_pair_in_its_task_
 
 def test_a_study_over_several_tasks_gets_one_pareto_front_per_task(env, capsys):
     path = env.root / "two_tasks.toml"
-    path.write_text(TWO_TASKS.replace('val_accuracy = "maximize"', 'val_accuracy = "maximize"\ncompression = "maximize"'))
+    path.write_text(TWO_TASKS.replace('val_accuracy = "maximize"',
+                                      'val_accuracy = "maximize"\ncompression = "maximize"'))
     out = env.root / "plots"
     assert main(env.argv(path, "--set", "epochs=1", "--seeds", "0", "--out", str(out))) == 0, capsys.readouterr().err
     assert "A new study created" not in capsys.readouterr().err
@@ -943,7 +944,8 @@ def test_two_commands_starting_together_on_fresh_stores_both_succeed(env, monkey
     ready, go = env.root / "ready", env.root / "go"
     # Only opening the stores matters here: both commands skip the trials (worker_loop does nothing). One runs
     # in a subprocess, which imports everything, says so, and waits for the signal; the other runs in-process.
-    prelude = ("import time, pathlib, optuna, mlflow.tracking, rankbench.study.runner, rankbench.run.experiment, rankbench.study.plots\n"
+    prelude = ("import time, pathlib, optuna, mlflow.tracking, rankbench.study.runner, rankbench.run.experiment, "
+               "rankbench.study.plots\n"
                "import matplotlib.pyplot, optuna.visualization, optuna.visualization.matplotlib\n"
                "rankbench.study.runner.worker_loop = lambda run, deadline=None: 0\n"
                f"pathlib.Path({str(ready)!r}).touch()\n"

@@ -231,8 +231,9 @@ def test_a_set_of_a_searched_key_is_refused_instead_of_silently_overwritten():
     from rankbench.study.spec import parse_study
 
     registry = Registry.discover(entry_point_groups=False)
-    spec = parse_study({"name": "s", "task": "lenet5", "methods": ["ours", "trn"], "objectives": {"val_accuracy": "maximize"},
-                        "sampler": {"name": "grid"}, "search": {"lambda": {"grid": [0.1, 1.0]}},
+    spec = parse_study({"name": "s", "task": "lenet5", "methods": ["ours", "trn"],
+                        "objectives": {"val_accuracy": "maximize"}, "sampler": {"name": "grid"},
+                        "search": {"lambda": {"grid": [0.1, 1.0]}},
                         "method_search": {"trn": {"rank": {"grid": [2, 3]}}}}, registry)
     for key in ("lambda", "rank"):
         with pytest.raises(RankbenchError, match=f"--set {key}: the study searches {key}"):

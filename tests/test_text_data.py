@@ -130,7 +130,8 @@ def test_sst5_reads_root_labels_and_leaves_with_vocabulary_from_train(tmp_path):
 
 
 def test_sst2_drops_neutral_and_merges_labels(tmp_path):
-    write_sst(tmp_path / "stanford-sentiment-treebank" / "trainDevTestTrees_PTB" / "trees")  # the archive's own layout is found too
+    # the archive's own layout is found too
+    write_sst(tmp_path / "stanford-sentiment-treebank" / "trainDevTestTrees_PTB" / "trees")
     data = load_text_classification("sst2", tmp_path, False, **OPTIONS)
     assert data.num_classes == 2
     assert data.train.y.tolist() == [1, 0, 0, 1, 1]

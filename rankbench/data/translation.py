@@ -349,7 +349,8 @@ def _find_iwslt14(data_dir: Path | None, download: bool) -> Path:
         raise RankbenchError(f"IWSLT'14 cannot be downloaded (no stable mirror): {fix}")
     if partial is not None:
         missing = [name for name in IWSLT14_FILES if not (partial / name).is_file()]
-        raise RankbenchError(f"dataset 'iwslt14-de-en' is incomplete under {partial}: missing {', '.join(missing)}: {fix}")
+        raise RankbenchError(f"dataset 'iwslt14-de-en' is incomplete under {partial}: "
+                             f"missing {', '.join(missing)}: {fix}")
     raise RankbenchError(f"dataset 'iwslt14-de-en' not found under {' or '.join(map(str, candidates))}: {fix}")
 
 

@@ -219,7 +219,8 @@ def _directory_modules(directory: Path) -> Iterable[tuple[Path, ModuleType | str
     for path in sorted(directory.glob("*.py")):
         if path.name.startswith("_"):
             continue
-        module_name = "rankbench_plugin_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10] + "_" + path.stem
+        digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]
+        module_name = "rankbench_plugin_" + digest + "_" + path.stem
         if module_name in sys.modules:
             yield path, sys.modules[module_name]
             continue

@@ -93,7 +93,8 @@ class Leaderboard:
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise RankbenchError(f"{where} is not JSON ({exc}): give the leaderboard.json a matched study wrote") from None
+            raise RankbenchError(f"{where} is not JSON ({exc}): "
+                                 "give the leaderboard.json a matched study wrote") from None
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
             raise RankbenchError(f"{where} is not a rankbench leaderboard ({FORMAT}): give the leaderboard.json a "
                                  "matched study wrote")

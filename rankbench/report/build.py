@@ -431,8 +431,8 @@ def render(rows: list[Row], tablefmt: str) -> str:
         if any(r.source == "published" for r in group):
             notes.append("published rows come from the papers (rankbench/report/published.toml); their data and "
                          "compression definitions may differ from this run's")
-        blocks.append("\n".join([title, tabulate(body, headers=headers(shown), tablefmt=tablefmt, disable_numparse=True),
-                                 *notes]))
+        table = tabulate(body, headers=headers(shown), tablefmt=tablefmt, disable_numparse=True)
+        blocks.append("\n".join([title, table, *notes]))
     return "\n\n".join(blocks)
 
 

@@ -43,12 +43,12 @@ tbody tr:nth-child(even) { background: #fafafa; }
 td { font-variant-numeric: tabular-nums; }
 """
 
-RUN_FIGURES = """
-document.querySelectorAll("div.%s").forEach(function (div) {
+RUN_FIGURES = f"""
+document.querySelectorAll("div.{FIGURE_CLASS}").forEach(function (div) {{
   var spec = JSON.parse(document.getElementById(div.id + "-data").textContent);
   Plotly.newPlot(div, spec.data, spec.layout, spec.config);
-});
-""" % FIGURE_CLASS
+}});
+"""
 
 
 def _palette(board: Leaderboard) -> dict[str, str]:
