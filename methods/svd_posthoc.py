@@ -37,7 +37,10 @@ without the full weight, and the sequence of truncations keeps his error bound (
 has no such exact canonical form; the Kronecker factors are its best separable stand-in (on
 gauge-skewed random rings cut to half their rank, 1.7-5x smaller weight error than the unweighted
 two-core SVD). Directions the environment cannot see (the null spaces of ``Γ_a``, ``Γ_b``) are
-dropped: they do not change the weight. Everything runs in float64.
+dropped: they do not change the weight. Everything runs in float64. The rounding machinery (the
+weighted SVD, ``truncate_bond``, ``energy_ranks``, ``TruncationMask``, ``current_cores``,
+``write_back``) is rankbench's, in ``rankbench.layers.rounding``, shared with ``trp``; this file
+holds the method and its target-compression rule.
 
 Ranks are chosen from the spectra of the trained (untruncated) cores, every bond at once, then the
 bonds are truncated one after another, in layer and bond order, each on the current cores:
@@ -84,8 +87,10 @@ Defaults and why
 * ``energy`` 0.99: 99 % of every bond's squared spectrum, at most 10 % relative error per bond.
 * ``target_compression`` none; a matched-compression study sets it (its knob, ``found_by="target"``).
 
-Caveat: the optimizer is not the method's to reset, so Adam's moments of the rewritten cores
-(kept in the old gauge) act for their decay time (about 1/(1−β₁) steps) on the new ones.
+Caveat: the optimizer's state is left as it is (``Method.set_optimizer`` would let the method reset it;
+``trp`` zeroes the state of the slices it cuts), so Adam's moments of the rewritten cores (kept in the
+old gauge) act for their decay time (about 1/(1−β₁) steps) on the new ones, and the cut slices' moments
+move parameters their masks hold out.
 
 What tensorly and t3nsor get wrong (checked in their code)
 ----------------------------------------------------------
@@ -124,33 +129,15 @@ from rankbench.plugin import (
     RankbenchError,
     RankSelector,
     Search,
-    TensorizedLayer,
+    TruncationMask,
+    bond_spectrum,
     bonds,
+    current_cores,
+    energy_ranks,
     tensorized_layers,
+    truncate_bond,
+    write_back,
 )
-
-GRAM_RTOL = 1e-12
-"""Eigenvalues of an environment's Gram below this fraction of the largest count as zero: directions
-the rest of the network does not see (environment singular values below 1e-6 of the largest)."""
-
-
-class TruncationMask(RankSelector):
-    """A fixed 0/1 multiplier per slice of one bond (buffer ``mask``): all ones until the truncation,
-    then ones on the kept slices (the first ``rank``) and zeros after. Nothing in it trains."""
-
-    def __init__(self, size: int) -> None:
-        super().__init__(size)
-        self.register_buffer("mask", torch.ones(size))
-
-    def deterministic(self) -> Tensor:
-        return self.mask
-
-    @torch.no_grad()
-    def keep(self, rank: int) -> None:
-        """Ones on the first ``rank`` slices, zeros after."""
-        self.mask.zero_()
-        self.mask[:rank] = 1.0
-
 
 # ---------------------------------------------------------------------------- rank rules
 
@@ -160,21 +147,6 @@ def _numerical(spectrum: Tensor, rtol: float) -> Tensor:
     if spectrum.numel() == 0 or float(spectrum[0]) <= 0.0:
         return spectrum[:0]
     return spectrum[spectrum > rtol * spectrum[0]]
-
-
-def energy_ranks(spectra: Sequence[Tensor], energy: float, rtol: float = 0.0) -> list[int]:
-    """Per bond, the fewest leading singular values whose squares hold ``energy`` of the squared
-    spectrum (at least 1; values at or below ``rtol`` of the largest count as zero)."""
-    ranks = []
-    for spectrum in spectra:
-        kept = _numerical(spectrum.double(), rtol)
-        if kept.numel() == 0:
-            ranks.append(1)
-            continue
-        cumulative = torch.cumsum(kept**2, 0)
-        enough = cumulative >= energy * cumulative[-1]
-        ranks.append(max(1, int(torch.nonzero(enough)[0]) + 1))
-    return ranks
 
 
 def target_order(spectra: Sequence[Tensor], rtol: float = 0.0) -> list[int]:
@@ -213,109 +185,6 @@ def target_ranks(spectra: Sequence[Tensor], compression: Callable[[list[int]], f
         else:
             high = middle - 1
     return ranks_of(low), True
-
-
-# ---------------------------------------------------------------------------- bond rounding
-
-
-def _flat(core: Tensor) -> Tensor:
-    """A core as ``(r_left, modes, r_right)``."""
-    return core.reshape(core.shape[0], -1, core.shape[-1])
-
-
-def _trace_normalised(x: Tensor) -> Tensor:
-    trace = x.diagonal().sum()
-    return x / trace if float(trace) > 0 else x
-
-
-def _psd(gram: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``Γ^½``, its pseudo-inverse and ``Γ⁺`` of a PSD matrix (eigenvalues below ``GRAM_RTOL`` of the
-    largest dropped)."""
-    values, vectors = torch.linalg.eigh((gram + gram.T) / 2)
-    top = float(values.max()) if values.numel() else 0.0
-    seen = values > GRAM_RTOL * top if top > 0 else torch.zeros_like(values, dtype=torch.bool)
-    safe = torch.where(seen, values, torch.ones_like(values))
-    root = torch.where(seen, safe.sqrt(), torch.zeros_like(values))
-    inverse_root = torch.where(seen, safe.rsqrt(), torch.zeros_like(values))
-    inverse = torch.where(seen, 1.0 / safe, torch.zeros_like(values))
-    return tuple((vectors * f) @ vectors.T for f in (root, inverse_root, inverse))  # type: ignore[return-value]
-
-
-def environment_gram(cores: Sequence[Tensor], k: int) -> Tensor:
-    """``Γ[b, b', a, a'] = Σ_rest E[b, rest, a] E[b', rest, a']`` of bond ``k``'s environment ``E`` (cores
-    ``k+1 … k−2``, from bond ``k+1``, index ``b``, around to bond ``k−1``, index ``a``), propagated core by
-    core (``r⁴`` numbers at a time; the environment's modes are never formed); scaled to max 1."""
-    d = len(cores)
-    like = cores[k]
-    eye = torch.eye(like.shape[-1], dtype=like.dtype, device=like.device)
-    gram = eye[:, None, :, None] * eye[None, :, None, :]
-    for m in range(d - 2):
-        core = cores[(k + 1 + m) % d]
-        out = torch.zeros(*gram.shape[:2], core.shape[-1], core.shape[-1], dtype=like.dtype, device=like.device)
-        for i in range(core.shape[1]):
-            out += core[:, i, :].T @ gram @ core[:, i, :]
-        top = out.abs().max()
-        gram = out / top if float(top) > 0 else out
-    return gram
-
-
-def _environment_grams(cores: Sequence[Tensor], k: int, iterations: int = 100) -> tuple[Tensor, Tensor]:
-    """``(Γ_a, Γ_b)``: the Kronecker factors ``Γ ≈ Γ_a ⊗ Γ_b`` of bond ``k``'s environment Gram on bonds
-    ``k−1`` and ``k+1``, by the flip-flop fixed point ``Γ_a ∝ tr_b[Γ (1 ⊗ Γ_b⁺)]``,
-    ``Γ_b ∝ tr_a[Γ (Γ_a⁺ ⊗ 1)]`` (trace-normalised). The fixed point moves with any invertible change of
-    basis ("gauge") on either bond, so the weighted spectrum does not depend on the gauge training left;
-    for a train, where ``Γ`` is exactly a Kronecker product, one pass reaches it."""
-    gram = environment_gram(cores, k)
-    inverse_b = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    gram_a = gram_b = None
-    for _ in range(iterations):
-        new_a = _trace_normalised(torch.einsum("pqxy,qp->xy", gram, inverse_b))
-        inverse_a = _psd(new_a)[2]
-        gram_b = _trace_normalised(torch.einsum("pqxy,yx->pq", gram, inverse_a))
-        inverse_b = _psd(gram_b)[2]
-        done = gram_a is not None and float(torch.linalg.matrix_norm(new_a - gram_a)) <= 1e-12 * float(
-            torch.linalg.matrix_norm(new_a))
-        gram_a = new_a
-        if done:
-            break
-    return gram_a, gram_b
-
-
-def _bond_svd(cores: Sequence[Tensor], k: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The environment-weighted SVD of the merged pair over bond ``k``: ``(U, S, V, Γ_a^+½, Γ_b^+½)``
-    with the weighted pair ``Ã B̃ = U diag(S) Vᵀ`` (``U`` of rows ``(r_{k−1}, n_{k−1})``, ``V`` of
-    rows ``(n_k, r_{k+1})``). Two QRs leave one ``r_k × r_k`` SVD."""
-    d = len(cores)
-    left, right = cores[(k - 1) % d], cores[k]
-    gram_a, gram_b = _environment_grams(cores, k)
-    root_a, inverse_a, _ = _psd(gram_a)
-    root_b, inverse_b, _ = _psd(gram_b)
-    weighted_left = torch.einsum("xa,aib->xib", root_a, left).reshape(-1, left.shape[-1])
-    weighted_right = torch.einsum("aib,by->aiy", right, root_b).reshape(right.shape[0], -1)
-    q_left, r_left = torch.linalg.qr(weighted_left)
-    q_right, r_right = torch.linalg.qr(weighted_right.T)
-    u, s, vh = torch.linalg.svd(r_left @ r_right.T, full_matrices=False)
-    return q_left @ u, s, q_right @ vh.T, inverse_a, inverse_b
-
-
-def bond_spectrum(cores: Sequence[Tensor], k: int) -> Tensor:
-    """The environment-weighted singular values of bond ``k`` (descending; cores ``(r, n, r')``)."""
-    return _bond_svd(cores, k)[1]
-
-
-def truncate_bond(cores: list[Tensor], k: int, rank: int) -> None:
-    """Round bond ``k`` of ``cores`` (a list of ``(r, n, r')`` float64 cores, replaced in place) to
-    ``rank``: the weighted merged pair cut to its ``rank`` largest singular values, split ``U√S``,
-    ``√S Vᵀ`` and unweighted."""
-    d = len(cores)
-    left, right = cores[(k - 1) % d], cores[k]
-    u, s, v, inverse_a, inverse_b = _bond_svd(cores, k)
-    rank = max(1, min(rank, s.numel()))
-    root_s = s[:rank].sqrt()
-    new_left = (u[:, :rank] * root_s).reshape(left.shape[0], left.shape[1], rank)
-    new_right = (v[:, :rank] * root_s).T.reshape(rank, right.shape[1], right.shape[2])
-    cores[(k - 1) % d] = torch.einsum("xa,aib->xib", inverse_a, new_left)
-    cores[k] = torch.einsum("aib,by->aiy", new_right, inverse_b)
 
 
 # ---------------------------------------------------------------------------- the method
@@ -412,7 +281,7 @@ class SvdPosthoc(Method):
         ``dense_parameters`` (the dense model's count) is what ``target_compression`` divides."""
         masks = self.masks()
         layers = dict(tensorized_layers(model))
-        cores = {name: _current_cores(layer) for name, layer in layers.items()}
+        cores = {name: current_cores(layer) for name, layer in layers.items()}
         chosen_bonds = [b for b in bonds(model) if b.name in masks and len(b.layer.cores) >= 2]
         rtol = 100 * max((torch.finfo(layer.cores[0].dtype).eps for layer in layers.values()),
                          default=torch.finfo(torch.float32).eps)
@@ -442,7 +311,7 @@ class SvdPosthoc(Method):
             if rank < layer_cores[bond.index].shape[0]:
                 truncate_bond(layer_cores, bond.index, rank)
         for name, layer in layers.items():
-            _write_back(layer, cores[name])
+            write_back(layer, cores[name])
         self.ranks = {}
         for bond in chosen_bonds:
             rank = cores[bond.layer_name][bond.index].shape[0]
@@ -450,40 +319,6 @@ class SvdPosthoc(Method):
             self.ranks[bond.name] = rank
         self.truncated = True
         return dict(self.ranks)
-
-
-def _current_cores(layer: TensorizedLayer) -> list[Tensor]:
-    """The layer's cores as float64 ``(r, n, r')``, each bond cut to the slices its selector keeps and
-    their eval multipliers applied (the weight the eval-mode layer computes)."""
-    d = len(layer.cores)
-    keep = [_kept_slices(layer, k) for k in range(d)]
-    out = []
-    for k, core in enumerate(layer.cores):
-        flat = _flat(core.detach().to(torch.float64))
-        selector = layer.selector(k)
-        if selector is not None:
-            flat = flat * selector.deterministic().detach().to(torch.float64).view(-1, 1, 1)
-        out.append(flat.index_select(0, keep[k]).index_select(2, keep[(k + 1) % d]))
-    return out
-
-
-def _kept_slices(layer: TensorizedLayer, k: int) -> Tensor:
-    """Indices of bond ``k``'s slices with non-zero eval multipliers (all of them without a selector)."""
-    device = layer.cores[0].device
-    selector = layer.selector(k)
-    if selector is None:
-        return torch.arange(layer.ranks[k], device=device)
-    kept = torch.nonzero(selector.deterministic().detach() != 0).flatten()
-    return kept if kept.numel() > 0 else torch.zeros(1, dtype=torch.long, device=device)
-
-
-@torch.no_grad()
-def _write_back(layer: TensorizedLayer, cores: Sequence[Tensor]) -> None:
-    """Copy rounded ``(r, n, r')`` cores into the layer's parameters, zero-padded (kept slices first)."""
-    for param, core in zip(layer.cores, cores):
-        padded = torch.zeros(param.shape[0], core.shape[1], param.shape[-1], dtype=param.dtype, device=param.device)
-        padded[:core.shape[0], :, :core.shape[2]] = core.to(param.dtype)
-        param.copy_(padded.reshape(param.shape))
 
 
 def _other_parameters(model: nn.Module) -> int:

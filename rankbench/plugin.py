@@ -21,6 +21,16 @@ from rankbench.errors import RankbenchError
 from rankbench.hyper import Hyper, Search
 from rankbench.layers.batched import CoreBank
 from rankbench.layers.modes import balanced_modes, padded_modes
+from rankbench.layers.rounding import (
+    TruncationMask,
+    bond_spectrum,
+    current_cores,
+    energy_ranks,
+    nuclear_subgradient,
+    truncate_bond,
+    value_ranks,
+    write_back,
+)
 from rankbench.layers.tensorized import (
     Bond,
     RankSelector,
@@ -48,14 +58,14 @@ from rankbench.run.metrics import recalibrate_batchnorm
 
 __all__ = [
     # method interface
-    "Method", "MethodContext", "StepLoss", "TaskLoss", "SELECTOR_HYPERPARAMETERS", "RankSelector", "StaticInput", "Bond",
-    "Knob",
+    "Method", "MethodContext", "StepLoss", "TaskLoss", "SELECTOR_HYPERPARAMETERS", "RankSelector", "StaticInput",
+    "Bond", "Knob",
     # declared hyperparameters and defaults
     "Hyper", "Search", "Recipe", "MethodDefaults",
     # task interface and data
-    "Task", "Record", "TENSORIZED_COMPRESSION", "DataSplits", "Split", "DATASETS", "default_data_dir", "download_file", "holdout_split",
-    "iterate_batches", "load_mnist_family", "load_mnist_family_from", "mnist_family_hyperparameters",
-    "pixel_normalisation",
+    "Task", "Record", "TENSORIZED_COMPRESSION", "DataSplits", "Split", "DATASETS", "default_data_dir",
+    "download_file", "holdout_split", "iterate_batches", "load_mnist_family", "load_mnist_family_from",
+    "mnist_family_hyperparameters", "pixel_normalisation",
     "load_cifar10", "random_crop_flip", "recalibrate_batchnorm", "load_text_classification", "load_translation",
     "decode", "corpus_bleu",
     # tensorized layers and model helpers
@@ -63,6 +73,9 @@ __all__ = [
     "TensorRingLinear", "TensorTrainLinear", "TensorRingConv2d", "TensorTrainConv2d",
     "TensorRingEmbedding", "TensorTrainEmbedding", "bonds", "selectors", "tensorized_layers", "CoreBank",
     "balanced_modes", "padded_modes",
+    # rounding trained cores (truncating methods)
+    "TruncationMask", "current_cores", "bond_spectrum", "energy_ranks", "value_ranks", "truncate_bond",
+    "nuclear_subgradient", "write_back",
     "RankbenchError",
     # discovery and the contract suite (for a plugin package's own tests)
     "Registry", "Check", "check_method", "check_task",

@@ -1,4 +1,5 @@
-"""svd_posthoc: TR/TT-SVD rounding of trained cores behind fixed 0/1 masks (methods/svd_posthoc.py).
+"""svd_posthoc: TR/TT-SVD rounding of trained cores behind fixed 0/1 masks (methods/svd_posthoc.py, its
+rounding in rankbench/layers/rounding.py).
 
 The rounding is checked in float64 against first principles and tensorly's reconstructions; the
 rules on hand-built spectra; the schedule, the resume and the CLI on tiny data.
@@ -19,16 +20,17 @@ from helpers import make_tiny_mnist
 from rankbench.cli import main
 from rankbench.errors import RankbenchError
 from rankbench.layers.tensorized import TensorizedConv2d, TensorizedLinear, count_parameters, learned_ranks, prune_model
-from rankbench.methods.svd_posthoc import (
-    SvdPosthoc,
+from rankbench.methods.svd_posthoc import SvdPosthoc, target_order, target_ranks
+from rankbench.plugin import (
+    DataSplits,
+    Method,
+    MethodContext,
+    Split,
     TruncationMask,
-    _current_cores,
     bond_spectrum,
+    current_cores,
     energy_ranks,
-    target_order,
-    target_ranks,
 )
-from rankbench.plugin import DataSplits, Method, MethodContext, Split
 from rankbench.plugins.registry import Registry
 from rankbench.run.config import make_config
 from rankbench.run.prepare import build_model
@@ -121,7 +123,7 @@ def test_a_trains_bond_spectra_are_its_unfoldings_singular_values():
     torch.manual_seed(1)
     layer = TensorizedLinear(60, 12, (3, 4, 5), (3, 4), [1, 3, 7, 9, 4], "tt").double()
     full = reconstruction(layer)
-    cores = _current_cores(layer)
+    cores = current_cores(layer)
     for k in layer.gateable_bonds():
         unfolding = torch.linalg.svdvals(full.reshape(math.prod(full.shape[:k]), -1))
         spectrum = bond_spectrum(cores, k)
@@ -134,7 +136,7 @@ def test_a_trains_bond_spectra_are_its_unfoldings_singular_values():
 def test_bond_spectra_do_not_depend_on_the_gauge_training_left(decomposition):
     torch.manual_seed(2)
     layer = TensorizedLinear(60, 12, (3, 4, 5), (3, 4), 5, decomposition).double()
-    before = [bond_spectrum(_current_cores(layer), k) for k in layer.gateable_bonds()]
+    before = [bond_spectrum(current_cores(layer), k) for k in layer.gateable_bonds()]
     with torch.no_grad():
         d = len(layer.cores)
         for b in layer.gateable_bonds():  # an invertible P between every two cores: the same weight
@@ -142,7 +144,7 @@ def test_bond_spectra_do_not_depend_on_the_gauge_training_left(decomposition):
             left, right = layer.cores[(b - 1) % d], layer.cores[b]
             left.copy_(torch.tensordot(left, gauge, dims=([2], [0])))
             right.copy_(torch.tensordot(torch.linalg.inv(gauge), right, dims=([1], [0])))
-    after = [bond_spectrum(_current_cores(layer), k) for k in layer.gateable_bonds()]
+    after = [bond_spectrum(current_cores(layer), k) for k in layer.gateable_bonds()]
     for a, b in zip(before, after):
         torch.testing.assert_close(b / b[0], a / a[0], rtol=0, atol=1e-9)
 
@@ -211,7 +213,7 @@ def test_target_compression_is_met_on_mlp2_by_the_least_truncation():
     model = build_model(task, svd, 0, CPU)
     dense = count_parameters(task.dense_model())
     assert dense / count_parameters(model) < 150.0
-    cores = {name: _current_cores(layer) for name, layer in (("fc1", model.fc1), ("fc2", model.fc2))}
+    cores = {name: current_cores(layer) for name, layer in (("fc1", model.fc1), ("fc2", model.fc2))}
     names = [n for n in svd.selectors]
     spectra = [bond_spectrum(cores[n.split(".")[0]], int(n.split("bond")[1])) for n in names]
     ranks = svd.truncate(model, dense)

@@ -168,7 +168,8 @@ class BankPass:
         """Every core of the model, flattened and concatenated (ungated), when the pass made it."""
         if plan.any_gated:
             flat = self.flat = torch.cat([c.reshape(-1) for c in plan.cores])
-            values = {(id(layer), key): selector() for layer in plan.layers for key, selector in layer.selectors.items()}
+            values = {(id(layer), key): selector()
+                      for layer in plan.layers for key, selector in layer.selectors.items()}
             scales = torch.cat([plan.one if g is None else values[(id(g[0]), g[1])] for g in plan.gated])
             flat = SegmentScale.apply(flat, scales, plan.index, plan.lengths)
             pieces = flat.split(plan.chunk_sizes)

@@ -117,6 +117,8 @@ class Method:
         context: The run's ``MethodContext``, set by ``attach`` (``None`` before).
         selectors: Bond name (``fc1.bond2``) → the selector installed on it, in bond
             order; filled by ``attach``.
+        optimizer: The optimizer of the training the method is in, set by ``set_optimizer``
+            (``None`` before, and outside a training).
     """
 
     name: ClassVar[str] = ""
@@ -145,6 +147,7 @@ class Method:
         self.params = dict(params)
         self.context: MethodContext | None = None
         self.selectors: dict[str, RankSelector] = {}
+        self.optimizer: torch.optim.Optimizer | None = None
 
     def initial_rank(self, task_rank: int) -> int:
         """Rank of every bond in the tensorized model this method starts from.
@@ -231,6 +234,21 @@ class Method:
         task = task_loss(outputs, y)
         penalty = self.penalty(model)
         return StepLoss(total=task + penalty, task=task.detach(), penalty=penalty.detach(), outputs=outputs)
+
+    def set_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """The trainer hands the method the optimizer it built (the task's, over the ``weights`` and
+        ``selectors`` groups), once per training, before ``on_train_begin``; stored as ``self.optimizer``.
+
+        For a method that edits the optimizer's per-parameter state (``optimizer.state[param]``) when it
+        rewrites parameters itself, e.g. zeroing the moments of core slices it truncated. The state belongs
+        to the trainer's checkpoint (it is saved after every epoch and loaded on a resume, after
+        ``load_state_dict``), so what the method writes there resumes with it. Override it only to do more,
+        and call ``super().set_optimizer(optimizer)``.
+
+        Args:
+            optimizer: The training's optimizer.
+        """
+        self.optimizer = optimizer
 
     def on_train_begin(self, model: nn.Module, epochs: int, steps_per_epoch: int) -> None:
         """Once per training, before its first step (and, when it resumes, before the checkpoint is

@@ -97,7 +97,8 @@ class Trainer:
     trials, the contract suite and the benchmarks all train through it, so a method's per-step and
     per-epoch behaviour (``Method.on_step_end``, ``Method.on_epoch_end``) is the same everywhere.
 
-    It owns the task's optimizer (weights and selectors at their rates) and scheduler, the data-order
+    It owns the task's optimizer (weights and selectors at their rates; handed to the method by
+    ``Method.set_optimizer``) and scheduler, the data-order
     generator seeded with ``seed``, and the step and epoch counters; ``state_dict``/``load_state_dict``
     hold all of it (and the method's own state), so a resumed training draws exactly the random numbers
     an uninterrupted one would. ``callbacks`` run in order after every step and epoch.
@@ -121,6 +122,7 @@ class Trainer:
         self.per_step_sync = device.type != "cuda"
         lr = task.params["lr"]
         self.optimizer = task.optimizer(param_groups(model, lr, method.selector_lr(lr)))
+        method.set_optimizer(self.optimizer)
         self.per_step_scheduler = task.scheduler_interval == "step"
         self.steps_per_epoch = math.ceil(len(data.train) / self.batch_size)
         method.on_train_begin(model, epochs, self.steps_per_epoch)
