@@ -20,7 +20,7 @@ from rankbench.contract import Check, check_method, check_task
 from rankbench.plugins.registry import Registry
 
 ROOT = Path(__file__).resolve().parents[1]
-BUILTIN_METHODS = ("dense", "trn", "ours", "reinforce_l0", "mars", "svd_posthoc")
+BUILTIN_METHODS = ("dense", "trn", "ours", "reinforce_l0", "mars", "svd_posthoc", "trp")
 BUILTIN_TASKS = ("lenet5", "mlp2")
 METHOD_CHECKS = ["config", "data", "build", "train", "ranks", "export", "compression"]
 TASK_CHECKS = ["config", "data", "dense model", "tensorized model"]
@@ -290,6 +290,36 @@ def test_docs_method_example_passes_the_contract(docs_plugins):
         checks = check_method(registry, "sigmoid_l1", task)
         assert not failures(checks), (task, failures(checks))
     assert 25 <= len(python_blocks(ROOT / "docs" / "plugins.md")[0].splitlines()) <= 45
+
+
+def test_docs_optimizer_example_passes_the_contract_and_its_zeroed_state_stays_zero(tmp_path):
+    from rankbench.plugin import DataSplits, MethodContext, Split
+    from rankbench.run.config import make_config
+    from rankbench.run.prepare import build_model
+    from rankbench.run.trainer import Trainer
+
+    generator = torch.Generator().manual_seed(0)
+
+    def split(n: int) -> Split:
+        return Split(torch.randn(n, 1, 28, 28, generator=generator), torch.randint(0, 10, (n,), generator=generator))
+
+    (block,) = [b for b in python_blocks(ROOT / "docs" / "plugins.md") if "class ZeroLastSlice" in b]
+    (tmp_path / "zero_last_slice.py").write_text(block)
+    registry = Registry.discover(plugin_dirs=[tmp_path])
+    assert not failures(check_method(registry, "zero_last_slice", "mlp2"))
+    config = make_config(registry, "mlp2", "zero_last_slice", {"initial_rank": 3})
+    task = registry.task("mlp2")(config.task_params)
+    method = registry.method("zero_last_slice")(config.method_params)
+    model = build_model(task, method, 0, MethodContext(num_train=32, device=torch.device("cpu")))
+    data = DataSplits("tiny", "random", split(32), split(8), split(8), 10)
+    trainer = Trainer(model, method, task, data, epochs=1, seed=0, device=torch.device("cpu"), dense_parameters=1,
+                      batch_size=16)
+    trainer.fit()
+    assert method.optimizer is trainer.optimizer
+    for layer in (model.fc1, model.fc2):
+        for k in layer.gateable_bonds():
+            right = trainer.optimizer.state[layer.cores[k]]
+            assert not right["exp_avg"][-1].any() and not layer.cores[k][-1].any()
 
 
 def test_docs_task_example_passes_the_contract(docs_plugins):
