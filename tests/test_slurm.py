@@ -715,9 +715,10 @@ def test_a_job_at_its_time_limit_is_requeued_and_resumes_from_its_checkpoint_to_
     assert slurm.restarts(job) >= 1 and job in released  # requeued by itself, then ran again
     trials = trials_of(stores.storage, "limit")
     first = [t for t in trials if t.state.name == "FAIL"]
-    assert [t.user_attrs.get("failure_reason") for t in first] == ["Stopped: SIGUSR2"]
+    # stopped at the limit once, or more often on a loaded machine (a resumed attempt can hit it again)
+    assert first and {t.user_attrs.get("failure_reason") for t in first} == {"Stopped: SIGUSR2"}
     (done,) = by_lambda(trials).values()
-    assert run_of(done) == first[0].user_attrs["runs"]["0"]  # the run continued from its checkpoint
+    assert {t.user_attrs["runs"]["0"] for t in first} == {run_of(done)}  # one run, continued from its checkpoints
     assert fingerprint(stores.uri, run_of(done)) == reference[LAMBDAS[0]]
     folder = Path(study_attrs(stores.storage, "limit")["slurm_jobs"][0]["folder"])
     err = next(folder.glob(f"{job}_0_log.err")).read_text()
