@@ -426,7 +426,8 @@ def job_states(jobs: Sequence[Mapping[str, Any]]) -> dict[str, str]:
     for job in jobs:
         if str(job["job"]) not in found:
             result = _result(job)
-            found[str(job["job"])] = "ENDED" if result is None else ("COMPLETED" if result[0] == "success" else "FAILED")
+            found[str(job["job"])] = ("ENDED" if result is None
+                                      else "COMPLETED" if result[0] == "success" else "FAILED")
     return {i: found[i] for i in ids}
 
 
@@ -525,6 +526,9 @@ def preflight(spec: StudySpec, storage_url: str | None, slurm: SlurmOptions,
     if spec.matched is not None:
         raise RankbenchError(f"--launcher slurm: {spec.name} is a matched-compression study: the Slurm launcher "
                              "runs Optuna studies only: run it with --launcher local")
+    if spec.progressive is not None:
+        raise RankbenchError(f"--launcher slurm: {spec.name} is a progressive study (its phases follow one another "
+                             "in one command): run it with --launcher local")
     if workers < 1:
         raise RankbenchError("--workers must be >= 1")
     url = check_slurm_storage(storage_url)

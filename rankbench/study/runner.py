@@ -5,8 +5,8 @@ machines) or an Optuna journal file (``journal:///shared/path/study.log``, for
 machines that share a filesystem). Workers are processes (or Slurm jobs,
 ``rankbench.study.launcher``); a lock around "is the budget spent? then
 ask" keeps the total at exactly the budget, stale trials of dead workers are
-failed by their heartbeat (Optuna's on an RDB, rankbench's own in a journal) and retried, and trials interrupted by Ctrl-C or a
-crash are retried when the same command runs again. A study remembers the digest of
+failed by their heartbeat (Optuna's on an RDB, rankbench's own in a journal) and retried, and trials
+interrupted by Ctrl-C or a crash are retried when the same command runs again. A study remembers the digest of
 the study file it was created from (``StudySpec.digest``) and refuses another file
 under its name, and never trains one configuration twice (``same_settings``).
 SIGINT or SIGTERM stops every worker cleanly: their runs end KILLED and their
@@ -33,7 +33,7 @@ from rankbench.errors import MissingRecord, RankbenchError
 from rankbench.plugins.registry import Registry
 from rankbench.run.config import RunOptions
 from rankbench.run.tracking import DEFAULT_DIR, Tracker, run_identity
-from rankbench.study.spec import OBJECTIVE_METRICS, RECORDED_ONLY, StudySpec, first_difference
+from rankbench.study.spec import LAYER_RANKS_KEY, OBJECTIVE_METRICS, RECORDED_ONLY, StudySpec, first_difference
 
 FINISHED_STATES = ("COMPLETE", "PRUNED")
 DIGEST_ATTR, SPEC_ATTR = "spec_digest", "spec"
@@ -161,7 +161,8 @@ def open_storage(url: str, spec: StudySpec | None = None):
         return optuna.storages.RDBStorage(url, **kwargs)
     except Exception as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise RankbenchError(f"cannot open study storage {url} ({type(exc).__name__}: {reason}): check --storage") from None
+        raise RankbenchError(f"cannot open study storage {url} ({type(exc).__name__}: {reason}): "
+                             "check --storage") from None
 
 
 @contextlib.contextmanager
@@ -231,6 +232,8 @@ def make_sampler(spec: StudySpec, worker: int = 0):
     if spec.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if spec.sampler == "nsga2":
+        if spec.population_size is not None:
+            return optuna.samplers.NSGAIISampler(seed=seed, population_size=spec.population_size)
         return optuna.samplers.NSGAIISampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed, multivariate=True)
 
@@ -300,9 +303,10 @@ class StudyRun:
 def trial_assignments(trial, spec: StudySpec, registry: Registry) -> tuple[str, str, dict[str, Any]]:
     """The task, the method and the ``--set`` values of one trial.
 
-    A study over several tasks suggests ``task`` first. A grid study with ``[method_search]`` suggests one ``point`` (a method and its
-    own values); other samplers suggest the method, then that method's own keys
-    (a conditional search space, which TPE, random and NSGA-II sample natively)."""
+    A study over several tasks suggests ``task`` first. A grid study with ``[method_search]`` suggests one
+    ``point`` (a method and its own values); other samplers suggest the method, then that method's own keys
+    (a conditional search space, which TPE, random and NSGA-II sample natively). A progressive study's
+    phase suggests one rank per layer (``spec.genes``), given to the method as ``ranks=conv1:10,...``."""
     task = spec.task if len(spec.tasks) < 2 else trial.suggest_categorical("task", list(spec.tasks))
     own: dict[str, Any] = {}
     if spec.sampler == "grid" and spec.method_search:
@@ -318,9 +322,11 @@ def trial_assignments(trial, spec: StudySpec, registry: Registry) -> tuple[str, 
     values.update({k: v for k, v in spec.method_fixed.get(method, {}).items() if k in keys})
     for name, param in spec.search.items():
         value = param.suggest(trial)
-        if name in keys:
+        if name in keys and name not in spec.genes:
             values[name] = value
     values.update(own)
+    if spec.genes:
+        values[LAYER_RANKS_KEY] = ",".join(f"{layer}:{trial.params[layer]}" for layer in spec.genes)
     return task, method, values
 
 
@@ -357,6 +363,11 @@ def run_trial(trial, run: StudyRun, registry: Registry, tracker: Tracker,
     same = same_settings(trial.study, trial.number, task, method, values, spec.seeds)
     if same is not None:
         return reuse_trial(trial, same)
+    for name in spec.reuse_from:  # a progressive study's earlier phases: one configuration is trained once
+        other = optuna.load_study(study_name=name, storage=trial.study._storage)
+        same = same_settings(other, -1, task, method, values, spec.seeds)
+        if same is not None:
+            return reuse_trial(trial, same, study=name)
     objective = next(iter(spec.objectives))
     pruned_at: dict[str, int] = {}
 
@@ -383,22 +394,25 @@ def run_trial(trial, run: StudyRun, registry: Registry, tracker: Tracker,
         if pruned_at.get("seed") in runs:  # the run marked it FAILED, as for any exception
             mark_pruned(tracker, runs[pruned_at["seed"]], pruned_at["epoch"])
         raise
-    per_seed = []
-    for r in results:
-        last = r.history[-1]
-        per_seed.append({
-            "seed": r.seed, "run_id": r.run_id, records.VAL_ACCURACY: last[records.VAL_ACCURACY],
-            records.VAL_LOSS: last[records.VAL_LOSS], records.COMPRESSION: r.compression,
-            records.TOTAL_RANK: r.total_rank, records.PARAMETERS: r.parameters,
-            records.TRAIN_SECONDS_PER_BATCH: r.train_seconds_per_batch,
-            records.INFERENCE_SECONDS: r.inference_seconds, records.TEST_ACCURACY: r.test_accuracy,
-            records.TEST_TOP5: r.test_top5,
-        })
+    per_seed = [seed_record(r) for r in results]
     trial.set_user_attr("seeds", per_seed)
     for metric in OBJECTIVE_METRICS + RECORDED_ONLY:
         trial.set_user_attr(f"mean_{metric}", statistics.mean(s[metric] for s in per_seed))
     trial.set_user_attr("dataset", results[0].dataset)
     return [statistics.mean(s[m] for s in per_seed) for m in spec.objectives]
+
+
+def seed_record(result: Any) -> dict[str, Any]:
+    """What a trial keeps of one seed's run (``RunResult``): its id and every objective and recorded metric."""
+    last = result.history[-1]
+    return {
+        "seed": result.seed, "run_id": result.run_id, records.VAL_ACCURACY: last[records.VAL_ACCURACY],
+        records.VAL_LOSS: last[records.VAL_LOSS], records.COMPRESSION: result.compression,
+        records.TOTAL_RANK: result.total_rank, records.PARAMETERS: result.parameters,
+        records.TRAIN_SECONDS_PER_BATCH: result.train_seconds_per_batch,
+        records.INFERENCE_SECONDS: result.inference_seconds, records.TEST_ACCURACY: result.test_accuracy,
+        records.TEST_TOP5: result.test_top5,
+    }
 
 
 def _configuration(task: Any, method: Any, values: Any) -> str:
@@ -425,19 +439,26 @@ def same_settings(study, number: int, task: str, method: str, values: dict[str, 
     return None
 
 
-def reuse_trial(trial, same) -> list[float]:
+def reuse_trial(trial, same, study: str | None = None) -> list[float]:
     """Give ``trial`` the outcome of ``same`` (a trial with its settings): its objectives and per-seed records,
-    or its pruning; ``duplicate_of`` names the trial that trained. The runs keep their own ``trial`` tag."""
+    or its pruning; ``duplicate_of`` names the trial that trained. The runs keep their own ``trial`` tag.
+    ``same`` of another ``study`` (an earlier phase of a progressive study) is named by ``same_as``
+    instead (``STUDY trial N``): ``duplicate_of`` numbers trials of this study only."""
     import optuna
     from optuna.trial import TrialState
 
     original = same.user_attrs.get("duplicate_of", same.number)
-    trial.set_user_attr("duplicate_of", original)
+    if study is None:
+        trial.set_user_attr("duplicate_of", original)
+        what = f"trial {original}"
+    else:
+        what = same.user_attrs.get("same_as", f"{study} trial {original}")
+        trial.set_user_attr("same_as", what)
     for key, value in same.user_attrs.items():
         if key in ("seeds", "dataset") or key.startswith("mean_"):
             trial.set_user_attr(key, value)
     if same.state == TrialState.PRUNED:
-        raise optuna.TrialPruned(f"same settings as trial {original}")
+        raise optuna.TrialPruned(f"same settings as {what}")
     return list(same.values)
 
 
@@ -656,7 +677,8 @@ def ensure_parent_run(study, spec: StudySpec, tracker: Tracker, storage_url: str
         tracker.reopen(parent, run_identity())
         return parent
     params = {
-        "study": spec.name, "task": ",".join(spec.tasks), "methods": ",".join(spec.methods), "seeds": ",".join(map(str, spec.seeds)),
+        "study": spec.name, "task": ",".join(spec.tasks), "methods": ",".join(spec.methods),
+        "seeds": ",".join(map(str, spec.seeds)),
         "sampler": spec.sampler, "pruner": spec.pruner, "n_trials": spec.budget(),
         "objectives": json.dumps(spec.objectives), "search": json.dumps({k: v.__dict__ for k, v in spec.search.items()},
                                                                         default=str),
@@ -682,7 +704,8 @@ def run_study(
     out_dir: Path | None = None,
     **option_values: Any,
 ) -> StudyOutcome:
-    """Create or resume the study, run its workers to the budget, then summarise and plot.
+    """Create or resume the study, run its workers to the budget, then summarise and plot (a progressive
+    study: ``rankbench.study.progressive.run_progressive``, phase by phase, then the retraining).
 
     ``options`` are the trials' run options (``option_values``, e.g. ``tracking_uri=...``, over them);
     a step budget among them is the study's (``spec.budget_steps``) and so part of its digest."""
@@ -691,6 +714,11 @@ def run_study(
     spec, options = study_options(spec, options, **option_values)
     url = normalised_storage(storage_url or default_storage())
     check_sqlite_storage(url)
+    if spec.progressive is not None and not spec.phase:  # its phases are Optuna studies; it runs them in turn
+        from rankbench.study.progressive import run_progressive
+
+        with _stoppable():
+            return run_progressive(spec, url, options, workers=workers, plugin_dirs=plugin_dirs, out_dir=out_dir)
     with _stoppable():
         opened = open_study(spec, url, options, plugin_dirs)
         run, deadline = opened.run, opened.deadline
@@ -890,6 +918,8 @@ def trial_rows(study) -> list[list[str]]:
         note = "" if t.state.name == "COMPLETE" else attrs.get("failure_reason") or attrs.get("pruned_reason", "")
         if "duplicate_of" in attrs:
             note = f"same settings as trial {attrs['duplicate_of']}"
+        elif "same_as" in attrs:
+            note = f"same settings as {attrs['same_as']}"
         mean_test = attrs.get(f"mean_{records.TEST_ACCURACY}")
         rows.append([str(t.number), t.state.name, attrs.get("method", ""),
                      ", ".join(f"{k}={v}" for k, v in t.params.items() if k != "method"),

@@ -34,10 +34,13 @@ SAMPLERS = ("grid", "tpe", "random", "nsga2")
 PRUNERS = ("none", "median")
 TOP_LEVEL_KEYS = ("name", "description", "task", "tasks", "methods", "method", "seeds", "budget_steps", "fixed",
                   "method_fixed", "search", "method_search", "objectives", "sampler", "pruner", "budget", "workers",
-                  "matched", "slurm")
+                  "matched", "slurm", "progressive", "retrain")
+PROGRESSIVE_KEYS = ("layers", "center", "steps", "population", "generations", "top_k", "half_width", "min_rank",
+                    "max_rank", "min_compression", "seed")
 TABLE_KEYS = {"sampler": ("name", "seed"), "pruner": ("name",), "budget": ("n_trials", "timeout_s"),
               "workers": ("heartbeat_interval", "grace_period"),
-              "matched": ("targets", "tolerance", "max_runs", "baseline", "reference", "notes", "start")}
+              "matched": ("targets", "tolerance", "max_runs", "baseline", "reference", "notes", "start"),
+              "progressive": PROGRESSIVE_KEYS, "retrain": ("budget_steps",)}
 """The keys each settings table takes: any other is a typo, refused (it would be ignored)."""
 SLURM_KEYS = ("partition", "time", "cpus_per_task", "mem", "gres", "account", "signal_delay_s", "max_requeues",
               "setup", "args")
@@ -57,12 +60,14 @@ class SearchParam:
     high: float | None = None
     log: bool = False
     choices: tuple[Any, ...] = ()
+    step: int = 1
+    """An int range's step (a progressive study's window: every ``step``-th rank from ``low`` to ``high``)."""
 
     def suggest(self, trial) -> Any:
         if self.kind in ("grid", "categorical"):
             return trial.suggest_categorical(self.name, list(self.choices))
         if self.kind == "int":
-            return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log)
+            return trial.suggest_int(self.name, int(self.low), int(self.high), step=self.step, log=self.log)
         return trial.suggest_float(self.name, float(self.low), float(self.high), log=self.log)
 
 
@@ -83,6 +88,62 @@ class MatchedSpec:
     """task -> method -> what a reader of its row must know (e.g. why it collapses)."""
     start: dict[str, float] = field(default_factory=dict)
     """method -> where its knob's search starts (default: the method's resolved default)."""
+
+
+LAYER_RANKS_KEY = "ranks"
+"""The hyperparameter through which a method takes its own rank per layer (``trn``'s
+``ranks=conv1:10,fc1:8``): what a progressive study searches."""
+
+
+@dataclass(frozen=True)
+class RetrainSpec:
+    """A progressive study's ``[retrain]`` table: how the selected point is trained on the study's seeds."""
+
+    budget_steps: int | None = None
+    """Optimizer steps of each retraining run; None: the task's recipe at full length (its ``epochs``)."""
+
+
+@dataclass(frozen=True)
+class ProgressiveSpec:
+    """A progressive study's ``[progressive]`` table (PSTRN, Li et al. 2021): one rank per layer (a gene),
+    searched by NSGA-II in phases whose windows narrow around the best individuals of the phase before.
+
+    Phase ``p`` samples every gene from ``c + j * steps[p]`` for ``j`` in ``-half_width..half_width`` (kept
+    in ``[min_rank, max_rank]``): ``c`` is ``center`` in phase 1, then, per gene, its most frequent rank
+    among the ``top_k`` best distinct individuals of phase ``p - 1`` (a tie: the better individual's rank).
+    "Best" is ``selection_key``: at or above ``min_compression`` first, then the highest validation
+    accuracy, then the highest compression. Each phase runs ``population[p] * generations[p]`` proxy
+    trials (``budget_steps`` each, seed ``seed``); then the best point of all phases is trained again
+    (``retrain``) on the study's seeds."""
+
+    layers: tuple[str, ...]
+    center: int
+    steps: tuple[int, ...] = (5, 2, 1)
+    population: tuple[int, ...] = (20, 20, 20)
+    generations: tuple[int, ...] = (3, 3, 3)
+    top_k: int = 5
+    half_width: int = 2
+    min_rank: int = 1
+    max_rank: int | None = None
+    min_compression: float = 1.0
+    seed: int = 0
+    """The seed of every proxy run (the retraining trains the study's seeds)."""
+    retrain: RetrainSpec = field(default_factory=RetrainSpec)
+
+    def phase_trials(self) -> tuple[int, ...]:
+        """Proxy trials per phase: population x generations."""
+        return tuple(p * g for p, g in zip(self.population, self.generations))
+
+    def proxy_runs(self) -> int:
+        """Proxy trials of the whole search (a trial repeating an earlier configuration trains nothing)."""
+        return sum(self.phase_trials())
+
+    def window(self, center: int, phase: int) -> tuple[int, int, int]:
+        """``(low, high, step)`` of a gene's window in ``phase`` (counted from 0) around ``center``."""
+        step = self.steps[phase]
+        values = [center + j * step for j in range(-self.half_width, self.half_width + 1)]
+        values = [v for v in values if v >= self.min_rank and (self.max_rank is None or v <= self.max_rank)]
+        return min(values), max(values), step
 
 
 @dataclass(frozen=True)
@@ -114,6 +175,17 @@ class StudySpec:
     """Set for a matched-compression study (``[matched]``): run by ``rankbench.study.matched_runner``."""
     slurm: dict[str, Any] = field(default_factory=dict)
     """The file's ``[slurm]`` table, checked (``check_slurm``): options of ``--launcher slurm``'s worker jobs."""
+    progressive: ProgressiveSpec | None = None
+    """Set for a progressive study (``[progressive]``): run by ``rankbench.study.progressive``, phase by phase."""
+    phase: int = 0
+    """A progressive study's phase (from 1) that this spec runs as an Optuna study; 0: not a phase."""
+    genes: tuple[str, ...] = ()
+    """Searched names that are layers: a trial gives them to the method as ``ranks`` (``LAYER_RANKS_KEY``)."""
+    population_size: int | None = None
+    """NSGA-II's population (default: Optuna's, 50)."""
+    reuse_from: tuple[str, ...] = ()
+    """Other studies in the storage (a progressive study's earlier phases) whose finished trials a trial
+    with the same settings reuses instead of training them again."""
 
     @property
     def directions(self) -> list[str]:
@@ -156,7 +228,11 @@ class StudySpec:
         return size
 
     def budget(self) -> int:
-        """Trials to finish: the file's ``n_trials``, else the grid's size."""
+        """Trials to finish: the file's ``n_trials``, else the grid's size (a progressive study: its proxy
+        trials, or fewer with ``--n-trials``)."""
+        if self.progressive is not None and not self.phase:
+            total = self.progressive.proxy_runs()
+            return total if self.n_trials is None else min(self.n_trials, total)
         if self.n_trials is not None:
             return self.n_trials
         if self.sampler == "grid":
@@ -173,13 +249,17 @@ class StudySpec:
                 raise RankbenchError("--n-trials must be >= 1")
             if spec.sampler == "grid" and n_trials > spec.grid_size():
                 raise RankbenchError(f"--n-trials {n_trials} exceeds the grid's {spec.grid_size()} points")
+            if spec.progressive is not None and n_trials > spec.progressive.proxy_runs():
+                raise RankbenchError(f"--n-trials {n_trials} exceeds the {spec.progressive.proxy_runs()} proxy runs of "
+                                     f"progressive study {spec.name}: give fewer (a smoke run stops early)")
             spec = replace(spec, n_trials=n_trials)
         if seeds is not None:
             from rankbench.run.config import check_seeds
 
             spec = replace(spec, seeds=check_seeds(seeds, "--seeds"))
         if fixed:
-            searched = sorted(set(fixed) & ({*spec.search} | {k for p in spec.method_search.values() for k in p}))
+            searched = sorted(set(fixed) & ({*spec.search} | {k for p in spec.method_search.values() for k in p}
+                                            | ({LAYER_RANKS_KEY} if spec.progressive is not None else set())))
             if searched:
                 raise RankbenchError(f"--set {searched[0]}: the study searches {searched[0]}, so every trial would "
                                      "overwrite it: drop it from --set, or from the file's search tables")
@@ -196,7 +276,8 @@ class StudySpec:
         may change when a study is resumed."""
 
         def param(p: SearchParam) -> dict[str, Any]:
-            return {"kind": p.kind, "low": p.low, "high": p.high, "log": p.log, "choices": list(p.choices)}
+            out = {"kind": p.kind, "low": p.low, "high": p.high, "log": p.log, "choices": list(p.choices)}
+            return out if p.step == 1 else {**out, "step": p.step}  # the digests of older studies stay
 
         data = {
             "tasks": list(self.tasks or (self.task,)), "methods": list(self.methods),
@@ -211,6 +292,11 @@ class StudySpec:
         }
         if self.matched is not None:
             data["matched"] = asdict(self.matched)
+        if self.progressive is not None:  # the search, not the retraining (its runs are found by their settings)
+            data["progressive"] = {k: v for k, v in asdict(self.progressive).items() if k != "retrain"}
+        for key in ("phase", "genes", "population_size"):
+            if getattr(self, key):
+                data[key] = getattr(self, key)
         return json.loads(json.dumps(data, default=str))
 
     def digest(self) -> str:
@@ -311,7 +397,8 @@ def _toml(value: Any) -> str:
 
 def _search_param(name: str, raw: Any, declared: dict[str, Hyper], where: str) -> SearchParam:
     if not isinstance(raw, dict):
-        raise RankbenchError(f"{where}.{name}: write a table, e.g. {{ grid = [0.2, 1.0] }} or {{ low = 0.1, high = 1 }}")
+        raise RankbenchError(f"{where}.{name}: write a table, e.g. {{ grid = [0.2, 1.0] }} or "
+                             "{ low = 0.1, high = 1 }")
     hyper = declared[name]
     if not raw:  # an empty table: the range the hyperparameter declares (``Hyper.search``)
         raw = _declared_search(name, hyper, where)
@@ -418,8 +505,8 @@ def parse_study(raw: dict, registry: Registry, where: str = "study", source: str
     """Validate a parsed study file: every key, type, range and hyperparameter value, so that nothing
     wrong is found after the storage or a run exists."""
     _refuse_unknown(raw, TOP_LEVEL_KEYS, where)
-    for table in ("fixed", "method_fixed", "search", "method_search", "objectives", "sampler", "pruner", "budget", "workers",
-                  "slurm"):
+    for table in ("fixed", "method_fixed", "search", "method_search", "objectives", "sampler", "pruner", "budget",
+                  "workers", "slurm", "progressive", "retrain"):
         if table in raw and not isinstance(raw[table], dict):
             raise RankbenchError(f"{where}: {table} must be a table: write [{table}] and then key = value lines")
     for table, keys in TABLE_KEYS.items():
@@ -432,6 +519,17 @@ def parse_study(raw: dict, registry: Registry, where: str = "study", source: str
     if refused:
         raise RankbenchError(f"{where}: [{refused[0]}] has no place in a matched study (it searches each method's "
                              "compression knob itself): drop it, or drop [matched] for an Optuna study")
+    if "progressive" in raw:
+        refused = [k for k in PROGRESSIVE_REFUSED if k in raw]
+        if refused:
+            raise RankbenchError(f"{where}: [{refused[0]}] has no place in a progressive study (it searches one rank "
+                                 "per layer with NSGA-II, phase by phase): drop it, or drop [progressive]")
+        if isinstance(raw.get("budget"), dict) and "n_trials" in raw["budget"]:
+            raise RankbenchError(f"{where} [budget]: a progressive study's budget is its phases (population x "
+                                 "generations each, in [progressive]): drop n_trials")
+    elif "retrain" in raw:
+        raise RankbenchError(f"{where}: [retrain] belongs to a progressive study: add [progressive], or drop "
+                             "[retrain]")
     for key in ("name",) if "matched" in raw else ("name", "objectives"):
         if key not in raw:
             raise RankbenchError(f"{where}: missing {key!r}")
@@ -491,8 +589,9 @@ def parse_study(raw: dict, registry: Registry, where: str = "study", source: str
     if "matched" in raw:
         matched = _matched(raw, registry, tasks, methods, where)
         return StudySpec(name=name, task=task, methods=methods, objectives={}, search={}, fixed=fixed,
-                         method_fixed=method_fixed, budget_steps=budget_steps, seeds=_check_seeds(raw.get("seeds", [0]), where),
-                         sampler="matched", description=description, source=source, tasks=tasks, matched=matched)
+                         method_fixed=method_fixed, budget_steps=budget_steps,
+                         seeds=_check_seeds(raw.get("seeds", [0]), where), sampler="matched", description=description,
+                         source=source, tasks=tasks, matched=matched)
     objectives = raw["objectives"]
     if not isinstance(objectives, dict) or not objectives:
         raise RankbenchError(f"{where} [objectives]: give e.g. val_accuracy = \"maximize\"")
@@ -510,9 +609,12 @@ def parse_study(raw: dict, registry: Registry, where: str = "study", source: str
             raise RankbenchError(f"{where} [objectives]: {metric} = {direction!r}: use maximize or minimize")
 
     sampler_raw = raw.get("sampler", {})
-    sampler = sampler_raw.get("name", "tpe")
+    sampler = sampler_raw.get("name", "nsga2" if "progressive" in raw else "tpe")
     if sampler not in SAMPLERS:
         raise RankbenchError(f"{where} [sampler]: unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
+    if "progressive" in raw and sampler != "nsga2":
+        raise RankbenchError(f"{where} [sampler]: a progressive study searches with NSGA-II: write name = \"nsga2\" "
+                             "(or leave it out)")
     sampler_seed = sampler_raw.get("seed", 0)
     if isinstance(sampler_seed, bool) or not isinstance(sampler_seed, int) or not 0 <= sampler_seed < SEED_LIMIT:
         raise RankbenchError(f"{where} [sampler]: seed = {_toml(sampler_seed)}: give an integer in [0, 2**32), "
@@ -559,7 +661,122 @@ def parse_study(raw: dict, registry: Registry, where: str = "study", source: str
     )
     if sampler == "grid" and n_trials is not None and n_trials > spec.grid_size():
         raise RankbenchError(f"{where}: n_trials {n_trials} exceeds the grid's {spec.grid_size()} points")
+    if "progressive" in raw:
+        spec = replace(spec, progressive=_progressive(raw, registry, spec, where))
     return spec
+
+
+# ---------------------------------------------------------------------------- [progressive]
+PROGRESSIVE_REFUSED = ("search", "method_search", "pruner", "matched", "slurm")
+"""Tables a progressive study has no use for: its genes are its search, NSGA-II is multi-objective (no
+pruner), and the Slurm launcher runs Optuna studies only."""
+
+
+def _per_phase(value: Any, phases: int, where: str, key: str, minimum: int, example: str) -> tuple[int, ...]:
+    """An integer for every phase, or one list entry per phase."""
+    values = value if isinstance(value, list) else [value] * phases
+    if len(values) != phases:
+        raise RankbenchError(f"{where}: {key} = {_toml(value)} gives {len(values)} phases, steps {phases}: give one "
+                             f"value per phase, or one integer for all (e.g. {key} = {example})")
+    for v in values:
+        _integer(v, f"{where}: {key}", minimum, f"{key} must be a whole number >= {minimum} (or a list of them, one "
+                                                f"per phase, e.g. {key} = {example})")
+    return tuple(values)
+
+
+def model_layers(registry: Registry, task: str, method: str, values: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """The tensorized layers (module paths) of ``task``'s model as ``method`` builds it with ``values``,
+    built on the ``meta`` device (nothing allocated, no data loaded); None where it cannot be built so
+    (a model that depends on its data)."""
+    import torch
+
+    from rankbench.layers.tensorized import tensorized_layers
+    from rankbench.run.config import make_config
+
+    try:
+        config = make_config(registry, task, method, dict(values))
+        method_obj = registry.method(method)(config.method_params)
+        rank = method_obj.initial_rank(config.task_params.get("initial_rank", 1))
+        with torch.device("meta"):
+            model = registry.task(task)(config.task_params).tensorized_model(rank)
+    except Exception:
+        return None
+    return tuple(name for name, _ in tensorized_layers(model))
+
+
+def _progressive(raw: dict, registry: Registry, spec: StudySpec, where: str) -> ProgressiveSpec:
+    """The ``[progressive]`` and ``[retrain]`` tables, checked against the task's layers."""
+    table, at = raw["progressive"], f"{where} [progressive]"
+    if len(spec.tasks) != 1:
+        raise RankbenchError(f"{where}: a progressive study searches the layers of one task: give task = \"...\"")
+    method = spec.methods[0]
+    if len(spec.methods) != 1 or LAYER_RANKS_KEY not in registry.method(method).hyperparameters:
+        raise RankbenchError(f"{where}: a progressive study gives each layer its rank through the method's "
+                             f"{LAYER_RANKS_KEY!r} setting: give methods = [\"trn\"]")
+    if LAYER_RANKS_KEY in spec.fixed or LAYER_RANKS_KEY in spec.method_fixed.get(method, {}):
+        raise RankbenchError(f"{where}: {LAYER_RANKS_KEY} is what a progressive study searches: drop it from "
+                             "[fixed] / [method_fixed]")
+    steps = table.get("steps", [5, 2, 1])
+    if not isinstance(steps, list) or not steps:
+        raise RankbenchError(f"{at}: steps = {_toml(steps)}: give the rank step of every phase, e.g. steps = [5, 2, 1]")
+    for step in steps:
+        _integer(step, f"{at}: steps", 1, "every step must be a whole number >= 1, e.g. steps = [5, 2, 1]")
+    if any(b > a for a, b in zip(steps, steps[1:])):
+        raise RankbenchError(f"{at}: steps = {_toml(steps)}: each phase narrows the one before, so steps must not "
+                             "grow, e.g. steps = [5, 2, 1]")
+    population = _per_phase(table.get("population", 20), len(steps), at, "population", 2, "[20, 12, 12]")
+    generations = _per_phase(table.get("generations", 3), len(steps), at, "generations", 1, "[4, 3, 3]")
+    if "center" not in table:
+        raise RankbenchError(f"{at}: give center = R, the rank the first phase's window is centred on (e.g. "
+                             "center = 15 with steps = [5, 2, 1] and half_width = 2: ranks 5, 10, ..., 25)")
+    center = _integer(table["center"], f"{at}: center", 1, "center must be a rank >= 1")
+    top_k = _integer(table.get("top_k", 5), f"{at}: top_k", 1, "top_k must be a whole number >= 1 (the best "
+                     "individuals whose ranks centre the next window)")
+    half_width = _integer(table.get("half_width", 2), f"{at}: half_width", 1, "half_width must be a whole number >= 1 "
+                          "(a window holds centre +- half_width steps)")
+    min_rank = _integer(table.get("min_rank", 1), f"{at}: min_rank", 1, "min_rank must be a rank >= 1")
+    max_rank = table.get("max_rank")
+    if max_rank is not None:
+        _integer(max_rank, f"{at}: max_rank", min_rank, f"max_rank must be a rank >= min_rank ({min_rank})")
+    if center < min_rank or (max_rank is not None and center > max_rank):
+        raise RankbenchError(f"{at}: center = {center} lies outside [min_rank, max_rank] = [{min_rank}, "
+                             f"{max_rank if max_rank is not None else 'none'}]: move it inside")
+    floor = table.get("min_compression", 1.0)
+    if not _number(floor) or not floor >= 1:
+        raise RankbenchError(f"{at}: min_compression = {_toml(floor)}: give a compression >= 1 (the best point is "
+                             "the most accurate one at or above it), e.g. min_compression = 16.5")
+    seed = table.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise RankbenchError(f"{at}: seed = {_toml(seed)}: give the proxy runs' seed, an integer in [0, 2**32)")
+
+    keys = set(registry.task(spec.task).hyperparameters) | set(registry.method(method).hyperparameters)
+    values = {k: v for k, v in {**spec.fixed, **spec.method_fixed.get(method, {})}.items() if k in keys}
+    known = model_layers(registry, spec.task, method, values)
+    layers = table.get("layers")
+    if layers is None:
+        if known is None:
+            raise RankbenchError(f"{at}: the model of {spec.task} cannot be built without its data: name its layers, "
+                                 "layers = [\"...\"]")
+        layers = list(known)
+    if (not isinstance(layers, list) or not layers or not all(isinstance(n, str) and n for n in layers)):
+        raise RankbenchError(f"{at}: layers = {_toml(layers)}: give the layers whose ranks are searched (one gene "
+                             "each), e.g. layers = [\"conv1\", \"fc1\"]")
+    repeated = [n for i, n in enumerate(layers) if n in layers[:i]]
+    if repeated:
+        raise RankbenchError(f"{at}: layers lists {repeated[0]!r} twice: give each layer once")
+    if known is not None:
+        unknown = [n for n in layers if n not in known]
+        if unknown:
+            raise RankbenchError(f"{at}: task {spec.task} has no tensorized layer {unknown[0]!r}: valid are "
+                                 f"{', '.join(known)}")
+        layers = [n for n in known if n in layers]  # model order: the ranks string reads as the model does
+    retrain_raw = raw.get("retrain", {})
+    retrain_steps = retrain_raw.get("budget_steps")
+    if retrain_steps is not None:
+        _integer(retrain_steps, f"{where} [retrain]: budget_steps", 1, "budget_steps must be a positive integer "
+                 "(optimizer steps of each retraining run; leave it out for the recipe's full length)")
+    return ProgressiveSpec(tuple(layers), center, tuple(steps), population, generations, top_k, half_width, min_rank,
+                           max_rank, float(floor), seed, RetrainSpec(retrain_steps))
 
 
 MATCHED_REFUSED = ("search", "method_search", "objectives", "sampler", "pruner", "budget")
@@ -602,6 +819,10 @@ def _matched(raw: dict, registry: Registry, tasks: tuple[str, ...], methods: tup
             if hyper is None or hyper.search is None or hyper.search.low is None or hyper.search.high is None:
                 raise RankbenchError(f"{at}: method {method}'s knob {knob.name} declares no search interval "
                                      "(Hyper(search=Search(low, high))): its plugin must declare one")
+        own = {**raw.get("fixed", {}), **raw.get("method_fixed", {}).get(method, {})}
+        if knob is not None and knob.found_by == "model" and own.get(LAYER_RANKS_KEY) is not None:
+            raise RankbenchError(f"{at}: method {method}'s compression is counted from its uniform {knob.name}, which "
+                                 f"its own per-layer {LAYER_RANKS_KEY} would contradict: drop {LAYER_RANKS_KEY}")
     if baseline is not None and registry.method(baseline).compression_knob is None:
         raise RankbenchError(f"{at}: baseline {baseline} has no compression knob, so no point at any target: "
                              "choose a method with one")
