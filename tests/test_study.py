@@ -38,8 +38,10 @@ from rankbench.plugins.registry import Registry
 from rankbench.study.spec import load_study_file, parse_study
 
 REPO = Path(__file__).resolve().parent.parent
-STUDIES = sorted(p for p in (REPO / "studies").glob("*.toml") if "\n[matched]" not in p.read_text())
-"""The shipped Optuna studies (matched-compression ones: tests/test_matched_study.py)."""
+STUDIES = sorted(p for p in (REPO / "studies").glob("*.toml")
+                 if "\n[matched]" not in p.read_text() and "\n[progressive]" not in p.read_text())
+"""The shipped Optuna studies (matched-compression ones: tests/test_matched_study.py; progressive ones:
+tests/test_pstrn.py)."""
 PLUGINS = Path(__file__).resolve().parent / "plugins_study"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = ["--set", "epochs=1", "--seeds", "0"]
