@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from helpers import assert_one_line_error
+import rankbench
+from helpers import assert_one_line_error, toml_module
 from rankbench.cli import main
 from rankbench.report.board import Leaderboard, MatchedPoint, MethodCurve, SeedRun, TaskBoard
 from rankbench.report.curves import CurvePoint
-from rankbench.report.leaderboard import markdown
+from rankbench.report.leaderboard import markdown, task_sections
 from rankbench.report.page import FIGURE_CLASS, html_page, split_at, write_page
 
 METHODS = ("ours", "trn", "mars")
@@ -102,6 +103,22 @@ def test_the_markdown_shows_every_method_at_every_target_with_its_marks(board):
     assert "Dense reference (1x, dense defaults): 89.60±0.11 over 3 seed(s)." in text
     assert "66 runs trained (30 of them by the search seed); 7.45 run-hours" in text
     assert "searched on seed 0" in text
+
+
+def test_each_task_shows_what_its_sources_published_beside_it_never_compared(board):
+    text = markdown(board, resamples=300)
+    published = toml_module().loads((Path(rankbench.__file__).parent / "report" / "published.toml").read_text())["row"]
+    lenet = text[text.index("## lenet5 on mnist"):]
+    section = lenet[lenet.index("### Published"):lenet.index("## Protocol")]
+    entries = [e for e in published if e["task"] == "lenet5"]
+    assert len([line for line in section.splitlines() if line.startswith("| ")]) == len(entries) + 1  # + header
+    pstrn = [line for line in section.splitlines() if line.startswith("| pstrn")]
+    assert len(pstrn) == 3 and any("| 99.40" in line and "16.50x" in line for line in pstrn)
+    assert "PSTRN-M; error 0.57 %" in section and "never compared" in section
+    mlp = text[text.index("## mlp2 on fmnist"):text.index("## lenet5 on mnist")]
+    assert "MARS official notebook MNIST-2FC-soft" in mlp and "Cao et al. 2024, poster (PSTRN)" not in mlp
+    lonely = TaskBoard("no_such_task", "d", (5,), 0.1, ())
+    assert "Published" not in [s.title for s in task_sections(lonely)]
 
 
 def test_curves_without_a_common_range_or_a_baseline_curve_are_said_not_raised():

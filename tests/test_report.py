@@ -775,7 +775,7 @@ def test_published_rows_only_for_the_tasks_present(main_store, capsys):
     rows = csv_rows(out)
     published = [r for r in rows if r["source"].startswith("published")]
     lenet = [e for e in published_entries() if e["task"] == "lenet5"]
-    assert len(published) == len(lenet) == 8
+    assert len(published) == len(lenet) == 11
     assert {r["source"] for r in published} == {f"published (mnist): {e['source']}" for e in lenet}
     assert all(r["task"] == "lenet5" for r in published)
     (ours02,) = find(published, method="ours", settings="lambda=0.2")

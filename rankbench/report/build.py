@@ -320,7 +320,8 @@ def _fmt(values: list[float], digits: int) -> str:
     return mean_std(values, digits) if values else ""
 
 
-def _published_fmt(entry: dict, key: str, digits: int) -> str:
+def published_fmt(entry: dict, key: str, digits: int) -> str:
+    """A published entry's ``key`` (accuracy, compression) as mean±std, or empty when the source gives none."""
     if key not in entry:
         return ""
     std = entry.get(f"{key}_std")
@@ -351,9 +352,9 @@ def table_rows(rows: list[Row], shown: Sequence[str] = ()) -> list[list[str]]:
     for row in rows:
         if row.source == "published":
             e = row.published
-            extra = [_published_fmt(e, m, 2) + (_unit(m) if m in e else "") for m in shown]
-            out.append([row.method, e.get("note", ""), str(e.get("n", "")), _published_fmt(e, "accuracy", 2),
-                        _published_fmt(e, "compression", 2) + ("x" if "compression" in e else ""), *extra,
+            extra = [published_fmt(e, m, 2) + (_unit(m) if m in e else "") for m in shown]
+            out.append([row.method, e.get("note", ""), str(e.get("n", "")), published_fmt(e, "accuracy", 2),
+                        published_fmt(e, "compression", 2) + ("x" if "compression" in e else ""), *extra,
                         "", "", "", "", "", "", f"published ({e['dataset']}): {e['source']}"])
             continue
         n = len(row.runs)

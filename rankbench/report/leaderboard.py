@@ -110,7 +110,28 @@ def task_sections(task: TaskBoard, tablefmt: str = "github", *, resamples: int =
     sections.append(_summary_section(curves, tablefmt, resamples))
     if task.baseline is not None:
         sections.append(_comparison_section(curves, task.baseline, tablefmt))
+    published = _published_section(task.task, tablefmt)
+    if published is not None:
+        sections.append(published)
     return sections
+
+
+def _published_section(task: str, tablefmt: str) -> Section | None:
+    """What the methods' sources report on this task (rankbench/report/published.toml), beside the
+    measured tables: on their own data and training length, so for orientation, never compared."""
+    from rankbench.report.build import published_fmt, published_rows
+
+    entries = [row.published for row in published_rows([task])]
+    if not entries:
+        return None
+    rows = [[e["method"], e.get("note", ""), e["dataset"], published_fmt(e, "accuracy", 2),
+             published_fmt(e, "compression", 2) + ("x" if "compression" in e else ""), str(e.get("n", "")),
+             e["source"]] for e in entries]
+    table = tabulate(rows, headers=["method", "setting", "data", "test acc %", "compression", "n", "source"],
+                     tablefmt=tablefmt, disable_numparse=True)
+    text = ("What the sources report on this task, on their own data (the full training set) and training "
+            "length: for orientation beside the measured points, never compared with them.")
+    return Section("Published", text, table)
 
 
 def _summary_section(curves: Mapping[str, Sequence[CurvePoint]], tablefmt: str, resamples: int) -> Section:
