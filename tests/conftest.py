@@ -6,7 +6,7 @@ the tests of Optuna studies shared across workers. In order:
 1. ``$RANKBENCH_TEST_POSTGRES_URL``, used as is;
 2. else a throwaway cluster made with the newest server binaries under
    ``/usr/lib/postgresql/<version>/bin`` (Debian's ``postgresql`` package, which
-   ``.ci/postgres.sh`` installs): ``initdb`` in a temporary folder, a server on a
+   ``.ci/debian.sh`` installs): ``initdb`` in a temporary folder, a server on a
    free loopback port, database ``rankbench_test``; stopped and deleted at the
    end of the session. As root, the cluster belongs to the ``postgres`` system
    user (PostgreSQL refuses to run as root);
@@ -81,7 +81,7 @@ POSTGRES_DB = "rankbench_test"
 POSTGRES_USER = "rankbench"
 NO_SERVER_REASON = (
     "no PostgreSQL server: set RANKBENCH_TEST_POSTGRES_URL or install "
-    "Debian's postgresql (.ci/postgres.sh does)"
+    "Debian's postgresql (`bash .ci/debian.sh --no-service-start '/usr/lib/postgresql/*/bin/pg_ctl' postgresql`)"
 )
 
 

@@ -1,7 +1,7 @@
 """``rankbench study FILE --launcher slurm``: a study's workers as Slurm jobs (rankbench.study.launcher).
 
 The Slurm tests run on a real, throwaway Slurm cluster of one node (the ``slurm`` fixture): Debian's
-``slurm-wlm`` and ``munge`` (``.ci/slurm.sh`` installs them), a ``slurm.conf`` written into a temporary
+``slurm-wlm`` and ``munge`` (``.ci/debian.sh`` installs them), a ``slurm.conf`` written into a temporary
 folder, ``munged`` with a generated key, ``slurmctld`` and ``slurmd`` started here and stopped at the
 end; ``SLURM_CONF`` points every Slurm command of the tests (and of the jobs) at it. Without the packages,
 or without root (the daemons run as root, ``SlurmUser=root``), those tests skip saying why.
@@ -38,7 +38,7 @@ from rankbench.errors import RankbenchError
 
 PLUGINS = Path(__file__).resolve().parent / "plugins_slurm"
 SLURM_BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "squeue", "scontrol", "scancel", "sinfo")
-NO_SLURM = "Slurm is not installed (no {}): .ci/slurm.sh installs Debian's slurm-wlm and munge"
+NO_SLURM = "Slurm is not installed (no {}): `bash .ci/debian.sh --no-service-start /usr/sbin/slurmd slurm-wlm munge` installs them"
 EPOCHS = 4
 LAMBDAS = (0.1, 1.0)
 TIMING = ("seconds",)
