@@ -38,7 +38,8 @@ from rankbench.errors import RankbenchError
 
 PLUGINS = Path(__file__).resolve().parent / "plugins_slurm"
 SLURM_BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "squeue", "scontrol", "scancel", "sinfo")
-NO_SLURM = "Slurm is not installed (no {}): `bash .ci/debian.sh --no-service-start /usr/sbin/slurmd slurm-wlm munge` installs them"
+NO_SLURM = ("Slurm is not installed (no {}): "
+            "`bash .ci/debian.sh --no-service-start /usr/sbin/slurmd slurm-wlm munge` installs them")
 EPOCHS = 4
 LAMBDAS = (0.1, 1.0)
 TIMING = ("seconds",)
