@@ -78,10 +78,12 @@ def built_model(registry: Registry, task_name: str, method_name: str) -> nn.Modu
     return prepared(registry, task_name, method_name)[2]
 
 
-OVER_BUDGET = {("bayes_ard", "resnet32"): 6.7, ("bayes_ard", "lenet5"): 7.5}
+OVER_BUDGET = {("bayes_ard", "resnet32"): 6.7, ("bayes_ard", "lenet5"): 7.5,
+               ("trp", "resnet32"): 4.2, ("trp", "lenet5"): 5.5}
 """Methods known to exceed their budget, held at their measured ceiling so they cannot get worse: bayes_ard
 runs its M-step and prior bond by bond (1,751 ops per ResNet-32 step, 6.46x dense; 229 on LeNet-5, 7.16x),
-until the per-bond sums of squares are batched as ours' gates are."""
+until the per-bond sums of squares are batched as ours' gates are; trp adds its nuclear-norm term bond by
+bond (1,094 ops per ResNet-32 step, 4.04x dense; 169 on LeNet-5, 5.28x)."""
 
 
 def budget(registry: Registry, task_name: str, method_name: str) -> float | None:
