@@ -424,6 +424,22 @@ class Tracker:
                 raise  # the one that lost the race finds it there now
             self._client.log_inputs(run_id, inputs)
 
+    @contextlib.contextmanager
+    def ends_on_error(self, run_id: str | None) -> Iterator[None]:
+        """Marks the run KILLED when the block is interrupted (Ctrl-C, SIGTERM) and FAILED when it
+        raises, then re-raises: a study's parent run never stays RUNNING behind a stopped command.
+        ``None`` (no run yet) marks nothing."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            if run_id is not None:
+                self.terminate(run_id, "KILLED")
+            raise
+        except Exception:
+            if run_id is not None:
+                self.terminate(run_id, "FAILED")
+            raise
+
     @_writes("the run status")
     def terminate(self, run_id: str, status: str) -> None:
         """End the run with an MLflow status: FINISHED, FAILED or KILLED."""

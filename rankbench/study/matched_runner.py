@@ -467,7 +467,7 @@ def run_matched(spec: StudySpec, *, options: RunOptions | None = None, workers: 
         parent = ensure_parent(tracker, spec)
         run = MatchedRun(spec, replace(options, tracking_uri=tracker.uri), tuple(plugin_dirs), parent)
         matched = MatchedRuns(run, registry)
-        try:
+        with tracker.ends_on_error(parent):
             searched = [Job(t, m) for t in spec.tasks for m in spec.methods
                         if (k := knob_of(registry, m)) is not None and k.found_by == "training"]
             execute(run, matched, searched, workers)
@@ -480,7 +480,7 @@ def run_matched(spec: StudySpec, *, options: RunOptions | None = None, workers: 
                         continue
                     by_training = knob is not None and knob.found_by == "training"
                     searches = search(matched, task, method, train=False) if by_training else None
-                    if knob is not None and knob.found_by == "training" and searches is None:
+                    if by_training and searches is None:
                         raise RankbenchError(f"the knob search of {method} on {task} did not finish: run the study "
                                              "again to continue it")
                     plans[(task, method)], notes[(task, method)] = plan_points(matched, task, method, searches)
@@ -493,11 +493,5 @@ def run_matched(spec: StudySpec, *, options: RunOptions | None = None, workers: 
 
                 paths += write_page(board, folder)
             tracker.log_text(parent, board.to_json(), "leaderboard.json")
-        except KeyboardInterrupt:
-            tracker.terminate(parent, "KILLED")
-            raise
-        except Exception:
-            tracker.terminate(parent, "FAILED")
-            raise
         tracker.finish(parent)
     return board, paths

@@ -722,17 +722,11 @@ def run_study(
     with _stoppable():
         opened = open_study(spec, url, options, plugin_dirs)
         run, deadline = opened.run, opened.deadline
-        try:
+        with opened.tracker.ends_on_error(run.parent_run_id):
             if workers == 1:
                 worker_loop(run, deadline)
             else:
                 _run_workers(run, workers, deadline)
-        except KeyboardInterrupt:
-            opened.tracker.terminate(run.parent_run_id, "KILLED")
-            raise
-        except Exception:
-            opened.tracker.terminate(run.parent_run_id, "FAILED")
-            raise
         return finish_study(opened, out_dir)
 
 
@@ -774,19 +768,13 @@ def finish_study(opened: OpenedStudy, out_dir: Path | None = None) -> StudyOutco
     """Summarise the study, write its plots and log both on its parent run, which then ends FINISHED
     (FAILED, and the error raised, when that fails)."""
     tracker, parent, spec = opened.tracker, opened.run.parent_run_id, opened.run.spec
-    try:
+    with tracker.ends_on_error(parent):
         outcome = summarise(opened.study, spec)
         from rankbench.study.plots import write_plots
 
         folder = out_dir or DEFAULT_DIR / "studies" / spec.name
         outcome.plots = write_plots(opened.study, spec, folder)
         _log_outcome(tracker, parent, outcome, folder)
-    except KeyboardInterrupt:
-        tracker.terminate(parent, "KILLED")
-        raise
-    except Exception:
-        tracker.terminate(parent, "FAILED")
-        raise
     tracker.finish(parent)
     return outcome
 
