@@ -236,12 +236,7 @@ def test_the_final_truncation_keeps_the_values_above_the_threshold_and_enforces_
     assert float(trp.penalty(model)) == 0.0
 
 
-def test_the_knob_is_the_value_threshold_and_the_compression_rises_with_it():
-    cls = REGISTRY.method("trp")
-    knob = cls.compression_knob
-    assert (knob.name, knob.increases_compression, knob.found_by) == ("value_threshold", True, "training")
-    search = cls.hyperparameters["value_threshold"].search
-    assert search.log and 0.0 < search.low < search.high <= 1.0
+def test_the_final_truncation_keeps_fewer_values_as_the_threshold_rises():
     torch.manual_seed(0)
     trained = nn.Sequential(TensorizedLinear(60, 12, (3, 4, 5), (3, 4), 6, "tr").double())
     counts = []
@@ -253,6 +248,24 @@ def test_the_knob_is_the_value_threshold_and_the_compression_rises_with_it():
         counts.append(count_parameters(model))
     assert counts == sorted(counts, reverse=True) and counts[0] > counts[-1]
     assert learned_ranks(model)["0"] == [1] * 5  # threshold 1: the largest value of every bond alone
+
+
+def test_the_knob_is_the_energy_and_the_compression_falls_as_it_rises():
+    cls = REGISTRY.method("trp")
+    knob = cls.compression_knob
+    assert (knob.name, knob.increases_compression, knob.found_by) == ("energy", False, "training")
+    search = cls.hyperparameters["energy"].search
+    assert not search.log and 0.0 < search.low < 0.9 < search.high < 1.0
+    torch.manual_seed(0)
+    trained = nn.Sequential(TensorizedLinear(60, 12, (3, 4, 5), (3, 4), 6, "tr").double())
+    counts = []
+    for energy in (0.3, 0.6, 0.9, 0.99, 0.9999):
+        model = copy.deepcopy(trained)
+        trp = method(energy=energy)
+        trp.attach(model, CPU)
+        trp.truncate(trp.energy_rule())
+        counts.append(count_parameters(model))
+    assert counts == sorted(counts) and counts[0] < counts[-1]
 
 
 # ---------------------------------------------------------------------------- the trainer, resume, the CLI
