@@ -155,6 +155,19 @@ def test_the_task_tables_name_every_registered_task(builtins):
     assert set(_table((DOCS / "tasks.md").read_text(encoding="utf-8"), "## Built-in tasks")) == set(expected)
 
 
+@pytest.mark.parametrize("board_file", sorted((ROOT / "benchmarks" / "results" / "leaderboard").glob("*/leaderboard.json")),
+                         ids=lambda path: path.parent.name)
+def test_the_readme_quotes_each_committed_leaderboard_as_it_is(board_file):
+    from rankbench.report.board import Leaderboard
+    from rankbench.report.leaderboard import headline_table
+
+    readme = README.read_text(encoding="utf-8")
+    for task in Leaderboard.read(board_file).boards:
+        table = headline_table(task)
+        assert f"**`{task.task}`**" in readme and table in readme, (
+            f"README.md: the {task.task} leaderboard table should read (from {board_file.relative_to(ROOT)})\n{table}")
+
+
 def test_the_readme_plugin_is_about_20_lines_and_passes_the_contract(tmp_path):
     from rankbench.plugin import Registry, check_method
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from rankbench.report.curves import CurvePoint
-from rankbench.report.leaderboard import comparison_table, summary_table, target_table
+from rankbench.report.board import MatchedPoint, MethodCurve, TaskBoard
+from rankbench.report.leaderboard import comparison_table, headline_table, summary_table, target_table
 
 
 def point(target: float, accuracies: list[float], reached: float | None = None) -> CurvePoint:
@@ -28,6 +29,23 @@ def test_the_target_table_has_every_method_at_every_target_with_the_compression_
     assert "collapses on rings" in next(line for line in lines if line.startswith("| mars"))
     partial = target_table({**CURVES, "new": [point(10, [80.0])]})
     assert "| -" in next(line for line in partial.splitlines() if line.startswith("| new"))
+
+
+
+def test_the_headline_table_puts_the_dense_line_first_and_keeps_the_marks_but_not_the_notes():
+    def matched(p: CurvePoint, hit: bool = True) -> MatchedPoint:
+        return MatchedPoint(p.target, "lambda=1", hit, p, runs=())
+
+    task = TaskBoard("mlp2", "digits", (10.0, 40.0), 0.1,
+                     (MethodCurve("ours", "lambda", (matched(CURVES["ours"][0]), matched(CURVES["ours"][1], False)),
+                                  note="starts at 18x"),
+                      MethodCurve("trn", "rank", tuple(matched(p) for p in CURVES["trn"]))),
+                     baseline="trn", reference=matched(point(1, [97.0, 97.2, 97.4])))
+    lines = headline_table(task).splitlines()
+    assert [c.strip() for c in lines[0].split("|")[1:-1]] == ["method", "10x", "40x"]
+    assert [c.strip() for c in lines[2].split("|")[1:-1]] == ["dense reference", "97.20±0.20 (1x)", "97.20±0.20 (1x)"]
+    assert [c.strip() for c in lines[3].split("|")[1:-1]] == ["ours", "95.50±0.41 (10.4x)", "90.00±0.79 (40x, missed)"]
+    assert lines[4].startswith("| trn") and "starts at 18x" not in "\n".join(lines)
 
 
 def test_the_summary_ranks_the_curves_over_their_common_range():

@@ -10,7 +10,7 @@ task in any tabulate format, so the HTML page (rankbench/report/page.py) shows t
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from tabulate import tabulate
@@ -21,11 +21,12 @@ from rankbench.report.tables import mean_std
 
 
 def target_table(curves: Mapping[str, Sequence[CurvePoint]], notes: Mapping[str, str] | None = None,
-                 tablefmt: str = "github", marks: Mapping[str, Mapping[float, str]] | None = None) -> str:
+                 tablefmt: str = "github", marks: Mapping[str, Mapping[float, str]] | None = None,
+                 note_column: bool = True) -> str:
     """Test accuracy mean±std at every target (the compression each reached, geometric mean, in
     brackets), one row per method; a method without a point at a target shows "-". ``marks`` (per
     method, per target) adds a word to the brackets, e.g. "12.1x, missed": a reader must see which
-    points are not at their target."""
+    points are not at their target. ``note_column`` False drops the notes (the README's short form)."""
     targets = sorted({p.target for points in curves.values() for p in points})
     rows = []
     for method, points in curves.items():
@@ -33,9 +34,21 @@ def target_table(curves: Mapping[str, Sequence[CurvePoint]], notes: Mapping[str,
         marked = (marks or {}).get(method, {})
         cells = [f"{mean_std(list(at[t].accuracies))} ({at[t].compression:.3g}x"
                  f"{', ' + marked[t] if marked.get(t) else ''})" if t in at else "-" for t in targets]
-        rows.append([method, *cells, (notes or {}).get(method, "")])
-    return tabulate(rows, headers=["method", *[f"{t:g}x" for t in targets], "note"], tablefmt=tablefmt,
-                    disable_numparse=True)
+        rows.append([method, *cells, *([(notes or {}).get(method, "")] if note_column else [])])
+    headers = ["method", *[f"{t:g}x" for t in targets], *(["note"] if note_column else [])]
+    return tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=True)
+
+
+def headline_table(task: TaskBoard, tablefmt: str = "github") -> str:
+    """A task's accuracy at each target without the notes, under a first row for the dense reference
+    (its one 1x point): the table the README quotes (tests/test_docs.py checks the README's copy
+    against the committed leaderboard.json)."""
+    curves = {c.method: c.curve() for c in task.curves}
+    marks = {c.method: point_marks(c) for c in task.curves}
+    if task.reference is not None:
+        ref = task.reference.point
+        curves = {"dense reference": [replace(ref, target=t) for t in task.targets], **curves}
+    return target_table(curves, tablefmt=tablefmt, marks=marks, note_column=False)
 
 
 def summary_table(curves: Mapping[str, Sequence[CurvePoint]], *, resamples: int = 2000, seed: int = 0,
