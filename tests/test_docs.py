@@ -155,7 +155,7 @@ def test_the_task_tables_name_every_registered_task(builtins):
     assert set(_table((DOCS / "tasks.md").read_text(encoding="utf-8"), "## Built-in tasks")) == set(expected)
 
 
-@pytest.mark.parametrize("board_file", sorted((ROOT / "benchmarks" / "results" / "leaderboard").glob("*/leaderboard.json")),
+@pytest.mark.parametrize("board_file", sorted((ROOT / "benchmarks" / "results" / "leaderboard").glob("*/*.json")),
                          ids=lambda path: path.parent.name)
 def test_the_readme_quotes_each_committed_leaderboard_as_it_is(board_file):
     from rankbench.report.board import Leaderboard

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from rankbench.report.curves import CurvePoint
 from rankbench.report.board import MatchedPoint, MethodCurve, TaskBoard
+from rankbench.report.curves import CurvePoint
 from rankbench.report.leaderboard import comparison_table, headline_table, summary_table, target_table
 
 
