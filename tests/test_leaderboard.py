@@ -31,7 +31,6 @@ def test_the_target_table_has_every_method_at_every_target_with_the_compression_
     assert "| -" in next(line for line in partial.splitlines() if line.startswith("| new"))
 
 
-
 def test_the_headline_table_puts_the_dense_line_first_and_keeps_the_marks_but_not_the_notes():
     def matched(p: CurvePoint, hit: bool = True) -> MatchedPoint:
         return MatchedPoint(p.target, "lambda=1", hit, p, runs=())

@@ -236,9 +236,14 @@ def test_the_final_truncation_keeps_the_values_above_the_threshold_and_enforces_
     assert float(trp.penalty(model)) == 0.0
 
 
-def test_the_final_truncation_keeps_fewer_values_as_the_threshold_rises():
+def ring_of_rank_6() -> nn.Sequential:
+    """A seeded 60 -> 12 tensor-ring layer at rank 6 (random cores: nothing truncated yet)."""
     torch.manual_seed(0)
-    trained = nn.Sequential(TensorizedLinear(60, 12, (3, 4, 5), (3, 4), 6, "tr").double())
+    return nn.Sequential(TensorizedLinear(60, 12, (3, 4, 5), (3, 4), 6, "tr").double())
+
+
+def test_the_final_truncation_keeps_fewer_values_as_the_threshold_rises():
+    trained = ring_of_rank_6()
     counts = []
     for threshold in (0.0, 0.05, 0.2, 0.5, 0.8, 1.0):
         model = copy.deepcopy(trained)
@@ -256,8 +261,7 @@ def test_the_knob_is_the_energy_and_the_compression_falls_as_it_rises():
     assert (knob.name, knob.increases_compression, knob.found_by) == ("energy", False, "training")
     search = cls.hyperparameters["energy"].search
     assert not search.log and 0.0 < search.low < 0.9 < search.high < 1.0
-    torch.manual_seed(0)
-    trained = nn.Sequential(TensorizedLinear(60, 12, (3, 4, 5), (3, 4), 6, "tr").double())
+    trained = ring_of_rank_6()
     counts = []
     for energy in (0.3, 0.6, 0.9, 0.99, 0.9999):
         model = copy.deepcopy(trained)
