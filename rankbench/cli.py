@@ -12,6 +12,10 @@ from pathlib import Path
 from rankbench.errors import RankbenchError
 
 
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+
+
 def _seeds(text: str) -> tuple[int, ...]:
     from rankbench.run.config import check_seeds
 
@@ -87,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--n-trials", type=int, default=None, help="override the study's trial budget")
     study.add_argument("--workers", type=int, default=1, help="worker processes sharing the storage")
     study.add_argument("--seeds", type=_seeds, default=None, help="override the seeds run per trial")
+    study.add_argument("--methods", type=_names, default=None, metavar="NAME,...",
+                       help="a matched study: train only these of its methods (join the parts' boards with "
+                            "rankbench leaderboard A.json B.json)")
     study.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
                        help="override a fixed setting for every trial (repeatable)")
     study.add_argument("--out", type=Path, default=None,
@@ -132,8 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     board = sub.add_parser("leaderboard", parents=[common],
                            help="a matched-compression study's tables (Markdown) and its HTML page",
                            description="rankbench leaderboard FILE.json | rankbench leaderboard --study NAME")
-    board.add_argument("file", nargs="?", type=Path, default=None, metavar="FILE.json",
-                       help="the leaderboard.json a matched study wrote")
+    board.add_argument("file", nargs="*", type=Path, default=[], metavar="FILE.json",
+                       help="the leaderboard.json a matched study wrote; several: the parts of one study split "
+                            "by --methods, joined")
     board.add_argument("--study", default=None, help="read the newest leaderboard of this matched study from MLflow")
     board.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: the rankbench store)")
     board.add_argument("--out", type=Path, default=Path("leaderboard"),
@@ -178,14 +186,15 @@ def cmd_leaderboard(args, registry) -> None:
     from rankbench.report.leaderboard import markdown
     from rankbench.report.page import write_page
 
-    if (args.file is None) == (args.study is None):
-        raise RankbenchError("give one leaderboard: rankbench leaderboard FILE.json, or rankbench leaderboard "
-                             "--study NAME")
+    if bool(args.file) == (args.study is not None):
+        raise RankbenchError("give the leaderboard: rankbench leaderboard FILE.json [MORE.json ...], or rankbench "
+                             "leaderboard --study NAME")
     if args.out.exists() and not args.out.is_dir():
         raise RankbenchError(f"--out {args.out}: is a file: name a folder for leaderboard.html and leaderboard.md")
-    board = Leaderboard.read(args.file) if args.file is not None else study_leaderboard(args.study, args.tracking_uri)
+    board = (Leaderboard.join([Leaderboard.read(path) for path in args.file]) if args.file
+             else study_leaderboard(args.study, args.tracking_uri))
     print(markdown(board, args.format), end="")
-    for path in write_page(board, args.out):
+    for path in [*write_page(board, args.out), board.write(args.out / "leaderboard.json")]:
         print(f"wrote {path}")
 
 
@@ -430,7 +439,7 @@ def cmd_study(args, registry) -> None:
         raise RankbenchError(f"--n-trials: matched study {spec.name} has no trial budget (its knob searches end at "
                              "the targets): drop --n-trials")
     spec = spec.with_overrides(n_trials=args.n_trials, seeds=args.seeds, fixed=parse_assignments(args.assignments),
-                               registry=registry)
+                               registry=registry, methods=args.methods)
     if options.budget_steps is not None:  # what every trial trains: the study's own budget, in its digest
         spec = replace(spec, budget_steps=options.budget_steps)
     if spec.matched is not None:

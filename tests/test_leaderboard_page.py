@@ -16,6 +16,7 @@ import pytest
 import rankbench
 from helpers import assert_one_line_error, toml_module
 from rankbench.cli import main
+from rankbench.errors import RankbenchError
 from rankbench.report.board import Leaderboard, MatchedPoint, MethodCurve, SeedRun, TaskBoard
 from rankbench.report.curves import CurvePoint
 from rankbench.report.leaderboard import markdown, task_sections
@@ -99,7 +100,9 @@ def test_the_markdown_shows_every_method_at_every_target_with_its_marks(board):
     assert "(10x, interpolated)" in next(line for line in text.splitlines() if line.startswith("| trn"))
     assert "p Welch (Holm)" in text and "p Mann-Whitney (Holm)" in text and "winner" in text
     assert "mean accuracy over" in text  # mlp2's curves overlap
-    assert "No whole-curve summary: mars has fewer than two points." in text  # lenet5's mars: one point
+    lenet = text[text.index("## lenet5 on mnist"):]
+    assert "Left out, spanning no range: mars (fewer than two points)." in lenet  # lenet5's mars: one point
+    assert "mean accuracy over 10.1x to 38.9x" in lenet
     assert "Dense reference (1x, dense defaults): 89.60±0.11 over 3 seed(s)." in text
     assert "66 runs trained (30 of them by the search seed); 7.45 run-hours" in text
     assert "searched on seed 0" in text
@@ -133,6 +136,69 @@ def test_curves_without_a_common_range_or_a_baseline_curve_are_said_not_raised()
     disjoint = TaskBoard("t", "d", (2, 3, 30, 60), 0.1, (low, high), baseline="a")
     text = markdown(Leaderboard("s", "", (disjoint,)))
     assert "No comparison: no other method has a point at a target a has." in text
+
+
+def test_a_curve_stuck_at_one_compression_is_left_out_of_the_summary_not_emptying_it():
+    ours = MethodCurve("ours", "lambda", (matched("ours", 10, 97, 10, "lambda=1"), matched("ours", 40, 95, 40, "l=4")))
+    trn = MethodCurve("trn", "rank", (matched("trn", 10, 96.5, 9.9, "rank 16"), matched("trn", 40, 95.5, 40.2, "r 8")))
+    stuck = MethodCurve("mars", "prior", (matched("mars", 10, 10, 765, "prior=0.1", hit=False),
+                                          matched("mars", 40, 10, 770, "prior=0.3", hit=False)))
+    (section,) = [s for s in task_sections(TaskBoard("t", "d", (10, 40), 0.1, (ours, trn, stuck)), resamples=50)
+                  if s.title == "Whole curves"]
+    assert section.text.startswith("Each method's mean accuracy over 10x to 40x")
+    assert "Left out, spanning no range: mars (every point at 765x)." in section.text
+    assert "| mars" not in section.table and "| ours" in section.table and "| trn" in section.table
+    (alone,) = [s for s in task_sections(TaskBoard("t", "d", (10, 40), 0.1, (stuck,)), resamples=50)
+                if s.title == "Whole curves"]
+    assert alone.text == "No whole-curve summary: no curve spans a range. Left out, spanning no range: mars (every " \
+                         "point at 765x)." and alone.table is None
+
+
+def split(board: Leaderboard, methods: set[str]) -> Leaderboard:
+    """The part of ``board`` that a ``--methods`` run of its study would write (the reference with dense)."""
+    from dataclasses import replace
+
+    return replace(board, boards=tuple(replace(t, curves=tuple(c for c in t.curves if c.method in methods),
+                                               reference=t.reference if "dense" in methods else None)
+                                       for t in board.boards),
+                   cost={"runs": 10 * len(methods), "run_hours": 1.25 * len(methods)})
+
+
+def test_the_parts_of_a_study_split_by_method_join_into_its_board(board):
+    first, second = split(board, {"trn", "dense"}), split(board, {"ours", "mars"})
+    joined = Leaderboard.join([first, second])
+    assert [t.task for t in joined.boards] == ["mlp2", "lenet5"]
+    for whole, part in zip(board.boards, joined.boards):
+        assert sorted(c.method for c in part.curves) == sorted(c.method for c in whole.curves)
+        assert part.baseline == "trn" and part.reference == whole.reference
+        assert {c.method: c for c in part.curves} == {c.method: c for c in whole.curves}
+    assert joined.cost == {"runs": 40, "run_hours": 5.0}
+    assert "| ours" in markdown(joined, resamples=50).split("### Against trn")[1]
+
+
+def test_joining_parts_of_different_studies_or_one_method_twice_is_refused(board):
+    from dataclasses import replace
+
+    part = split(board, {"trn"})
+    with pytest.raises(RankbenchError, match="trn is in two of them"):
+        Leaderboard.join([part, part])
+    with pytest.raises(RankbenchError, match="study rings_matched and other: their studys differ"):
+        Leaderboard.join([part, replace(split(board, {"ours"}), study="other")])
+    moved = replace(split(board, {"ours"}), boards=tuple(replace(t, targets=(7.0,)) for t in board.boards))
+    with pytest.raises(RankbenchError, match="targets or tolerance differ"):
+        Leaderboard.join([part, moved])
+
+
+def test_rankbench_leaderboard_joins_the_files_it_is_given(board, tmp_path, capsys):
+    a = split(board, {"trn", "dense"}).write(tmp_path / "a" / "leaderboard.json")
+    b = split(board, {"ours", "mars"}).write(tmp_path / "b" / "leaderboard.json")
+    assert main(["leaderboard", str(a), str(b), "--out", str(tmp_path / "joined")]) == 0
+    text = capsys.readouterr().out
+    assert "| ours" in text and "| mars" in text and "| trn" in text and "40 runs trained" in text
+    assert Leaderboard.read(tmp_path / "joined" / "leaderboard.json") == Leaderboard.join([Leaderboard.read(a),
+                                                                                       Leaderboard.read(b)])
+    assert main(["leaderboard", str(a), str(a), "--out", str(tmp_path / "x")]) == 2
+    assert "trn is in two of them" in assert_one_line_error(capsys.readouterr().err)
 
 
 # ---------------------------------------------------------------------------- the HTML page
@@ -248,7 +314,7 @@ def test_the_cli_refuses_what_is_not_a_leaderboard_in_one_line(board, tmp_path, 
     assert main(["leaderboard", "--study", "nosuch", "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}"]) == 2
     assert "no tracking store" in assert_one_line_error(capsys.readouterr().err)
     assert main(["leaderboard"]) == 2
-    assert "give one leaderboard" in assert_one_line_error(capsys.readouterr().err)
+    assert "give the leaderboard" in assert_one_line_error(capsys.readouterr().err)
     assert not (tmp_path / "o").exists()
 
 

@@ -159,6 +159,36 @@ def test_a_leaderboard_grows_by_methods_and_targets_but_other_settings_are_refus
     assert "matched_tiny" in line and "another name" in line and "tolerance" in line
 
 
+def test_a_study_split_by_methods_joins_into_the_board_of_the_whole(env, tmp_path, store_template, capsys):
+    path = env.root / "matched_tiny.toml"
+    path.write_text(STUDY)
+    parts = []
+    for name, methods in (("a", "trn,dense"), ("b", "keep_fraction")):
+        store = tmp_path / name
+        store.mkdir()
+        shutil.copyfile(store_template, store / "mlflow.db")
+        argv = env.argv(path, "--methods", methods)
+        argv[argv.index("--tracking-uri") + 1], argv[argv.index("--out") + 1] = f"sqlite:///{store / 'mlflow.db'}", \
+            str(store / "out")
+        assert main(argv) == 0, capsys.readouterr().err
+        assert f"methods {methods.replace(',', ', ') if name == 'b' else 'dense, trn'}" in capsys.readouterr().out
+        parts.append(Leaderboard.read(store / "out" / "leaderboard.json"))
+    assert [c.method for c in parts[0].boards[0].curves] == ["trn"] and parts[0].boards[0].reference is not None
+    assert [c.method for c in parts[1].boards[0].curves] == ["keep_fraction"] and parts[1].boards[0].baseline == "trn"
+    assert main(env.argv(path)) == 0, capsys.readouterr().err
+    whole = Leaderboard.read(env.out / "leaderboard.json").boards[0]
+    joined = Leaderboard.join(parts).boards[0]
+
+    def numbers(board):
+        return {c.method: [(p.target, p.setting, p.point) for p in c.points] for c in board.curves}
+
+    assert numbers(joined) == numbers(whole)  # one seed, one result: the same points however the study is split
+    assert joined.reference.point == whole.reference.point
+    assert main(env.argv(path, "--methods", "ours")) == 2
+    assert "name methods of study matched_tiny (dense, trn, keep_fraction)" in assert_one_line_error(
+        capsys.readouterr().err)
+
+
 BAD = {
     "search-table": (STUDY + "\n[search]\nlambda = { grid = [1.0] }\n", "has no place in a matched study"),
     "no-knob": (STUDY.replace('"keep_fraction"]', '"keep_fraction", "nan_when_big"]'), "declares no compression knob"),
@@ -188,6 +218,15 @@ def test_n_trials_has_no_meaning_for_a_matched_study(env, capsys):
     path.write_text(STUDY)
     assert main(env.argv(path, "--n-trials", "3")) == 2
     assert "--n-trials" in assert_one_line_error(capsys.readouterr().err)
+
+
+def test_methods_splits_only_a_matched_study(env, capsys):
+    assert main(env.argv(REPO / "studies" / "lenet5_sensitivity.toml", "--methods", "ours")) == 2
+    assert "is an Optuna study" in assert_one_line_error(capsys.readouterr().err)
+    spec = parse_study(toml_module().loads(STUDY), Registry.discover(plugin_dirs=[PLUGINS]))
+    spec = spec.only_methods(["keep_fraction"])
+    assert spec.methods == ("keep_fraction",) and spec.matched.baseline == "trn"
+    assert spec.matched.notes == {"mlp2": {"keep_fraction": "a test plugin"}}
 
 
 def test_the_matched_table_is_part_of_the_studys_digest():

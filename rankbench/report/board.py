@@ -9,7 +9,8 @@ interface between the two: everything a reader of the page needs, nothing read b
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,48 @@ class Leaderboard:
         except (KeyError, TypeError, ValueError) as exc:
             raise RankbenchError(f"{where} is damaged ({type(exc).__name__}: {exc}): run the study again to "
                                  "rewrite it") from None
+
+    @classmethod
+    def join(cls, parts: Sequence[Leaderboard]) -> Leaderboard:
+        """One leaderboard from the parts of a study split by method (``rankbench study FILE --methods
+        ...`` on different machines or in different sessions): per task, every part's curves, the
+        reference and baseline where a part has them, and the summed cost. The parts must be one study
+        (name, protocol) with the same targets and tolerance per task, each method in one part only."""
+        if not parts:
+            raise RankbenchError("give at least one leaderboard to join")
+        first = parts[0]
+        for other in parts[1:]:
+            if (other.study, other.protocol) != (first.study, first.protocol):
+                what = "study" if other.study != first.study else "protocol"
+                raise RankbenchError(f"cannot join leaderboards of study {first.study} and {other.study}: their "
+                                     f"{what}s differ; join only the parts of one study")
+        tasks: dict[tuple[str, str], TaskBoard] = {}
+        for part in parts:
+            for board in part.boards:
+                key = (board.task, board.dataset)
+                if key not in tasks:
+                    tasks[key] = board
+                    continue
+                held = tasks[key]
+                if (board.targets, board.tolerance) != (held.targets, held.tolerance):
+                    raise RankbenchError(f"cannot join the {board.task} boards of study {first.study}: their targets "
+                                         "or tolerance differ; run every part from the same study file")
+                twice = sorted({c.method for c in held.curves} & {c.method for c in board.curves})
+                if twice:
+                    raise RankbenchError(f"cannot join the {board.task} boards of study {first.study}: {twice[0]} is "
+                                         "in two of them; give each method's part once")
+                if held.baseline and board.baseline and held.baseline != board.baseline:
+                    raise RankbenchError(f"cannot join the {board.task} boards of study {first.study}: their "
+                                         f"baselines differ ({held.baseline}, {board.baseline})")
+                tasks[key] = replace(held, curves=held.curves + board.curves,
+                                     baseline=held.baseline or board.baseline,
+                                     reference=held.reference or board.reference)
+        cost: dict[str, Any] = {}
+        for part in parts:
+            for name, value in part.cost.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    cost[name] = round(cost.get(name, 0) + value, 2)
+        return cls(first.study, first.description, tuple(tasks.values()), first.protocol, cost)
 
     @classmethod
     def read(cls, path: Path) -> Leaderboard:

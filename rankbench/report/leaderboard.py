@@ -120,7 +120,7 @@ def task_sections(task: TaskBoard, tablefmt: str = "github", *, resamples: int =
     sections = [Section("Accuracy at each target", text,
                         target_table(curves, {c.method: c.note for c in task.curves}, tablefmt,
                                      {c.method: point_marks(c) for c in task.curves}))]
-    sections.append(_summary_section(curves, tablefmt, resamples))
+    sections.append(_summary_section(curves, tablefmt, resamples, task.tolerance))
     if task.baseline is not None:
         sections.append(_comparison_section(curves, task.baseline, tablefmt))
     published = _published_section(task.task, tablefmt)
@@ -147,20 +147,34 @@ def _published_section(task: str, tablefmt: str) -> Section | None:
     return Section("Published", text, table)
 
 
-def _summary_section(curves: Mapping[str, Sequence[CurvePoint]], tablefmt: str, resamples: int) -> Section:
+def _summary_section(curves: Mapping[str, Sequence[CurvePoint]], tablefmt: str, resamples: int,
+                     tolerance: float = 0.1) -> Section:
+    """The whole-curve summary over the range the spanning curves share. A curve with fewer than two
+    points, or whose points all sit within the tolerance of one compression (a method that lands where it
+    lands whatever its knob, as MARS on rings), spans no range: it is named and left out, so that it does
+    not empty the common range of the others."""
     title = "Whole curves"
-    short = [method for method, points in curves.items() if len(points) < 2]
     if not curves:
         return Section(title, "No whole-curve summary: no method has a point on this task.")
-    if short:
-        return Section(title, f"No whole-curve summary: {', '.join(short)} "
-                              f"{'has' if len(short) == 1 else 'have'} fewer than two points.")
+    left_out = {}
+    for method, points in curves.items():
+        reached = [p.compression for p in points]
+        if len(points) < 2:
+            left_out[method] = "fewer than two points"
+        elif max(reached) <= min(reached) * (1 + tolerance):
+            left_out[method] = f"every point at {min(reached):.3g}x"
+    spanning = {m: points for m, points in curves.items() if m not in left_out}
+    aside = ("Left out, spanning no range: " + "; ".join(f"{m} ({why})" for m, why in left_out.items()) + "."
+             if left_out else "")
+    if not spanning:
+        return Section(title, f"No whole-curve summary: no curve spans a range. {aside}")
     try:
-        common_range(curves)
+        common_range(spanning)
     except ValueError as exc:
-        return Section(title, f"No whole-curve summary: {exc}.")
-    lead, _, table = summary_table(curves, resamples=resamples, tablefmt=tablefmt).partition("\n")
-    return Section(title, f"Each method's {lead}, with its 95 % bootstrap interval over seeds.", table)
+        return Section(title, f"No whole-curve summary: {exc}. {aside}".strip())
+    lead, _, table = summary_table(spanning, resamples=resamples, tablefmt=tablefmt).partition("\n")
+    return Section(title, f"Each method's {lead}, with its 95 % bootstrap interval over seeds. {aside}".strip(),
+                   table)
 
 
 def _comparison_section(curves: Mapping[str, Sequence[CurvePoint]], baseline: str, tablefmt: str) -> Section:

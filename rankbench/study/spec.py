@@ -6,7 +6,7 @@ import difflib
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -240,10 +240,11 @@ class StudySpec:
         raise RankbenchError(f"study {self.name}: set [budget] n_trials (only a grid study has a natural size)")
 
     def with_overrides(self, *, n_trials: int | None = None, seeds: tuple[int, ...] | None = None,
-                       fixed: Mapping[str, Any] | None = None, registry: Registry | None = None) -> StudySpec:
-        """The spec with the command line's ``--n-trials``, ``--seeds`` and ``--set`` (strings, parsed and
-        checked against the declared hyperparameters when ``registry`` is given)."""
-        spec = self
+                       fixed: Mapping[str, Any] | None = None, registry: Registry | None = None,
+                       methods: Sequence[str] | None = None) -> StudySpec:
+        """The spec with the command line's ``--n-trials``, ``--seeds``, ``--set`` (strings, parsed and
+        checked against the declared hyperparameters when ``registry`` is given) and ``--methods``."""
+        spec = self if methods is None else self.only_methods(methods)
         if n_trials is not None:
             if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
                 raise RankbenchError("--n-trials must be >= 1")
@@ -267,6 +268,25 @@ class StudySpec:
                 fixed = _checked_values(registry, spec.tasks, spec.methods, fixed, "--set", parse=True)
             spec = replace(spec, fixed={**spec.fixed, **fixed})
         return spec
+
+    def only_methods(self, methods: Sequence[str]) -> StudySpec:
+        """A matched study restricted to some of its methods (``--methods``), everything else as the file
+        says. Its runs are found by their own settings, so a study split over machines or sessions trains
+        each method once, and ``rankbench leaderboard A.json B.json`` joins the parts' boards. The
+        baseline keeps its name when it is not among them: the joined board compares against it."""
+        if self.matched is None:
+            raise RankbenchError(f"--methods: study {self.name} is an Optuna study, whose trials draw from all its "
+                                 "methods: edit its methods list (and its name) instead")
+        unknown = [m for m in methods if m not in self.methods]
+        if unknown or not methods:
+            raise RankbenchError(f"--methods {','.join(unknown or methods) or '(empty)'}: name methods of study "
+                                 f"{self.name} ({', '.join(self.methods)})")
+        keep = tuple(m for m in self.methods if m in methods)
+        matched = replace(self.matched, start={m: v for m, v in self.matched.start.items() if m in keep},
+                          notes={t: {m: v for m, v in by.items() if m in keep} for t, by in self.matched.notes.items()})
+        return replace(self, methods=keep, matched=matched,
+                       method_fixed={m: v for m, v in self.method_fixed.items() if m in keep},
+                       method_search={m: v for m, v in self.method_search.items() if m in keep})
 
     def canonical(self) -> dict[str, Any]:
         """What decides the trials of the study, as JSON-ready data: tasks, methods, search spaces, fixed
