@@ -70,6 +70,28 @@ def test_measurements_are_shared_between_targets_and_with_an_earlier_search():
     assert len(runs) == count and again[20.0].best == first[20.0].best  # a replay trains nothing
 
 
+def test_the_replay_of_a_search_that_ran_out_of_runs_asks_for_nothing_new():
+    """One run per target, none hitting: had the replay seen the later targets' runs while searching the
+    first, it would have asked for values never trained (what a study's board build does: it raised)."""
+    runs = []
+
+    def measure(value: float) -> float:
+        runs.append(value)
+        return 3.0 * value ** 0.7
+
+    def untrained(value: float) -> float:
+        raise AssertionError(f"the replay asked for lambda={value}, never trained")
+
+    knob = Knob("lambda", increases_compression=True)
+    interval = KnobInterval(1e-3, 10.0, log=True, integer=False)
+    first = search_targets(measure, knob, interval, [10.0, 20.0, 40.0], 0.2, tolerance=0.01, max_runs=1)
+    assert not all(s.hit for s in first.values()) and len(runs) == 4  # the start, then one run per target
+    measured = {v: c for s in first.values() for v, c in s.steps}
+    again = search_targets(untrained, knob, interval, [10.0, 20.0, 40.0], 0.2, tolerance=0.01, max_runs=1,
+                           measured=measured)
+    assert {t: (s.steps, s.chosen) for t, s in again.items()} == {t: (s.steps, s.chosen) for t, s in first.items()}
+
+
 def test_a_decreasing_integer_knob_stops_when_no_new_rank_is_left_and_says_it_missed():
     compressions = uniform_compressions(lenet5(), range(2, 31))
     knob = Knob("rank", increases_compression=False)

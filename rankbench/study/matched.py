@@ -191,20 +191,27 @@ def search_targets(measure: Callable[[float], float], knob: Knob, interval: Knob
     (of any target's search) is within the tolerance, ``max_runs`` new runs were made for it, or there
     is nowhere left to go; then choose the measurement closest to the target (``hit`` says whether it is
     within the tolerance). Assumes the compression moves monotonically with the knob, in the declared
-    direction; one run's compression is noisy, so the tolerance should be wider than that noise."""
+    direction; one run's compression is noisy, so the tolerance should be wider than that noise.
+
+    ``measured`` (knob value -> compression, e.g. read back from the store) answers ``measure`` for the
+    values it holds, nothing more: the search takes the same steps as when they were first measured, so
+    a resumed search, or its replay that trains nothing, ends where the first one did, even where a
+    target's search ran out of ``max_runs`` before hitting it (had the values measured later for other
+    targets steered it, the replay would ask for values never trained)."""
     if not interval.low < interval.high:
         raise ValueError(f"the search interval for {knob.name} must have low < high, got "
                          f"[{interval.low}, {interval.high}]")
     if interval.log and interval.low <= 0:
         raise ValueError(f"{knob.name} is searched in log space: its interval must be positive, got "
                          f"[{interval.low}, {interval.high}]")
-    measured = dict(measured or {})
-    order: list[float] = list(measured)
+    known = dict(measured or {})
+    measured: dict[float, float] = {}
+    order: list[float] = []
     start = _value(_coordinate(start, interval), interval)
 
     def take(value: float, search: KnobSearch) -> None:
         if value not in measured:
-            measured[value] = float(measure(value))
+            measured[value] = float(known[value]) if value in known else float(measure(value))
             order.append(value)
         search.steps.append((value, measured[value]))
 
@@ -212,7 +219,7 @@ def search_targets(measure: Callable[[float], float], knob: Knob, interval: Knob
     for target in sorted(targets):
         search = KnobSearch(knob, target, tolerance)
         searches[target] = search
-        if not measured:
+        if not order:
             take(start, search)
         runs = 0
         while runs < max_runs:
