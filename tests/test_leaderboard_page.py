@@ -182,7 +182,7 @@ def test_joining_parts_of_different_studies_or_one_method_twice_is_refused(board
     part = split(board, {"trn"})
     with pytest.raises(RankbenchError, match="trn is in two of them"):
         Leaderboard.join([part, part])
-    with pytest.raises(RankbenchError, match="study rings_matched and other: their studys differ"):
+    with pytest.raises(RankbenchError, match="study rings_matched and other: their names differ"):
         Leaderboard.join([part, replace(split(board, {"ours"}), study="other")])
     moved = replace(split(board, {"ours"}), boards=tuple(replace(t, targets=(7.0,)) for t in board.boards))
     with pytest.raises(RankbenchError, match="targets or tolerance differ"):

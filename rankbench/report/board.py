@@ -117,9 +117,9 @@ class Leaderboard:
         first = parts[0]
         for other in parts[1:]:
             if (other.study, other.protocol) != (first.study, first.protocol):
-                what = "study" if other.study != first.study else "protocol"
+                what = "names" if other.study != first.study else "protocols"
                 raise RankbenchError(f"cannot join leaderboards of study {first.study} and {other.study}: their "
-                                     f"{what}s differ; join only the parts of one study")
+                                     f"{what} differ; join only the parts of one study")
         tasks: dict[tuple[str, str], TaskBoard] = {}
         for part in parts:
             for board in part.boards:

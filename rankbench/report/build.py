@@ -18,7 +18,6 @@ import math
 import socket
 import statistics
 import sys
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -263,6 +262,8 @@ def compare(rows: list[Row], baseline: str) -> None:
     (same task and dataset): Welch's t-test, and Mann-Whitney U when a sample is small."""
     from scipy import stats
 
+    from rankbench.report.curves import welch_p
+
     for row in rows:
         if row.source != "measured":
             continue
@@ -276,9 +277,7 @@ def compare(rows: list[Row], baseline: str) -> None:
         row.delta = statistics.mean(a) - statistics.mean(b)
         if row is base or len(a) < 2 or len(b) < 2:
             continue
-        with warnings.catch_warnings():  # a row without spread (a collapsed method): the p-value stands
-            warnings.filterwarnings("ignore", "Precision loss occurred", RuntimeWarning)
-            row.p_welch = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+        row.p_welch = welch_p(a, b)
         if min(len(a), len(b)) < SMALL_SAMPLE:
             row.p_mwu = float(stats.mannwhitneyu(a, b, alternative="two-sided").pvalue)
 

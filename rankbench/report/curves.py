@@ -159,6 +159,14 @@ class TargetComparison:
         return "both" if self.mwu_can_confirm else "Welch only"
 
 
+def welch_p(x: Sequence[float], y: Sequence[float]) -> float:
+    """Welch's two-sided t-test p-value, quiet where a side has no spread (a collapsed method: every seed
+    at chance), where scipy warns of precision loss but the p-value stands."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Precision loss occurred", RuntimeWarning)
+        return float(stats.ttest_ind(x, y, equal_var=False).pvalue)
+
+
 def compare_at_targets(curves: Mapping[str, Sequence[CurvePoint]], a: str, b: str) -> list[TargetComparison]:
     """Welch's t and Mann-Whitney U (two-sided) on the seeds' accuracies at every target both methods
     reached, each family Holm-corrected over those targets."""
@@ -168,9 +176,7 @@ def compare_at_targets(curves: Mapping[str, Sequence[CurvePoint]], a: str, b: st
     raw = []
     for target in targets:
         x, y = at_a[target].accuracies, at_b[target].accuracies
-        with warnings.catch_warnings():  # a point without spread (a collapsed method): the p-value stands
-            warnings.filterwarnings("ignore", "Precision loss occurred", RuntimeWarning)
-            welch = float(stats.ttest_ind(x, y, equal_var=False).pvalue) if min(len(x), len(y)) > 1 else 1.0
+        welch = welch_p(x, y) if min(len(x), len(y)) > 1 else 1.0
         mwu = float(stats.mannwhitneyu(x, y, alternative="two-sided").pvalue)
         raw.append((target, float(np.mean(x) - np.mean(y)), 1.0 if math.isnan(welch) else welch, mwu))
     welch_holm = holm([r[2] for r in raw])

@@ -148,7 +148,7 @@ def _published_section(task: str, tablefmt: str) -> Section | None:
 
 
 def _summary_section(curves: Mapping[str, Sequence[CurvePoint]], tablefmt: str, resamples: int,
-                     tolerance: float = 0.1) -> Section:
+                     tolerance: float) -> Section:
     """The whole-curve summary over the range the spanning curves share. A curve with fewer than two
     points, or whose points all sit within the tolerance of one compression (a method that lands where it
     lands whatever its knob, as MARS on rings), spans no range: it is named and left out, so that it does
